@@ -1,0 +1,232 @@
+"""DuckDB I/O: short-lived connections, quoted identifiers, bound values, transactional writes.
+
+DuckDB lets one process write a database file at a time; while it does, every other process
+(even a read-only one) fails to open the file. So connections here are opened around a read
+or a write and closed right after -- never held across slow work such as model inference.
+
+Identifiers (table and column names) are always passed through :func:`quote_ident`; values
+(limits, names in catalog lookups) are always bound parameters. Nothing user-supplied is
+spliced into SQL text unquoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import duckdb
+import pandas as pd
+
+__all__ = [
+    "TableError",
+    "DatabaseNotFoundError",
+    "TableNotFoundError",
+    "MissingColumnsError",
+    "EmptyTableError",
+    "quote_ident",
+    "connect",
+    "transaction",
+    "table_exists",
+    "table_columns",
+    "require_table",
+    "read_table",
+    "count_rows",
+    "replace_table",
+    "insert_frame",
+]
+
+_LOCK_MARKERS = ("could not set lock", "conflicting lock")
+
+
+class TableError(ValueError):
+    """A problem with the database or a table the caller named (raised before any write)."""
+
+
+class DatabaseNotFoundError(TableError, FileNotFoundError):
+    """The database file does not exist (and the caller did not ask to create it)."""
+
+
+class TableNotFoundError(TableError):
+    """The named table or view does not exist."""
+
+
+class MissingColumnsError(TableError):
+    """The table lacks columns the caller needs."""
+
+
+class EmptyTableError(TableError):
+    """The table has no rows."""
+
+
+def quote_ident(name: str) -> str:
+    """Quote one SQL identifier for DuckDB: ``a"b`` -> ``"a""b"``.
+
+    Any text is a valid quoted identifier except the empty string and NUL.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise TableError(f"invalid identifier: {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+@contextlib.contextmanager
+def connect(
+    database: str | os.PathLike,
+    *,
+    read_only: bool = False,
+    create: bool = False,
+    lock_timeout_s: float = 30.0,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open ``database`` for the duration of a ``with`` block, then close it.
+
+    A missing file raises :class:`DatabaseNotFoundError` unless ``create`` (a typo in a path
+    must not silently create an empty database). While another process holds the file's
+    lock, retry for up to ``lock_timeout_s`` seconds.
+    """
+    path = os.fspath(database)
+    if path != ":memory:" and not os.path.exists(path):
+        if not create:
+            raise DatabaseNotFoundError(f"database file not found: {path!r}")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise DatabaseNotFoundError(f"directory for database does not exist: {parent!r}")
+    deadline = time.monotonic() + lock_timeout_s
+    delay = 0.1
+    while True:
+        try:
+            con = duckdb.connect(path, read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            locked = any(m in str(exc).lower() for m in _LOCK_MARKERS)
+            if not locked or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``BEGIN`` ... ``COMMIT``, or ``ROLLBACK`` if the block raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """True if a table or view called exactly ``name`` exists in the current schema."""
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = ? AND table_schema = current_schema()",
+        [name],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def table_columns(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+    """Column names of table ``name`` in declaration order (empty if there is no such table)."""
+    rows = con.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = ? AND table_schema = current_schema() ORDER BY ordinal_position",
+        [name],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def require_table(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    columns: Sequence[str] = (),
+    *,
+    non_empty: bool = True,
+) -> list[str]:
+    """Check that ``name`` exists, has ``columns`` and (optionally) rows; return its columns."""
+    quote_ident(name)  # rejects empty / NUL names with a clear message
+    if not table_exists(con, name):
+        raise TableNotFoundError(f"table not found: {name!r}")
+    have = table_columns(con, name)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise MissingColumnsError(
+            f"table {name!r} lacks column(s) {missing}; it has {have}"
+        )
+    if non_empty and count_rows(con, name) == 0:
+        raise EmptyTableError(f"table {name!r} is empty")
+    return have
+
+
+def count_rows(con: duckdb.DuckDBPyConnection, name: str) -> int:
+    """Number of rows in ``name``."""
+    return int(con.execute(f"SELECT count(*) FROM {quote_ident(name)}").fetchone()[0])
+
+
+def read_table(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    columns: Sequence[str] | None = None,
+    *,
+    limit: int | None = None,
+) -> pd.DataFrame:
+    """Read ``columns`` (default all) of ``name`` into a DataFrame, in the table's stored order.
+
+    DuckDB keeps insertion order for plain scans (``preserve_insertion_order``, on by
+    default), so the same unchanged table reads back in the same order every time.
+    """
+    cols = "*" if columns is None else ", ".join(quote_ident(c) for c in columns)
+    sql = f"SELECT {cols} FROM {quote_ident(name)}"
+    params: list[object] = []
+    if limit is not None:
+        if int(limit) < 0:
+            raise TableError(f"limit must be >= 0, got {limit}")
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return con.execute(sql, params).df()
+
+
+def replace_table(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> int:
+    """Create or replace table ``name`` with the contents of ``frame`` (one transaction)."""
+    view = "__flexwrangle_frame"
+    con.register(view, frame)
+    try:
+        with transaction(con):
+            con.execute(
+                f"CREATE OR REPLACE TABLE {quote_ident(name)} AS SELECT * FROM {quote_ident(view)}"
+            )
+    finally:
+        con.unregister(view)
+    return len(frame)
+
+
+def insert_frame(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    frame: pd.DataFrame,
+    *,
+    ignore_conflicts: bool = False,
+) -> None:
+    """Insert ``frame``'s columns (by name) into existing table ``name``.
+
+    Runs inside whatever transaction the caller opened. With ``ignore_conflicts``, rows whose
+    primary key is already present are skipped (``ON CONFLICT DO NOTHING``), which makes a
+    retried write idempotent.
+    """
+    if frame.empty:
+        return
+    view = "__flexwrangle_rows"
+    cols = ", ".join(quote_ident(c) for c in frame.columns)
+    sql = f"INSERT INTO {quote_ident(name)} ({cols}) SELECT {cols} FROM {quote_ident(view)}"
+    if ignore_conflicts:
+        sql += " ON CONFLICT DO NOTHING"
+    con.register(view, frame)
+    try:
+        con.execute(sql)
+    finally:
+        con.unregister(view)
