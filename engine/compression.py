@@ -1,0 +1,104 @@
+"""Group-wise min-max quantization as pure functions (FlexGen §4, with the NaN defect fixed).
+
+A tensor is cut into groups of `group_size` contiguous values along `group_dim`; each group keeps
+its minimum and its step (max - min) / (2^bits - 1) in float16, and each value becomes an integer
+in [0, 2^bits - 1]; 4-bit values are packed two per byte. A constant group has step 0 and comes
+back exactly. Dimensions that are not a multiple of the group size are padded with the last value
+(so padding never widens a group's range) and cut off again on the way back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    num_bits: int = 4        # 4 packs two values per byte; 8 keeps one per byte
+    group_size: int = 64     # values per group (even)
+    group_dim: int = 0       # dimension the groups run along (weights: output dim; cache: head dim = -1)
+    symmetric: bool = False  # True: zero-centred groups (min = -max)
+
+    def __post_init__(self):
+        if self.num_bits not in (4, 8):
+            raise ValueError(f"num_bits={self.num_bits}: only 4 and 8 are supported")
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size={self.group_size} must be an even number >= 2")
+
+
+class QuantizedTensor(NamedTuple):
+    packed: torch.Tensor     # uint8 (num_groups, group_size * num_bits / 8)
+    step: torch.Tensor       # float16 (num_groups, 1)
+    minimum: torch.Tensor    # float16 (num_groups, 1)
+    shape: tuple             # the original shape
+    config: CompressionConfig
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.step, self.minimum))
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.packed, self.step, self.minimum
+
+
+def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
+    """Quantize `x` group-wise; see the module docstring."""
+    shape = tuple(x.shape)
+    grouped = _to_groups(x.float(), config)                       # (num_groups, group_size)
+    levels = 2 ** config.num_bits - 1
+    if config.symmetric:
+        bound = grouped.abs().amax(dim=1, keepdim=True)
+        lo, hi = -bound, bound
+    else:
+        lo, hi = grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
+    minimum = lo.to(torch.float16)
+    # round the step up so that minimum + levels * step still reaches the group's maximum
+    step = ((hi - minimum.float()) / levels * (1 + 2 ** -10)).to(torch.float16)
+    q = ((grouped - minimum.float()) / step.float().clamp_min(1e-30)).round_().clamp_(0, levels)
+    q = q.to(torch.uint8)
+    if config.num_bits == 4:
+        q = q[:, 0::2] | (q[:, 1::2] << 4)
+    return QuantizedTensor(q.contiguous(), step, minimum, shape, config)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of `quantize`, in `dtype`, on the device the parts are on."""
+    packed, step, minimum, shape, config = qt
+    if config.num_bits == 4:
+        q = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+    else:
+        q = packed
+    grouped = q.to(dtype) * step.to(dtype) + minimum.to(dtype)    # (num_groups, group_size)
+    return _from_groups(grouped, shape, config)
+
+
+def compressed_nbytes(shape, config: CompressionConfig) -> int:
+    """Bytes `quantize` would produce for a tensor of `shape` (packed values + fp16 step and min)."""
+    dim = config.group_dim % len(shape)
+    n = shape[dim]
+    groups_per_row = -(-n // config.group_size)
+    rows = 1
+    for i, s in enumerate(shape):
+        if i != dim:
+            rows *= s
+    num_groups = rows * groups_per_row
+    return num_groups * (config.group_size * config.num_bits // 8 + 4)
+
+
+def _to_groups(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
+    moved = x.movedim(config.group_dim % x.dim(), -1)             # (..., n)
+    pad = (-moved.shape[-1]) % config.group_size
+    if pad:
+        moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
+    return moved.reshape(-1, config.group_size)
+
+
+def _from_groups(grouped: torch.Tensor, shape: tuple, config: CompressionConfig) -> torch.Tensor:
+    dim = config.group_dim % len(shape)
+    moved_shape = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
+    n = shape[dim]
+    padded = n + (-n) % config.group_size
+    moved = grouped.reshape(*moved_shape[:-1], padded)[..., :n]
+    return moved.movedim(-1, dim).contiguous()

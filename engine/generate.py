@@ -1,0 +1,376 @@
+"""The LLM object: owns the config, the weight store and the tokenizer; runs generate()."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .config import ModelConfig, opt_config, read_hf_config
+from .kv_cache import KVCache
+from .models import family as model_family
+from .policy import Policy
+from .schedule import ActStore, BlockRunner, Layer, MicroBatch
+from .tiers import MemoryBudgetError, Tiers, fmt_bytes
+from .weights import Checkpoint, DummyWeights, place_layer, resolve_names
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+class LLM:
+    """A decoder-only model whose weights, KV cache and activations are placed by a Policy."""
+
+    def __init__(self, config: ModelConfig, source, policy: Policy, tiers: Tiers, storage: torch.dtype,
+                 tokenizer=None, progress: bool = True):
+        self.config, self.policy, self.tiers, self.storage = config, policy, tiers, storage
+        self.family = model_family(config.family)
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self._bar = None
+        self.last_stats: dict = {}
+        self.layers = self._place_weights(source)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, policy: Policy | str | dict | None = None,
+                        offload_dir: str | Path | None = None, dummy: bool = False,
+                        dtype: str | torch.dtype = "float16", gpu_mem=None, cpu_mem=None, disk_mem=None,
+                        progress: bool = True) -> "LLM":
+        """Load a local checkpoint (or a published OPT shape with dummy=True) and place it by `policy`.
+
+        `dtype` is the storage precision of weights and KV cache on every tier (compute runs in
+        float32 on CPU, float16 on CUDA). `gpu_mem`/`cpu_mem`/`disk_mem` cap each tier ('2GB').
+        """
+        storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if storage not in (torch.float16, torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype {dtype!r}: use float16, bfloat16 or float32")
+        source, tokenizer, config = _open_model(path_or_name, dummy)
+        tiers = Tiers(offload_dir, gpu_mem, cpu_mem, disk_mem)
+        if isinstance(policy, str) and policy == "auto" or isinstance(policy, dict) and policy.get("auto"):
+            from .policy_search import auto_policy
+            policy = auto_policy(config, tiers, storage=storage)
+        elif isinstance(policy, dict):
+            policy = Policy.from_dict(policy)
+        elif policy is None:
+            policy = Policy()
+        elif not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a Policy, a dict of its fields, 'auto' or None; got {policy!r}")
+        return cls(config, source, policy, tiers, storage, tokenizer, progress)
+
+    def _layer_plan(self) -> list[tuple[str, int]]:
+        plan = [("embed", -1)]
+        for i in range(self.config.num_layers):
+            plan += [("attn", i), ("mlp", i)] if self.policy.sep_layer else [("decoder", i)]
+        return plan + [("head", -1)]
+
+    def _place_weights(self, source) -> list[Layer]:
+        from tqdm.auto import tqdm
+        layers = []
+        plan = self._layer_plan()
+        for kind, i in tqdm(plan, desc=f"placing {self.config.name} weights", unit="layer",
+                            disable=not self.progress, leave=False):
+            if kind == "decoder":
+                specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
+                         for s in self.family.layer_weights(self.config, "attn")]
+                specs += [s.__class__("mlp." + s.name, s.hf_name, s.shape)
+                          for s in self.family.layer_weights(self.config, "mlp")]
+            else:
+                specs = self.family.layer_weights(self.config, kind)
+            specs = resolve_names(specs, i)
+            label = f"{kind}{i if i >= 0 else ''}"
+            layers.append(Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label,
+                                                     self.storage)))
+        return layers
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop=None, seed: int | None = None,
+                 ignore_eos: bool = False, bucket: bool = True) -> list[list[int]]:
+        """New token ids for each prompt, each cut at its own stop (the stop token kept).
+
+        `stop` is a token id, a string, or a list of strings/ids; end-of-sequence always stops
+        unless `ignore_eos`. Prompts are grouped into blocks of `policy.block_size` sequences
+        (sorted by length when `bucket`); results come back in input order.
+        """
+        prompts = self._check_prompts(prompt_ids, max_new_tokens)
+        if max_new_tokens == 0 or not prompts:
+            return [[] for _ in prompts]
+        stop_ids, stop_strings = self._stop_sets(stop, ignore_eos)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = lambda logits: ops.sample(logits, do_sample, temperature, top_p, generator)
+        order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
+        results: list[list[int]] = [[] for _ in prompts]
+        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prompt_tokens": 0, "new_tokens": 0}
+        self._progress_start(len(prompts), max_new_tokens)
+        try:
+            for start in range(0, len(order), self.policy.block_size):
+                rows = order[start: start + self.policy.block_size]
+                mbs = self._run_block(prompts, rows, max_new_tokens, sampler, stop_ids, stop_strings, stats)
+                for mb in mbs:
+                    for r, toks in zip(mb.rows, mb.tokens):
+                        results[r] = self._cut_at_stop(toks, stop_strings)
+        finally:
+            self._progress_close()
+        stats["prompt_tokens"] = sum(len(p) for p in prompts)
+        stats["new_tokens"] = sum(len(r) for r in results)
+        stats["peak_bytes"] = self.tiers.peaks()
+        stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.last_stats = stats
+        return results
+
+    def logits(self, prompt_ids) -> torch.Tensor:
+        """Last-position logits (b, vocab) of each prompt, in float32 (one prefill pass)."""
+        prompts = self._check_prompts(prompt_ids, 1)
+        out = torch.empty(len(prompts), self.config.vocab_size)
+        bs = self.policy.block_size
+        for start in range(0, len(prompts), bs):
+            rows = list(range(start, min(start + bs, len(prompts))))
+            mbs = self._run_block(prompts, rows, 1, lambda lg: lg.argmax(-1), set(), [], {})
+            for mb in mbs:
+                out[mb.rows] = mb.last_logits.cpu()
+        return out
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int = 32, chat: bool = False,
+                      stop=None, **kwargs) -> list[str]:
+        """Text in, new text out (cut before the first stop string), through the model's tokenizer."""
+        tok = self._need_tokenizer()
+        if isinstance(prompts, str):
+            raise TypeError("generate_text takes a list of strings; wrap a single prompt in a list")
+        ids = [self.encode(p, chat=chat) for p in prompts]
+        new = self.generate(ids, max_new_tokens=max_new_tokens, stop=stop, **kwargs)
+        texts = [tok.decode(t, skip_special_tokens=True) for t in new]
+        _, stop_strings = self._stop_sets(stop, True)
+        return [_cut_text(t, stop_strings) for t in texts]
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        tok = self._need_tokenizer()
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ValueError(f"{self.config.name} has no chat template; call with chat=False")
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(text)["input_ids"]
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_positions
+
+    # ---- one block -------------------------------------------------------------------------------
+    def _run_block(self, prompts, rows, max_new, sampler, stop_ids, stop_strings, stats) -> list[MicroBatch]:
+        cfg, pol = self.config, self.policy
+        s = max(len(prompts[r]) for r in rows)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        mbs = []
+        for lo in range(0, len(rows), pol.gpu_batch_size):
+            sub = rows[lo: lo + pol.gpu_batch_size]
+            ids = torch.full((len(sub), s), pad, dtype=torch.long)
+            mask = torch.zeros((len(sub), s + max_new), dtype=torch.long)
+            for i, r in enumerate(sub):
+                p = prompts[r]
+                ids[i, s - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, s - len(p):] = 1
+            mbs.append(MicroBatch(sub, ids, mask, feed=ids, tokens=[[] for _ in sub],
+                                  done=torch.zeros(len(sub), dtype=torch.bool)))
+        self._check_block_memory(mbs, s + max_new)
+        storage = self.storage
+        act = ActStore(self.tiers, pol.act_tier)
+        try:
+            for k, mb in enumerate(mbs):
+                for i in range(cfg.num_layers):
+                    mb.caches[i] = KVCache(self.tiers, pol, mb.size, cfg.num_kv_heads, cfg.head_dim,
+                                           s + max_new, storage, f"kv{i}.mb{k}")
+
+            def on_tokens(mb: MicroBatch, next_ids: torch.Tensor):
+                for i, t in enumerate(next_ids.tolist()):
+                    if mb.done[i]:
+                        continue
+                    mb.tokens[i].append(t)
+                    if t in stop_ids or (stop_strings and self._hits_stop(mb.tokens[i], stop_strings)):
+                        mb.done[i] = True
+
+            runner = BlockRunner(self, self.layers, sampler, on_tokens)
+            runner.run(mbs, max_new, act)
+            for key in ("prefill_s", "decode_s", "decode_steps"):
+                stats[key] = stats.get(key, 0) + runner.timings[key]
+        finally:
+            for mb in mbs:
+                for c in mb.caches.values():
+                    c.close()
+                act.drop(id(mb))
+        return mbs
+
+    def _check_block_memory(self, mbs: list[MicroBatch], max_len: int) -> None:
+        """Fail before work starts when the block's KV cache and buffers cannot fit a tier."""
+        cfg, pol = self.config, self.policy
+        from .kv_cache import cache_format, split_counts
+        need = {"gpu": 0, "cpu": 0, "disk": 0}
+        for mb in mbs:
+            for tier, n in zip(("gpu", "cpu", "disk"), split_counts(mb.size, pol.percents("cache"))):
+                if n:
+                    row = cache_format(self.tiers, pol, tier, self.storage).row_bytes((2, n, cfg.num_kv_heads, cfg.head_dim))
+                    if tier == "disk":
+                        row = -(-row // 4096) * 4096
+                    need[tier] += row * max_len * cfg.num_layers
+        itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
+        b = max(mb.size for mb in mbs)
+        need[pol.act_tier] += sum(mb.size for mb in mbs) * mbs[0].ids.shape[1] * cfg.hidden_size * itemsize
+        # working copies: two layers of weights and two micro-batches of cache in compute form
+        need["gpu"] += 2 * max(layer.weights.working_bytes() for layer in self.layers)
+        need["gpu"] += 2 * cfg.cache_bytes(b, max_len, itemsize) // cfg.num_layers
+        for tier, n in need.items():
+            tr = self.tiers.trackers[tier]
+            if tr.current + n > tr.capacity:
+                raise MemoryBudgetError(
+                    f"this policy does not fit: the {tier} tier needs {fmt_bytes(tr.current + n)} "
+                    f"({fmt_bytes(tr.current)} of weights + {fmt_bytes(n)} of KV cache, hidden states and "
+                    f"working buffers) but has {fmt_bytes(tr.capacity)}, over by "
+                    f"{fmt_bytes(tr.current + n - tr.capacity)}: lower gpu_batch_size "
+                    f"({pol.gpu_batch_size}) or num_gpu_batches ({pol.num_gpu_batches}), move cache to "
+                    f"another tier, or raise the {tier} budget")
+
+    # ---- input checks and stops ------------------------------------------------------------------
+    def _check_prompts(self, prompt_ids, max_new_tokens) -> list[list[int]]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, (list, tuple)) or (prompt_ids and not isinstance(prompt_ids[0], (list, tuple))):
+            raise TypeError("prompt_ids must be a list of token-id lists, e.g. [[2, 100, 200]]; "
+                            "for text use generate_text()")
+        out = []
+        for n, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {n} is empty; every prompt needs at least one token")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                bad = next(t for t in p if not isinstance(t, int) or isinstance(t, bool))
+                raise TypeError(f"prompt {n} holds {bad!r} ({type(bad).__name__}); token ids must be ints")
+            if min(p) < 0 or max(p) >= self.config.vocab_size:
+                raise ValueError(f"prompt {n} has token id {min(p) if min(p) < 0 else max(p)} outside the "
+                                 f"vocabulary [0, {self.config.vocab_size})")
+            if len(p) + max_new_tokens > self.config.max_positions:
+                raise ValueError(f"prompt {n} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                                 f"exceeds the context window of {self.config.max_positions}: shorten it "
+                                 "(fewer demonstrations) or generate fewer tokens")
+            out.append(list(p))
+        return out
+
+    def _stop_sets(self, stop, ignore_eos: bool) -> tuple[set[int], list[str]]:
+        ids: set[int] = set()
+        strings: list[str] = []
+        for item in ([] if stop is None else stop if isinstance(stop, (list, tuple)) else [stop]):
+            if isinstance(item, int) and not isinstance(item, bool):
+                ids.add(item)
+            elif isinstance(item, str) and item:
+                strings.append(item)
+            else:
+                raise TypeError(f"stop must be a token id, a non-empty string or a list of them; got {item!r}")
+        if strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none, so pass stop token ids")
+        if not ignore_eos:
+            ids |= {t for t in (self.config.eos_token_id, *self.config.extra_eos_token_ids) if t is not None}
+        return ids, strings
+
+    def _hits_stop(self, tokens: list[int], stop_strings: list[str]) -> bool:
+        text = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+
+    def _cut_at_stop(self, tokens: list[int], stop_strings: list[str]) -> list[int]:
+        if not stop_strings:
+            return tokens
+        for n in range(1, len(tokens) + 1):
+            if any(s in self.tokenizer.decode(tokens[:n], skip_special_tokens=False) for s in stop_strings):
+                return tokens[:n]
+        return tokens
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.name} has no tokenizer (dummy weights or a checkpoint without "
+                             "tokenizer files); pass token ids to generate()")
+        return self.tokenizer
+
+    # ---- progress and reports --------------------------------------------------------------------
+    def _progress_start(self, n_prompts: int, max_new: int):
+        if not self.progress:
+            return
+        from tqdm.auto import tqdm
+        blocks = math.ceil(n_prompts / self.policy.block_size)
+        self._bar = tqdm(total=blocks * max_new, desc="generating", unit="step", leave=False)
+
+    def _progress_update(self, n: int):
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def _progress_close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def memory_report(self) -> dict:
+        """Bytes held now and at the peak on each tier, and the process peak RSS."""
+        return {"current": {n: t.current for n, t in self.tiers.trackers.items()},
+                "peak": self.tiers.peaks(),
+                "capacity": {n: t.capacity for n, t in self.tiers.trackers.items()},
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def weight_bytes(self) -> dict[str, int]:
+        return {t: sum(l.weights.bytes_on(t) for l in self.layers) for t in ("gpu", "cpu", "disk")}
+
+    def close(self) -> None:
+        """Free every tier's bytes and delete offload files."""
+        for layer in self.layers:
+            layer.weights.close()
+        self.layers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _cut_text(text: str, stops: list[str]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def _open_model(path_or_name, dummy: bool):
+    """(weight source, tokenizer or None, ModelConfig) for a name, a directory or a GGUF file."""
+    resolved = path_or_name
+    try:
+        from .registry import resolve_model
+        resolved = resolve_model(path_or_name)
+    except ImportError:
+        pass
+    path = Path(resolved)
+    if path.is_dir():
+        config = read_hf_config(path)
+        source = DummyWeights() if dummy else Checkpoint(path)
+        return source, _load_tokenizer(path), config
+    if dummy:
+        return DummyWeights(), None, opt_config(str(path_or_name))
+    if _is_opt_name(str(path_or_name)):
+        raise FileNotFoundError(f"{path_or_name}: no checkpoint here (this machine has no model hub); pass "
+                                "dummy=True (--dummy) for random weights of that shape, or a local "
+                                "checkpoint directory")
+    raise FileNotFoundError(f"{path_or_name}: not a checkpoint directory, a .gguf file or a known model "
+                            "name (smollm2-135m, or an OPT size such as opt-1.3b with dummy=True)")
+
+
+def _is_opt_name(name: str) -> bool:
+    try:
+        opt_config(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

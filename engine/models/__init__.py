@@ -1,0 +1,30 @@
+"""Model families. Each module exposes the same functions over plain tensors:
+
+    layer_weights(config, kind) -> list[WeightSpec]      kind in embed / attn / mlp / head
+    embed(w, ids, positions, config) -> hidden            (b, s, hidden)
+    attn_qkv(w, hidden, positions, config) -> q, k, v     q (b, n_head, s, d); k, v (b, n_kv, s, d)
+    attn_out(w, hidden, o, config) -> hidden              o (b, n_head, s, d) from ops.attend
+    mlp(w, hidden, config) -> hidden
+    head(w, hidden, config) -> logits                     hidden (b, hidden) -> (b, vocab)
+    ATTN_SCALE                                            the scale ops.attend applies (None = 1/sqrt(d))
+
+`w` is a dict from the WeightSpec names to compute-ready tensors. Weight names are per layer;
+`hf_name` templates carry `{i}` for the layer index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str          # the key the family's functions read, e.g. "q_proj.weight"
+    hf_name: str       # the checkpoint key, with {i} for the decoder layer index
+    shape: tuple       # the shape in the checkpoint
+
+
+def family(name: str) -> ModuleType:
+    """The module that implements a model family ("opt" or "llama")."""
+    from . import llama, opt
+    return {"opt": opt, "llama": llama}[name]

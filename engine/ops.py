@@ -1,0 +1,111 @@
+"""Shared math over plain tensors: linear, norms, rotary embeddings, attention, masks, sampling."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. On CPU with 2..32 rows, `weight @ x.T` beats MKL's small-M path."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and 2 <= rows <= 32:
+        out = (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+        return out + bias if bias is not None else out
+    return F.linear(x, weight, bias)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x, weight, eps: float):
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded sequences: 0 at each first real token; pads get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (b, s)
+
+
+def attention_mask_bias(attention_mask: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
+    """Additive mask (b, 1, q_len, k_len): causal over the last q_len keys plus key padding.
+
+    Masked entries get the dtype's minimum, not -inf, so a fully masked row (a padding query)
+    yields finite values instead of NaN.
+    """
+    b, k_len = attention_mask.shape
+    keep = attention_mask.bool()[:, None, None, :]                             # (b, 1, 1, k)
+    q_pos = torch.arange(k_len - q_len, k_len, device=attention_mask.device)
+    causal = q_pos[:, None] >= torch.arange(k_len, device=attention_mask.device)[None, :]
+    keep = keep & causal[None, None]                                           # (b, 1, q, k)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q (b, n_head, s, d); k, v (b, n_kv, t, d); mask_bias (b, 1, s, t) -> (b, n_head, s, d)
+    """
+    b, nh, s, d = q.shape
+    nkv = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if nkv != nh:
+        q = q.reshape(b, nkv, nh // nkv * s, d)                            # (b, nkv, g*s, d)
+        mask_bias = mask_bias.repeat(1, 1, nh // nkv, 1)                   # (b, 1, g*s, t)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, scale=scale)
+    return out.reshape(b, nh, s, d)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None,
+                  dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (b, 1, s, head_dim) for the rotate-half convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = _scale_inv_freq(inv_freq, scaling or {})
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)           # (b, s, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                        # (b, s, d)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, heads, s, d) rotated by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (b,) from last-position logits (b, vocab)."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,63 @@
+"""Model names -> what the engine loads: a checkpoint directory, or a published OPT name.
+
+    resolve_model("smollm2-135m")            -> <models>/SmolLM2-135M-Instruct.Q4_1.gguf.flexwrangle/
+    resolve_model("path/to/model.gguf")      -> its converted directory (engine.gguf.convert_gguf)
+    resolve_model("path/to/hf_checkpoint/")  -> the directory itself
+    resolve_model("facebook/opt-1.3b")       -> "facebook/opt-1.3b" (a shape for dummy weights)
+
+<models> is $FLEXWRANGLE_MODELS_DIR, else `models/` in the repository; `make model` fills it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import OPT_SIZES
+
+# Embedded models: name (lower case) -> file under the models directory.
+EMBEDDED: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "huggingfacetb/smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+FETCH_TARGET = "make model"      # the Makefile target that runs scripts/fetch_model.sh
+
+
+def models_dir() -> Path:
+    """Where embedded model files live: $FLEXWRANGLE_MODELS_DIR, else <repo>/models."""
+    env = os.environ.get("FLEXWRANGLE_MODELS_DIR")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """A checkpoint directory (Path) for a model name or path, or an OPT name (str) for dummy weights."""
+    from .gguf import convert_gguf
+
+    text = os.fspath(name_or_path)
+    embedded = EMBEDDED.get(text.lower())
+    if embedded is not None:
+        path = models_dir() / embedded
+        if not path.is_file():
+            raise FileNotFoundError(f"{text}: model file {path} is missing; run `{FETCH_TARGET}` to fetch it "
+                                    "(or set FLEXWRANGLE_MODELS_DIR to the directory that holds it)")
+        return convert_gguf(path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return convert_gguf(path)
+        raise ValueError(f"{text}: a file that is not a .gguf; pass a .gguf file or a checkpoint directory")
+    if path.suffix.lower() == ".gguf":
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if _is_opt_name(text):
+        return text
+    raise ValueError(
+        f"unknown model {text!r}: pass an embedded model name ({', '.join(sorted(EMBEDDED))}), "
+        f"a published OPT name ({', '.join(OPT_SIZES)}, optionally as facebook/opt-...), "
+        "a .gguf file, or a Hugging Face checkpoint directory (config.json + safetensors)")
+
+
+def _is_opt_name(text: str) -> bool:
+    owner, _, key = text.lower().rpartition("/")
+    return owner in ("", "facebook") and key in OPT_SIZES

@@ -1,0 +1,222 @@
+"""The zig-zag block schedule: one loop nest, token -> layer -> micro-batch.
+
+Within a block, each layer's weights are loaded once and used by every micro-batch. With
+`overlap`, a single I/O thread prefetches the next layer's weights and the next micro-batch's KV
+cache and stores each micro-batch's new cache entries while the main thread computes; without it
+the same loop runs every transfer inline. The thread is FIFO, so a cache row stored at step i is
+always written before the load that reads it at step i + 1 is served.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .kv_cache import KVCache
+from .tiers import Format, TierArray, Tiers
+from .weights import LayerWeights
+
+
+@dataclass
+class Layer:
+    kind: str                 # embed | attn | mlp | decoder (attn + mlp) | head
+    index: int                # decoder layer index (-1 for embed and head)
+    weights: LayerWeights
+
+
+@dataclass
+class MicroBatch:
+    """Sequences computed together, with their cache and generation state."""
+    rows: list[int]                       # positions in the caller's prompt list
+    ids: torch.Tensor                     # (b, s) left-padded prompt
+    mask: torch.Tensor                    # (b, s + max_new) 1 for real tokens
+    length: int = 0                       # tokens processed so far
+    feed: torch.Tensor | None = None      # (b, q) tokens to run this step
+    caches: dict = field(default_factory=dict)   # decoder index -> KVCache
+    tokens: list = field(default_factory=list)   # new token ids per sequence
+    done: torch.Tensor | None = None      # (b,) bool
+    last_logits: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.ids.shape[0]
+
+
+class _Inline:
+    """An executor that runs each job at once (overlap off)."""
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def shutdown(self, wait=True):
+        pass
+
+
+class ActStore:
+    """Hidden states between layers, held on the activation tier."""
+
+    def __init__(self, tiers: Tiers, tier: str):
+        self.tiers, self.tier, self.items = tiers, tier, {}
+
+    def put(self, key, h: torch.Tensor) -> None:
+        self.drop(key)
+        if self.tier == "disk":
+            arr = TierArray(self.tiers, "disk", Format(torch.float32), tuple(h.shape), 1, f"hidden{key}")
+            arr.write(0, h.float()[None])
+            self.items[key] = arr
+        else:
+            self.tiers.trackers[self.tier].alloc(h.numel() * h.element_size(), "hidden states")
+            self.items[key] = h.to(self.tiers.device(self.tier))
+
+    def get(self, key) -> torch.Tensor:
+        item = self.items[key]
+        if isinstance(item, TierArray):
+            return item.read(0, 1, self.tiers.compute_device, self.tiers.compute_dtype)[0]
+        return item.to(self.tiers.compute_device)
+
+    def drop(self, key) -> None:
+        item = self.items.pop(key, None)
+        if isinstance(item, TierArray):
+            item.close()
+        elif item is not None:
+            self.tiers.trackers[self.tier].free(item.numel() * item.element_size())
+
+
+class BlockRunner:
+    """Runs one block of micro-batches through prefill and decode."""
+
+    def __init__(self, llm, layers: list[Layer], sampler, on_tokens):
+        self.llm, self.layers = llm, layers
+        self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
+        self.sampler, self.on_tokens = sampler, on_tokens
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io") if self.policy.overlap else _Inline()
+        self.gpu = self.tiers.trackers["gpu"]
+        self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+
+    # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
+    def _load_weights(self, j: int):
+        w = self.layers[j].weights
+        self.gpu.alloc(w.working_bytes(), f"working copy of layer {j} weights")
+        tensors, _ = w.load()
+        return tensors
+
+    def _release_weights(self, j: int):
+        self.gpu.free(self.layers[j].weights.working_bytes())
+
+    def _load_cache(self, cache: KVCache, length: int):
+        loaded = cache.read(length, self._attn_device)
+        copied = [p for p in loaded if p.tier != "gpu" or self.policy.compress_cache]
+        nbytes = sum(p.k.numel() * p.k.element_size() * 2 for p in copied)
+        self.gpu.alloc(nbytes, "working copy of a KV cache")
+        return loaded, nbytes
+
+    def _attn_device(self, tier: str) -> torch.device:
+        if self.policy.cpu_cache_compute and tier != "gpu":
+            return torch.device("cpu")
+        return self.tiers.compute_device
+
+    # ---- the loop nest --------------------------------------------------------------------------
+    def run(self, mbs: list[MicroBatch], max_new_tokens: int, act: ActStore) -> None:
+        n_layers = len(self.layers)
+        w_next = None
+        try:
+            for step in range(max_new_tokens):
+                t0 = time.perf_counter()
+                active = [k for k, mb in enumerate(mbs) if not bool(mb.done.all())]
+                if not active:
+                    break
+                if w_next is None:
+                    w_next = self.io.submit(self._load_weights, 0)
+                for j in range(n_layers):
+                    w_now = w_next.result()
+                    w_next = None
+                    if j + 1 < n_layers or step + 1 < max_new_tokens:   # prefetch the next layer's weights
+                        w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
+                    self._run_layer(j, w_now, [mbs[k] for k in active], step, act)
+                    self._release_weights(j)
+                    del w_now
+                for k in active:
+                    self._finish_step(mbs[k], step)
+                if self.tiers.compute_device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                if step == 0:
+                    self.timings["prefill_s"] += dt
+                else:
+                    self.timings["decode_s"] += dt
+                    self.timings["decode_steps"] += 1
+                self.llm._progress_update(1)
+        finally:
+            self.io.shutdown(wait=True)
+            if w_next is not None:                               # a prefetch the loop did not use
+                w_next.result()
+                self._release_weights(0)
+
+    def _run_layer(self, j: int, w: dict, mbs: list[MicroBatch], step: int, act: ActStore) -> None:
+        layer = self.layers[j]
+        needs_cache = layer.kind in ("attn", "decoder") and step > 0
+        cache_next = (self.io.submit(self._load_cache, mbs[0].caches[layer.index], mbs[0].length)
+                      if needs_cache else None)
+        for idx, mb in enumerate(mbs):
+            past, nbytes = (cache_next.result() if needs_cache else (None, 0))
+            if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
+                nxt = mbs[idx + 1]
+                cache_next = self.io.submit(self._load_cache, nxt.caches[layer.index], nxt.length)
+            key = id(mb)
+            h = act.get(key) if layer.kind != "embed" else None
+            h = self._compute(layer, w, mb, h, past)
+            if layer.kind == "head":
+                act.drop(key)
+            else:
+                act.put(key, h)
+            self.gpu.free(nbytes)
+            del past
+
+    def _compute(self, layer: Layer, w: dict, mb: MicroBatch, h, past):
+        cfg, fam = self.cfg, self.fam
+        q_len = mb.feed.shape[1]
+        total = mb.length + q_len
+        positions = ops.position_ids(mb.mask[:, :total])[:, -q_len:].to(self.tiers.compute_device)
+        if layer.kind == "embed":
+            return fam.embed(w, mb.feed.to(self.tiers.compute_device), positions, cfg)
+        if layer.kind == "head":
+            logits = fam.head(w, h[:, -1], cfg)                           # (b, vocab)
+            mb.last_logits = logits.float()
+            return None
+        if layer.kind in ("attn", "decoder"):
+            aw = {k[5:]: v for k, v in w.items() if k.startswith("attn.")} if layer.kind == "decoder" else w
+            h = self._attention(layer, aw, mb, h, positions, past, total)
+        if layer.kind in ("mlp", "decoder"):
+            mw = {k[4:]: v for k, v in w.items() if k.startswith("mlp.")} if layer.kind == "decoder" else w
+            h = fam.mlp(mw, h, cfg)
+        return h
+
+    def _attention(self, layer, w, mb: MicroBatch, h, positions, past, total):
+        cfg, fam = self.cfg, self.fam
+        q, k, v = fam.attn_qkv(w, h, positions, cfg)              # q (b, nh, s, d); k, v (b, nkv, s, d)
+        q_len = q.shape[2]
+        bias = ops.attention_mask_bias(mb.mask[:, :total].to(q.device), q_len, q.dtype)   # (b, 1, s, t)
+        cache = mb.caches[layer.index]
+        if past is None:                                          # prefill: attend over the new tokens
+            o = ops.attend(q, k, v, bias, fam.ATTN_SCALE)
+        else:                                                     # decode: per cache part, where it lives
+            o = torch.empty_like(q)
+            for p in past:
+                dev, lo, hi = p.k.device, p.lo, p.hi
+                kk = torch.cat((p.k, k[lo:hi].to(dev, p.k.dtype)), dim=2)
+                vv = torch.cat((p.v, v[lo:hi].to(dev, p.v.dtype)), dim=2)
+                qq, bb = q[lo:hi].to(dev, p.k.dtype), bias[lo:hi].to(dev, p.k.dtype)
+                o[lo:hi] = ops.attend(qq, kk, vv, bb, fam.ATTN_SCALE).to(q.device, q.dtype)
+        self.io.submit(cache.write, mb.length, k, v)                  # store the new entries
+        return fam.attn_out(w, h, o, cfg)
+
+    def _finish_step(self, mb: MicroBatch, step: int) -> None:
+        next_ids = self.sampler(mb.last_logits)                          # (b,)
+        mb.length += mb.feed.shape[1]
+        mb.feed = next_ids.view(-1, 1).cpu()
+        self.on_tokens(mb, next_ids.cpu())

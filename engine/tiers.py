@@ -1,0 +1,267 @@
+"""The three tiers (compute device, CPU, disk): byte accounting, storage formats and disk files.
+
+Everything a tier holds is raw bytes in rows: a `Format` turns a float tensor of n rows into a
+uint8 tensor (n, row_bytes) and back. On the compute device, plain data is kept compute-ready
+(float32 on CPU, with values rounded through the storage dtype so every tier yields identical
+numbers); on CPU and disk it is kept in the storage dtype (float16 by default) or group-wise
+quantized. Disk rows live in files under the offload directory, read and written with O_DIRECT
+(page cache bypassed) at 4 KiB-aligned offsets.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, quantize
+
+ALIGN = 4096
+
+
+class MemoryBudgetError(MemoryError):
+    """A tier would exceed its byte budget."""
+
+
+class MemoryTracker:
+    """Bytes held on one tier now and at the peak, against a capacity."""
+
+    def __init__(self, tier: str, capacity: int):
+        self.tier, self.capacity = tier, capacity
+        self.current = self.peak = 0
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int, what: str = "") -> None:
+        with self._lock:
+            if self.current + nbytes > self.capacity:
+                raise MemoryBudgetError(
+                    f"the {self.tier} tier is over its budget by {fmt_bytes(self.current + nbytes - self.capacity)} "
+                    f"while allocating {fmt_bytes(nbytes)} for {what or 'a tensor'} (budget "
+                    f"{fmt_bytes(self.capacity)}): lower this tier's percentages or batch size, or raise "
+                    f"--{self.tier}-mem")
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def free(self, nbytes: int) -> None:
+        with self._lock:
+            self.current -= nbytes
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def parse_bytes(text) -> int:
+    """'300MB', '1.5GiB', '4096' -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().upper().replace("IB", "B")
+    for suffix, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(float(s))
+
+
+@dataclass(frozen=True)
+class Format:
+    """How float data is held on a tier: an element dtype, optional rounding, optional quantization."""
+
+    dtype: torch.dtype                       # element dtype held (plain formats)
+    round_to: torch.dtype | None = None      # values pass through this dtype first (storage precision)
+    quant: CompressionConfig | None = None   # group-wise quantization instead of plain elements
+
+    def row_bytes(self, shape: tuple) -> int:
+        if self.quant is not None:
+            return compressed_nbytes(shape, self.quant)
+        n = 1
+        for s in shape:
+            n *= s
+        return n * _itemsize(self.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, *shape) float -> uint8 (n, row_bytes)."""
+        n = x.shape[0]
+        if self.quant is None:
+            if self.round_to is not None and self.round_to != self.dtype:
+                x = x.to(self.round_to)
+            return x.to(self.dtype).contiguous().view(torch.uint8).reshape(n, -1)
+        q = quantize(x, self._row_config())
+        return torch.cat([p.reshape(n, -1).view(torch.uint8) for p in q.parts()], dim=1)
+
+    def decode(self, raw: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 (n, row_bytes) -> (n, *shape) in `dtype` (a view when no conversion is needed)."""
+        n = raw.shape[0]
+        if self.quant is None:
+            out = raw.contiguous().view(self.dtype).reshape(n, *shape)
+            return out if self.dtype == dtype else out.to(dtype)
+        cfg = self._row_config()
+        groups = compressed_nbytes(shape, self.quant) // (self.quant.group_size * self.quant.num_bits // 8 + 4)
+        packed_w = self.quant.group_size * self.quant.num_bits // 8
+        sizes = [groups * packed_w, groups * 2, groups * 2]
+        packed, step, minimum = torch.split(raw, sizes, dim=1)
+        qt = QuantizedTensor(packed.contiguous().reshape(n * groups, packed_w),
+                             step.contiguous().view(torch.float16).reshape(n * groups, 1),
+                             minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
+                             (n, *shape), cfg)
+        return dequantize(qt, dtype)
+
+    def _row_config(self) -> CompressionConfig:
+        # the row dimension n comes first, so a group_dim counted from the front moves by one
+        q = self.quant
+        gd = q.group_dim + 1 if q.group_dim >= 0 else q.group_dim
+        return CompressionConfig(q.num_bits, q.group_size, gd, q.symmetric)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class DiskFile:
+    """A file of fixed-size rows at 4 KiB-aligned strides, read and written with O_DIRECT."""
+
+    def __init__(self, path: Path, row_bytes: int, rows: int, tracker: MemoryTracker):
+        self.path, self.row_bytes, self.rows = Path(path), row_bytes, rows
+        self.stride = -(-row_bytes // ALIGN) * ALIGN
+        self.tracker = tracker
+        tracker.alloc(self.stride * rows, f"disk file {self.path.name}")
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o600)
+            self.direct = hasattr(os, "O_DIRECT")
+        except OSError:  # e.g. tmpfs: buffered I/O, pages dropped after use
+            self.fd = os.open(self.path, flags, 0o600)
+            self.direct = False
+        os.ftruncate(self.fd, self.stride * rows)
+        # delete the file even when its owner is dropped without close() (e.g. an exception mid-run)
+        self._finalizer = weakref.finalize(self, _remove_file, self.fd, self.path)
+
+    def write_rows(self, start: int, raw: torch.Tensor) -> None:
+        n = raw.shape[0]
+        buf = mmap.mmap(-1, n * self.stride)
+        view = torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)
+        view[:, : self.row_bytes] = raw
+        _full(os.pwrite, self.fd, buf, start * self.stride)
+        if not self.direct:
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
+
+    def read_rows(self, start: int, n: int) -> torch.Tensor:
+        """uint8 (n, row_bytes): a view into a fresh page-aligned buffer."""
+        buf = mmap.mmap(-1, n * self.stride)
+        got = os.preadv(self.fd, [buf], start * self.stride)
+        if got != n * self.stride:
+            raise IOError(f"{self.path}: short read ({got} of {n * self.stride} bytes); the offload file "
+                          "was truncated or removed while in use")
+        if not self.direct:
+            os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)[:, : self.row_bytes]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._finalizer()
+            self.fd = -1
+            self.tracker.free(self.stride * self.rows)
+
+
+def _remove_file(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.unlink(missing_ok=True)
+
+
+def _full(write, fd, buf, offset):
+    mv, done = memoryview(buf), 0
+    while done < len(mv):
+        done += write(fd, mv[done:], offset + done)
+
+
+class Tiers:
+    """The compute device, CPU and disk with their trackers; 'gpu' names the compute device."""
+
+    def __init__(self, offload_dir: str | Path | None, gpu_mem=None, cpu_mem=None, disk_mem=None):
+        self.compute_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.offload_dir = Path(offload_dir) if offload_dir else None
+        avail = psutil.virtual_memory().available
+        if self.compute_device.type == "cuda":
+            gpu_cap = torch.cuda.get_device_properties(0).total_memory
+        else:
+            gpu_cap = avail
+        disk_cap = (psutil.disk_usage(str(self.offload_dir)).free
+                    if self.offload_dir and self.offload_dir.exists() else 1 << 62)
+        self.trackers = {
+            "gpu": MemoryTracker("gpu", parse_bytes(gpu_mem) if gpu_mem is not None else gpu_cap),
+            "cpu": MemoryTracker("cpu", parse_bytes(cpu_mem) if cpu_mem is not None else avail),
+            "disk": MemoryTracker("disk", parse_bytes(disk_mem) if disk_mem is not None else disk_cap),
+        }
+        self._file_counter = 0
+        self._lock = threading.Lock()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float16 if self.compute_device.type == "cuda" else torch.float32
+
+    def device(self, tier: str) -> torch.device:
+        return self.compute_device if tier == "gpu" else torch.device("cpu")
+
+    def new_file(self, stem: str, row_bytes: int, rows: int) -> DiskFile:
+        if self.offload_dir is None:
+            raise ValueError("this policy puts data on disk: pass offload_dir (--offload-dir) to a folder "
+                             "on a local disk with room for it")
+        self.offload_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._file_counter += 1
+            name = f"{os.getpid()}-{self._file_counter}-{stem}.bin"
+        return DiskFile(self.offload_dir / name, row_bytes, rows, self.trackers["disk"])
+
+    def peaks(self) -> dict[str, int]:
+        return {name: t.peak for name, t in self.trackers.items()}
+
+
+class TierArray:
+    """`rows` rows of one logical shape on one tier, in one Format: the unit of placement."""
+
+    def __init__(self, tiers: Tiers, tier: str, fmt: Format, shape: tuple, rows: int, what: str):
+        self.tiers, self.tier, self.fmt, self.shape, self.rows = tiers, tier, fmt, tuple(shape), rows
+        self.row_bytes = fmt.row_bytes(self.shape)
+        self.what = what
+        if tier == "disk":
+            self.file = tiers.new_file(what.replace(" ", "_").replace("/", "_"), self.row_bytes, rows)
+            self.data = None
+        else:
+            tiers.trackers[tier].alloc(self.row_bytes * rows, what)
+            self.data = torch.empty(rows, self.row_bytes, dtype=torch.uint8, device=tiers.device(tier))
+            self.file = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.stride * self.rows if self.file else self.row_bytes * self.rows
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """Store float rows x (n, *shape) at rows [start, start + n)."""
+        raw = self.fmt.encode(x)
+        if self.file is not None:
+            self.file.write_rows(start, raw.cpu())
+        else:
+            self.data[start: start + x.shape[0]] = raw.to(self.data.device, non_blocking=True)
+
+    def read(self, start: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, start + n) as (n, *shape) in dtype on device."""
+        raw = self.file.read_rows(start, n) if self.file is not None else self.data[start: start + n]
+        if raw.device != device and self.fmt.quant is not None:
+            raw = raw.to(device, non_blocking=True)       # move compressed, dequantize on device
+            return self.fmt.decode(raw, self.shape, dtype)
+        return self.fmt.decode(raw, self.shape, dtype).to(device, non_blocking=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        elif self.data is not None:
+            self.tiers.trackers[self.tier].free(self.row_bytes * self.rows)
+        self.data = self.file = None

@@ -1,0 +1,162 @@
+"""Weight store: read a checkpoint once, home each tensor on a tier, serve a layer's weights.
+
+Checkpoints are Hugging Face directories with `*.safetensors` (memory-mapped) or
+`pytorch_model*.bin` (read with `weights_only=True`), sharded or not. `DummyWeights` makes random
+weights layer by layer for benchmarks of sizes that have no checkpoint here.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .models import WeightSpec
+from .policy import Policy
+from .tiers import Format, TierArray, Tiers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+class Checkpoint:
+    """Tensors of a local Hugging Face checkpoint, read lazily by name."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{directory}: not a directory; pass a local checkpoint folder")
+        self.where: dict[str, Path] = {}
+        files = sorted(self.dir.glob("*.safetensors")) or sorted(self.dir.glob("pytorch_model*.bin"))
+        if not files:
+            raise CheckpointError(f"{self.dir}: no weights found (expected *.safetensors or "
+                                  "pytorch_model*.bin); save the model with save_pretrained() into it")
+        self._open: dict[Path, object] = {}
+        for f in files:
+            for name in self._keys(f):
+                self.where[name] = f
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            try:
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    self._open[f] = safe_open(str(f), framework="pt")
+                else:
+                    self._open[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # safetensors and torch raise many kinds for a bad file
+                raise CheckpointError(f"{f}: cannot read this weight file ({type(e).__name__}: {e}); "
+                                      "it is corrupt or truncated: re-save or re-download it") from e
+        return self._open[f]
+
+    def _keys(self, f: Path):
+        h = self._handle(f)
+        return list(h.keys())
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint; is it "
+                                  "a checkpoint of the model its config.json describes?")
+        h = self._handle(self.where[name])
+        try:
+            t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        except Exception as e:
+            raise CheckpointError(f"{self.where[name]}: cannot read {name!r} ({e}); the file is corrupt") from e
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{name}: shape {tuple(t.shape)} in the checkpoint, {tuple(shape)} "
+                                  "expected from config.json")
+        return t
+
+
+class DummyWeights:
+    """Deterministic random weights, made on demand (for benchmarks without a checkpoint)."""
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        if "norm" in name and name.endswith("weight") and len(shape) == 1:
+            return torch.ones(shape)
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=g).mul_(0.02)
+
+
+def resolve_names(specs: list[WeightSpec], index: int) -> list[WeightSpec]:
+    return [WeightSpec(s.name, s.hf_name.format(i=index), s.shape) for s in specs]
+
+
+def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[str]:
+    """FlexGen's rule: a tensor goes to the tier whose percentage range holds its midpoint."""
+    total = max(1, sum(sizes))
+    bounds = (percents[0], percents[0] + percents[1])
+    out, done = [], 0
+    for size in sizes:
+        mid = (done + size / 2) / total * 100
+        out.append("gpu" if mid < bounds[0] else "cpu" if mid < bounds[1] else "disk")
+        done += size
+    return out
+
+
+class LayerWeights:
+    """One layer's weights, each homed on one tier in that tier's format."""
+
+    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray]):
+        self.tiers, self.arrays = tiers, arrays
+
+    def load(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Compute-ready tensors and the bytes of working copies made on the compute device."""
+        dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
+        out, extra = {}, 0
+        for name, arr in self.arrays.items():
+            t = arr.read(0, 1, dev, dtype)[0]
+            if arr.tier != "gpu" or arr.fmt.quant is not None or arr.fmt.dtype != dtype:
+                extra += t.numel() * t.element_size()
+            out[name] = t
+        return out, extra
+
+    def working_bytes(self) -> int:
+        """Bytes `load` allocates on the compute device (weights not already compute-ready there)."""
+        itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
+        total = 0
+        for arr in self.arrays.values():
+            if arr.tier != "gpu" or arr.fmt.quant is not None or arr.fmt.dtype != self.tiers.compute_dtype:
+                n = 1
+                for s in arr.shape:
+                    n *= s
+                total += n * itemsize
+        return total
+
+    def bytes_on(self, tier: str) -> int:
+        return sum(a.nbytes for a in self.arrays.values() if a.tier == tier)
+
+    def close(self):
+        for a in self.arrays.values():
+            a.close()
+
+
+def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype) -> Format:
+    quant = policy.comp_weight_config if policy.compress_weight and len(shape) >= 2 else None
+    if tier == "gpu":
+        return Format(tiers.compute_dtype, round_to=storage, quant=quant)
+    return Format(storage, quant=quant)
+
+
+def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], label: str,
+                storage: torch.dtype) -> LayerWeights:
+    """Read a layer's tensors from `source` and home each on its tier."""
+    sizes = [_numel(s.shape) for s in specs]
+    homes = choose_tiers(sizes, policy.percents("w"))
+    arrays = {}
+    for spec, tier in zip(specs, homes):
+        t = source.get(spec.hf_name, spec.shape)
+        fmt = weight_format(tiers, policy, tier, spec.shape, storage)
+        arr = TierArray(tiers, tier, fmt, spec.shape, 1, f"{label}.{spec.name}")
+        arr.write(0, t.to(torch.float32)[None])
+        arrays[spec.name] = arr
+    return LayerWeights(tiers, arrays)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
