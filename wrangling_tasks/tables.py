@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import duckdb
 import pandas as pd
@@ -33,7 +33,7 @@ __all__ = [
     "require_table",
     "read_table",
     "count_rows",
-    "replace_table",
+    "replace_tables",
     "insert_frame",
 ]
 
@@ -191,18 +191,22 @@ def read_table(
     return con.execute(sql, params).df()
 
 
-def replace_table(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> int:
-    """Create or replace table ``name`` with the contents of ``frame`` (one transaction)."""
+def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    """Create or replace each table ``name`` with ``frames[name]``, all in one transaction.
+
+    Returns the number of rows written per table.
+    """
     view = "__flexwrangle_frame"
-    con.register(view, frame)
-    try:
-        with transaction(con):
-            con.execute(
-                f"CREATE OR REPLACE TABLE {quote_ident(name)} AS SELECT * FROM {quote_ident(view)}"
-            )
-    finally:
-        con.unregister(view)
-    return len(frame)
+    with transaction(con):
+        for name, frame in frames.items():
+            con.register(view, frame)
+            try:
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {quote_ident(name)} AS SELECT * FROM {quote_ident(view)}"
+                )
+            finally:
+                con.unregister(view)
+    return {name: len(frame) for name, frame in frames.items()}
 
 
 def insert_frame(
