@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import OPT_SIZES
+from .config import OPT_SIZES, opt_config
 
 # Embedded models: name (lower case) -> file under the models directory.
 EMBEDDED: dict[str, str] = {
@@ -59,5 +59,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
 
 
 def _is_opt_name(text: str) -> bool:
-    owner, _, key = text.lower().rpartition("/")
-    return owner in ("", "facebook") and key in OPT_SIZES
+    try:
+        opt_config(text)                # the same spellings the engine's OPT table accepts
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,305 @@
+"""GGUF conversion on tiny GGUF files written here from random Llama models, plus model-name resolution.
+
+The writer below lays tensors out the way llama.cpp's converter does (q/k rows permuted for its
+rotary convention), so a round trip through `convert_gguf` must give back the original weights,
+and the converted directory must agree with transformers' own GGUF loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from engine import gguf as eg  # noqa: E402
+from engine.registry import resolve_model  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he"]
+
+
+# ---- a tiny GGUF writer in llama.cpp's layout ------------------------------------------------------
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (bytes_to_unicode)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+TOKENS = _byte_tokens() + ["Ġt", "he", "Ġthe"] + SPECIALS
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+                         bos_token_id=TOKENS.index("<|im_start|>"), eos_token_id=TOKENS.index("<|im_end|>"),
+                         pad_token_id=TOKENS.index("<|im_end|>"))
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():                        # non-trivial norms so a misplaced norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def write_gguf(model: LlamaForCausalLM, path, qtype=QT.F32, tokenizer: bool = True, extra_tensors=()):
+    """Write `model` as llama.cpp would: GGUF names, permuted q/k, 2-D weights in `qtype`."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(TOKENS)
+        w.add_token_types([3 if t in SPECIALS else 1 for t in TOKENS])
+        w.add_token_merges(MERGES)
+        w.add_bos_token_id(c.bos_token_id)
+        w.add_eos_token_id(c.eos_token_id)
+        w.add_pad_token_id(c.pad_token_id)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.float().numpy()
+        if ".q_proj." in hf_name:
+            a = _permute(a, c.num_attention_heads)
+        elif ".k_proj." in hf_name:
+            a = _permute(a, c.num_key_value_heads)
+        name = gguf_name(hf_name)
+        if a.ndim == 2 and qtype != QT.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+    for name, a in extra_tensors:
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_name(hf_name: str) -> str:
+    inverse = {v: k for k, v in eg._GLOBAL_NAMES.items()}
+    if hf_name in inverse:
+        return inverse[hf_name]
+    parts = hf_name.split(".")                   # model.layers.{i}.<module...>.weight
+    module = ".".join(parts[3:-1])
+    short = {v: k for k, v in eg._LAYER_NAMES.items()}[module]
+    return f"blk.{parts[2]}.{short}.{parts[-1]}"
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits
+
+
+IDS = [[5, 77, 200, 31, 9, 120, 64, 3]]
+
+
+# ---- conversion ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_f32_round_trip_gives_back_the_weights_and_config(tmp_path, tie):
+    model = tiny_llama(tie)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+
+    out = eg.convert_gguf(path)
+
+    assert out == tmp_path / "tiny.gguf.flexwrangle"
+    weights = load_file(out / "model.safetensors")
+    expected = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+    assert set(weights) == set(expected)
+    for name, tensor in expected.items():
+        assert weights[name].dtype == torch.float32
+        assert torch.equal(weights[name], tensor), name
+    config = json.loads((out / "config.json").read_text())
+    c = model.config
+    assert config["model_type"] == "llama"
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert config[key] == getattr(c, key), key
+    assert config["tie_word_embeddings"] is tie
+    assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 10000.0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_converted_dir_reproduces_the_model_and_transformers_gguf_loader(tmp_path, tie):
+    model = tiny_llama(tie, seed=1)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+
+    converted = LlamaForCausalLM.from_pretrained(eg.convert_gguf(path)).eval()
+    via_hf = LlamaForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").eval()
+
+    expected = logits_of(model, IDS)
+    torch.testing.assert_close(logits_of(converted, IDS), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(via_hf, IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_q8_0_tensors_are_dequantized_like_transformers_does(tmp_path):
+    model = tiny_llama(tie=False, seed=2)
+    path = write_gguf(model, tmp_path / "tiny.gguf", qtype=QT.Q8_0)
+
+    weights = load_file(eg.convert_gguf(path) / "model.safetensors")
+    via_hf = LlamaForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").state_dict()
+
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    original = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.float32
+    assert not torch.equal(q, original)                          # really quantized ...
+    assert (q - original).abs().max() < 0.01 * original.abs().max()   # ... and un-permuted
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, via_hf[name]), name
+
+
+def test_tokenizer_and_chat_template_come_from_the_metadata(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf")
+
+    tok = AutoTokenizer.from_pretrained(eg.convert_gguf(path))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+
+    text = "the theme of the <|im_end|> other"
+    assert tok(text).input_ids == ref(text).input_ids
+    assert TOKENS.index("Ġthe") in tok(text).input_ids
+    assert tok.eos_token == "<|im_end|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_gguf_without_tokenizer_converts_weights_only(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+
+    out = eg.convert_gguf(path)
+
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(TOKENS)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)      # 4 heads of dim 8
+    assert np.array_equal(eg.unpermute_rotary(_permute(w, 4), 4), w)
+    assert not np.array_equal(_permute(w, 4), w)
+
+
+# ---- the cache --------------------------------------------------------------------------------
+
+def test_cache_is_reused_refreshed_on_touch_and_rebuilt_on_change(tmp_path):
+    path = write_gguf(tiny_llama(tie=True, seed=3), tmp_path / "tiny.gguf", tokenizer=False)
+    out = eg.convert_gguf(path)
+    weights_file = out / "model.safetensors"
+    first = weights_file.stat().st_ino, weights_file.stat().st_mtime_ns
+
+    assert eg.convert_gguf(path) == out                          # unchanged: reused as is
+    assert (weights_file.stat().st_ino, weights_file.stat().st_mtime_ns) == first
+
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))            # same bytes, new mtime: hash, keep
+    eg.convert_gguf(path)
+    assert (weights_file.stat().st_ino, weights_file.stat().st_mtime_ns) == first
+    assert json.loads((out / eg.MARKER).read_text())["mtime_ns"] == 1_000_000_000
+
+    other = tiny_llama(tie=True, seed=4)                         # new bytes: rebuilt
+    write_gguf(other, path, tokenizer=False)
+    eg.convert_gguf(path)
+    assert torch.equal(load_file(out / "model.safetensors")["model.norm.weight"],
+                       other.state_dict()["model.norm.weight"])
+    marker = json.loads((out / eg.MARKER).read_text())
+    assert marker["sha256"] == eg.file_sha256(path)
+
+
+def test_failed_conversion_leaves_no_partial_cache(tmp_path, monkeypatch):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(eg, "_write_weights", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        eg.convert_gguf(path)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    monkeypatch.undo()
+    assert (eg.convert_gguf(path) / "model.safetensors").is_file()
+
+
+def test_cache_dir_can_be_elsewhere(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+
+    out = eg.convert_gguf(path, cache_dir=tmp_path / "cache" / "tiny")
+
+    assert out == tmp_path / "cache" / "tiny" and (out / "config.json").is_file()
+    assert not (tmp_path / "tiny.gguf.flexwrangle").exists()
+
+
+def test_llama3_rope_factors_are_refused_clearly(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False,
+                      extra_tensors=[("rope_freqs.weight", np.ones(8, dtype=np.float32))])
+
+    with pytest.raises(NotImplementedError, match="rope_freqs"):
+        eg.convert_gguf(path)
+
+
+# ---- model names -------------------------------------------------------------------------------
+
+def test_resolve_gguf_path_directory_and_opt_names(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+
+    assert resolve_model(path) == tmp_path / "tiny.gguf.flexwrangle"
+    assert resolve_model(str(tmp_path)) == tmp_path
+    assert resolve_model("opt-125m") == "opt-125m"
+    assert resolve_model("facebook/opt-1.3b") == "facebook/opt-1.3b"
+
+
+def test_resolve_unknown_names_and_missing_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXWRANGLE_MODELS_DIR", str(tmp_path))
+
+    with pytest.raises(FileNotFoundError, match="make model"):
+        resolve_model("smollm2-135m")
+    with pytest.raises(ValueError, match="smollm2-135m.*opt-125m"):
+        resolve_model("gpt2")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        resolve_model(tmp_path / "missing.gguf")
+
+
+def test_resolve_embedded_name_uses_the_models_dir(tmp_path, monkeypatch):
+    write_gguf(tiny_llama(tie=True), tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", tokenizer=False)
+    monkeypatch.setenv("FLEXWRANGLE_MODELS_DIR", str(tmp_path))
+
+    expected = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf.flexwrangle"
+    assert resolve_model("SmolLM2-135M-Instruct") == expected
+    assert resolve_model("smollm2-135m") == expected
