@@ -1,0 +1,440 @@
+"""The steps of the ``wrangle`` flow as plain functions (no Prefect): the flow decorates them.
+
+extract (DuckDB, read-only) -> prompt -> infer -> parse -> validate (Great Expectations)
+-> load (DuckDB, one transaction per chunk) -> finish (whole-run check, metrics, run record).
+
+Every check on the caller's input (tables, columns, rows, the model) runs before the first
+write, so a bad input leaves the database untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+import wrangling_tasks as wt
+from wrangling_tasks import tables
+from wrangling_tasks.base import InputError, TaskSpec, is_missing
+
+from flows import store
+from flows.llms import policy_json
+
+TASK_NAMES = ("entity-matching", "imputation", "error-detection")
+RUN_KEY_VERSION = 1
+
+# Which table parameters each task reads (any other given table parameter is an error).
+TASK_TABLES: dict[str, tuple[str, ...]] = {
+    "entity-matching": ("table", "left_table", "right_table", "demos_table"),
+    "imputation": ("table", "labels_table", "demos_table"),
+    "error-detection": ("table", "cells_table", "labels_table", "clean_table"),
+}
+TABLE_PARAMS = ("table", "left_table", "right_table", "demos_table", "labels_table",
+                "cells_table", "clean_table")
+
+
+@dataclass(frozen=True)
+class WrangleParams:
+    """The flow's parameters, checked. ``run_key()`` hashes the ones that change answers."""
+
+    task: str
+    table: str
+    left_table: str | None = None
+    right_table: str | None = None
+    demos_table: str | None = None
+    labels_table: str | None = None
+    cells_table: str | None = None
+    clean_table: str | None = None
+    target: str | None = None
+    columns: tuple[str, ...] | None = None
+    spec: str | Mapping[str, Any] | None = None
+    database: str = "data/wrangle.duckdb"
+    model: str = "smollm2-135m"
+    policy: Mapping[str, Any] | str | None = None
+    k: int = 0
+    seed: int = 0
+    limit: int | None = None
+    batch_size: int = 64
+    chunk_size: int = 256
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise InputError(f"unknown task {self.task!r}; use one of {list(TASK_NAMES)}")
+        if not self.table:
+            raise InputError("the `table` parameter is required (the pairs table for entity matching)")
+        used = TASK_TABLES[self.task]
+        extra = [p for p in TABLE_PARAMS if p not in used and getattr(self, p)]
+        if extra:
+            raise InputError(f"{self.task} does not use parameter(s) {extra}; it reads {list(used)}")
+        for p in used:
+            if getattr(self, p) is not None:
+                tables.quote_ident(getattr(self, p))  # empty / NUL names fail here
+        if self.task == "imputation" and not (self.target or _spec_field(self.spec, "target")):
+            raise InputError("imputation needs `target` (the column to fill)")
+        if self.task != "imputation" and self.target:
+            raise InputError(f"`target` is for imputation, not {self.task}")
+        if self.task != "error-detection" and self.columns:
+            raise InputError(f"`columns` is for error detection, not {self.task}")
+        if self.k < 0:
+            raise InputError(f"k must be >= 0, got {self.k}")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise InputError("batch_size and chunk_size must be >= 1")
+        if isinstance(self.policy, str) and self.policy != "auto":
+            raise InputError(f'policy must be a dict of Policy fields, "auto" or None, got {self.policy!r}')
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that can change an answer (not: database, limit, batch and chunk sizes)."""
+        d = asdict(self)
+        for k in ("database", "limit", "batch_size", "chunk_size"):
+            d.pop(k)
+        d["columns"] = list(self.columns) if self.columns else None
+        d["policy"] = json.loads(policy_json(self.policy))
+        d["spec"] = json.loads(json.dumps(self.spec, sort_keys=True, default=str))
+        d["version"] = RUN_KEY_VERSION
+        return d
+
+    def run_key(self) -> str:
+        """Deterministic name of the logical run: same parameters, same key (resume)."""
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def _spec_field(spec: str | Mapping[str, Any] | None, name: str) -> Any:
+    if isinstance(spec, Mapping):
+        return spec.get(name)
+    if isinstance(spec, str) and spec in wt.DATA:
+        return getattr(wt.DATA[spec].spec, name)
+    return None
+
+
+def resolve_spec(params: WrangleParams) -> TaskSpec:
+    """The TaskSpec: a benchmark dataset's (by name), fields given as a dict, or defaults."""
+    mod = wt.get_task(params.task)
+    spec = params.spec
+    if spec is None:
+        out = mod.default_spec()
+    elif isinstance(spec, str):
+        info = wt.DATA.get(spec)
+        if info is None:
+            raise InputError(f"unknown dataset spec {spec!r}; known: {sorted(wt.DATA)}")
+        if info.task != mod.NAME:
+            raise InputError(f"spec {spec!r} is for {info.task}, not {mod.NAME}")
+        out = info.spec
+    else:
+        fields = dict(spec)
+        for name in ("drop_columns", "id_columns", "columns"):
+            if isinstance(fields.get(name), list):
+                fields[name] = tuple(fields[name])
+        try:
+            out = TaskSpec(**fields)
+        except TypeError as exc:
+            raise InputError(f"invalid spec {fields!r}: {exc}") from exc
+    if params.target:
+        out = out.replace(target=params.target)
+    if params.columns:
+        out = out.replace(columns=tuple(params.columns))
+    return out
+
+
+# --- extract ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Extracted:
+    """Task inputs read from DuckDB, with the spec to prompt them."""
+
+    inputs: Any
+    spec: TaskSpec
+    rows: dict[str, int] = field(default_factory=dict)  # table -> rows read
+
+
+def extract(params: WrangleParams) -> Extracted:
+    """Read the input tables (read-only connection) and check they make valid task inputs."""
+    spec = resolve_spec(params)
+    mod = wt.get_task(params.task)
+    with tables.connect(params.database, read_only=True) as con:
+        frames = {p: _read(con, getattr(params, p), p, params, spec)
+                  for p in TASK_TABLES[params.task] if getattr(params, p)}
+    inputs = _to_inputs(params, spec, frames)
+    mod.make_items(mod.coerce_inputs(inputs, spec), spec)  # layout, ids, labels: fail before writes
+    return Extracted(inputs, spec, {getattr(params, p): len(f) for p, f in frames.items()})
+
+
+def _required_columns(param: str, params: WrangleParams, spec: TaskSpec) -> list[str]:
+    if params.task == "imputation" and param == "table":
+        return [spec.target]  # type: ignore[list-item]
+    if params.task == "imputation" and param == "labels_table":
+        return ["row_id"]
+    if params.task == "entity-matching" and param in ("left_table", "right_table"):
+        return ["id"]
+    if params.task == "error-detection" and param in ("cells_table", "labels_table"):
+        return ["row_id", "col_name"]
+    if params.task == "error-detection" and param == "table" and params.columns:
+        return list(params.columns)
+    return []
+
+
+def _read(con: Any, name: str, param: str, params: WrangleParams, spec: TaskSpec) -> pd.DataFrame:
+    tables.require_table(con, name, _required_columns(param, params, spec))
+    return tables.read_table(con, name)
+
+
+def _to_inputs(params: WrangleParams, spec: TaskSpec, f: dict[str, pd.DataFrame]) -> Any:
+    if params.task == "entity-matching":
+        return wt.MatchingInputs(pairs=f["table"], left=f.get("left_table"),
+                                 right=f.get("right_table"), demos=f.get("demos_table"), spec=spec)
+    if params.task == "imputation":
+        table, target = f["table"], spec.target
+        labels = None
+        if "labels_table" in f:
+            if "row_id" not in table.columns:
+                raise InputError("a labels_table is matched by row_id: the table needs a row_id column")
+            lab = f["labels_table"]
+            col = target if target in lab.columns else "label"
+            if col not in lab.columns:
+                raise InputError(f"labels_table needs a {target!r} or 'label' column")
+            by_id = dict(zip(lab["row_id"].astype(str), lab[col]))
+            labels = pd.Series([by_id.get(str(r)) for r in table["row_id"]], index=table.index,
+                               dtype="object")
+        return wt.ImputationInputs(table=table, target=target, labels=labels,
+                                   demos=f.get("demos_table"), spec=spec)
+    return wt.DetectionInputs(table=f["table"], columns=spec.columns, cells=f.get("cells_table"),
+                              labels=f.get("labels_table"), clean=f.get("clean_table"), spec=spec)
+
+
+# --- prompt ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompts:
+    """Every item of the run, in input order, with its prompt and identity."""
+
+    items: pd.DataFrame  # row_key, occurrence, keys..., prompt, prompt_hash, label, n_demos, truncated
+    key_columns: tuple[str, ...]
+    max_new_tokens: int
+    warnings: list[str]
+
+
+class _PromptOnly:
+    """Stands in for the model while ``wrangling_tasks.run`` builds the prompts.
+
+    ``run`` owns the prompt recipe (demonstrations, shared prefix, fitting the context window
+    with the real model's tokenizer); the flow needs the prompts *before* inference so that it
+    can answer them chunk by chunk and skip the ones already answered. This object passes the
+    model's tokenizer and context size through and answers nothing.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.tokenizer = getattr(llm, "tokenizer", None)
+        self.max_context = getattr(llm, "max_context", None)
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 0, stop: Any = None,
+                      **kw: Any) -> list[str]:
+        return [""] * len(prompts)
+
+
+def build_prompts(params: WrangleParams, extracted: Extracted, llm: Any) -> Prompts:
+    """Prompts for the first ``limit`` items: one shared few-shot prefix for all of them."""
+    res = wt.run(params.task, extracted.inputs, _PromptOnly(llm), k=params.k, seed=params.seed,
+                 spec=extracted.spec, limit=params.limit, batch_size=max(1, params.batch_size),
+                 progress=False)
+    keys = tuple(res.key_columns)
+    items = res.predictions.drop(columns=["raw_output", "answer"]).reset_index(drop=True)
+    row_key, occurrence = row_identity(items, keys)
+    items.insert(0, "row_key", row_key)
+    items.insert(1, "occurrence", occurrence)
+    return Prompts(items, keys, int(res.spec.max_new_tokens), list(res.warnings))
+
+
+def row_identity(frame: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(row_key, occurrence) per row: the key values as JSON text, and how many earlier rows
+    had the same key (0 for the first). Unique even when keys are duplicated or null."""
+    row_key = [json.dumps([None if is_missing(v) else str(v) for v in vals], ensure_ascii=False)
+               for vals in frame[list(keys)].itertuples(index=False, name=None)]
+    occurrence = pd.Series(row_key).groupby(row_key).cumcount().tolist()
+    return row_key, [int(o) for o in occurrence]
+
+
+def pending(items: pd.DataFrame, answered: pd.DataFrame) -> pd.DataFrame:
+    """Items not yet answered (by row_key, occurrence), in input order."""
+    if answered.empty:
+        return items
+    done = set(zip(answered["row_key"], answered["occurrence"].astype(int)))
+    keep = [(r, int(o)) not in done for r, o in zip(items["row_key"], items["occurrence"])]
+    return items[keep]
+
+
+def chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+
+
+# --- infer / parse ---------------------------------------------------------------------------
+
+
+@dataclass
+class Inference:
+    raw: list[str]
+    seconds: float
+    tokens: int | None  # generated tokens, when the model has a tokenizer
+
+
+def infer(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> Inference:
+    """Greedy generation with a newline stop, longest prompts first in batches of ``batch_size``."""
+    start = time.perf_counter()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    raw: list[str | None] = [None] * len(prompts)
+    tokens: int | None = 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        texts = llm.generate_text([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                  stop="\n", do_sample=False)
+        if len(texts) != len(idx):
+            raise RuntimeError(f"the model returned {len(texts)} texts for {len(idx)} prompts")
+        for i, t in zip(idx, texts):
+            raw[i] = t
+        new = _new_tokens(llm)
+        tokens = None if new is None or tokens is None else tokens + new
+    seconds = time.perf_counter() - start
+    return Inference([r or "" for r in raw], seconds, tokens)
+
+
+def _new_tokens(llm: Any) -> int | None:
+    """Tokens the model generated in its last call, when it reports them (engine.LLM does)."""
+    stats = getattr(llm, "last_stats", None)
+    if isinstance(stats, dict) and isinstance(stats.get("new_tokens"), int):
+        return stats["new_tokens"]
+    return None
+
+
+def parse(task: str, raw: Sequence[str]) -> list[Any]:
+    """Model text -> typed answers (None when unparseable)."""
+    mod = wt.get_task(task)
+    return [mod.parse(r) for r in raw]
+
+
+def predictions(chunk: pd.DataFrame, raw: Sequence[str], answers: Sequence[Any],
+                task: str) -> pd.DataFrame:
+    """The chunk's items with their raw output and parsed answer."""
+    mod = wt.get_task(task)
+    out = chunk.reset_index(drop=True).copy()
+    out["raw_output"] = pd.array(list(raw), dtype="string")
+    out["answer"] = pd.array(list(answers), dtype="boolean" if mod.allowed_answers else "string")
+    return out
+
+
+# --- validate / load -------------------------------------------------------------------------
+
+
+def validate(task: str, preds: pd.DataFrame, keys: Sequence[str], expected_rows: int) -> Any:
+    """Great Expectations over outputs: keys, answers, row count (see wrangling_tasks.checks)."""
+    from wrangling_tasks import checks
+
+    check = checks.validate_outputs(preds, keys, allowed_answers=wt.get_task(task).allowed_answers,
+                                    expected_rows=expected_rows)
+    if check.table_reasons:
+        check.raise_for_failure()  # a table-level failure is a bug upstream: stop the run
+    return check
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every written row carries about its run."""
+
+    task: str
+    run_key: str
+    run_id: str
+    model: str
+    policy: str  # JSON text
+    target: str | None = None
+
+
+def result_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], check: Any) -> pd.DataFrame:
+    """Rows for the task's results table (keys as text, valid flag from the check)."""
+    n = len(preds)
+    out = pd.DataFrame({"run_key": [ctx.run_key] * n, "row_key": preds["row_key"].tolist(),
+                        "occurrence": preds["occurrence"].astype("int32").tolist()})
+    for col in store.KEY_COLUMNS[ctx.task]:
+        values = preds[col] if col in keys else [None] * n
+        out[col] = pd.array([None if is_missing(v) else str(v) for v in values], dtype="string")
+    if ctx.task == "imputation":
+        out["target"] = ctx.target
+    out["prompt_hash"] = preds["prompt_hash"].tolist()
+    out["raw_output"] = preds["raw_output"].to_numpy()
+    out["answer"] = preds["answer"].to_numpy()
+    out["label"] = preds["label"].to_numpy()
+    out["valid"] = [check.reason(i) is None for i in range(n)]
+    out["n_demos"] = preds["n_demos"].astype("int32").to_numpy()
+    out["truncated"] = preds["truncated"].astype(bool).to_numpy()
+    out["run_id"] = ctx.run_id
+    out["model"] = ctx.model
+    out["policy"] = ctx.policy
+    out["created_at"] = store.utcnow()
+    return out
+
+
+def quarantine_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], check: Any) -> pd.DataFrame:
+    """One row per failing prediction, with the reason(s) it failed."""
+    rows = []
+    now = store.utcnow()
+    for i in check.failed_rows:
+        r = preds.iloc[i]
+        answer = r["answer"]
+        rows.append({
+            "run_key": ctx.run_key, "row_key": r["row_key"], "occurrence": int(r["occurrence"]),
+            "reason": check.reason(i), "task": ctx.task,
+            "keys": json.dumps({k: None if is_missing(r[k]) else str(r[k]) for k in keys},
+                               ensure_ascii=False),
+            "raw_output": None if is_missing(r["raw_output"]) else str(r["raw_output"]),
+            "answer": None if is_missing(answer) else str(answer),
+            "run_id": ctx.run_id, "quarantined_at": now,
+        })
+    cols = [c for c, _ in store.QUARANTINE_COLUMNS]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def load(database: str, ctx: RunContext, results: pd.DataFrame, quarantine: pd.DataFrame) -> None:
+    """Write one chunk (results + quarantine) in one transaction."""
+    with tables.connect(database) as con:
+        store.write_chunk(con, ctx.task, results, quarantine)
+
+
+# --- finish ----------------------------------------------------------------------------------
+
+
+def check_whole_run(database: str, ctx: RunContext, items: pd.DataFrame,
+                    keys: Sequence[str]) -> dict[str, Any]:
+    """Validate the run's complete output (keys unique across chunks, one row per item),
+    quarantine what fails, and score it. Returns counts and metrics."""
+    from wrangling_tasks import checks
+
+    mod = wt.get_task(ctx.task)
+    ids = items[["row_key", "occurrence"]].astype({"occurrence": "int64"})
+    with tables.connect(database, read_only=True) as con:
+        written = store.read_results(con, ctx.task, ctx.run_key)
+    written = written.astype({"occurrence": "int64"}).merge(ids, on=["row_key", "occurrence"])
+    # keys as the items had them (typed), so uniqueness is judged on the real key values
+    frame = items[["row_key", "occurrence", *keys]].merge(
+        written[["row_key", "occurrence", "answer", "label", "raw_output", "valid"]],
+        on=["row_key", "occurrence"], how="inner")
+    frame["answer"] = [None if is_missing(a) else a for a in frame["answer"]]
+    check = checks.validate_outputs(frame, keys, allowed_answers=mod.allowed_answers,
+                                    expected_rows=len(items))
+    quarantine = quarantine_rows(ctx, frame, keys, check)
+    with tables.connect(database) as con:
+        store.quarantine_written(con, ctx.task, ctx.run_key, quarantine)
+        quarantined = store.count_quarantined(con, ctx.run_key, ids)
+    metrics = None
+    labels = [None if is_missing(v) else v for v in frame["label"]]
+    if any(v is not None for v in labels):
+        metrics = mod.score(list(frame["answer"]), labels)
+    return {"output_rows": len(frame), "quarantined_rows": quarantined,
+            "valid_rows": len(frame) - quarantined, "metrics": metrics,
+            "table_failures": check.table_reasons}
