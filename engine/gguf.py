@@ -63,7 +63,7 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
     stat = src.stat()
     marker = _read_marker(out)
     digest = None
-    if marker is not None and marker.get("converter_version") == CONVERTER_VERSION:
+    if marker is not None and marker.get("converter_version") == CONVERTER_VERSION and _complete(out):
         if (marker.get("size"), marker.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
             return out
         digest = file_sha256(src)
@@ -107,7 +107,9 @@ def gguf_to_hf_config(reader) -> dict:
     if head_dim * heads != hidden or rope_dim != head_dim:
         raise ValueError(f"GGUF head_dim {head_dim} (rotary over {rope_dim}) with hidden {hidden} and {heads} "
                          "heads: only head_dim = hidden / heads with full rotary is supported")
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError("GGUF has no token_embd.weight tensor; is it a complete Llama checkpoint?")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens else int(embed.shape[-1]))
     return {
@@ -246,6 +248,9 @@ def _write_tokenizer(src: Path, directory: Path) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path, digest: str) -> None:
+    if _holds(out, digest):                  # another process converted the same file meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -253,8 +258,7 @@ def _swap_into_place(tmp: Path, out: Path, digest: str) -> None:
     try:
         os.rename(tmp, out)
     except OSError:
-        marker = _read_marker(out)             # another process finished first with the same file
-        if marker is None or marker.get("sha256") != digest:
+        if not _holds(out, digest):          # unless another process finished first with the same file
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
@@ -284,6 +288,18 @@ def _pid_alive(pid: int) -> bool:
 def _marker(src: Path, digest: str, stat: os.stat_result) -> dict:
     return {"converter_version": CONVERTER_VERSION, "source": src.name, "sha256": digest,
             "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _holds(out: Path, digest: str) -> bool:
+    """Whether `out` is a complete conversion, by this converter version, of a file with this sha256."""
+    marker = _read_marker(out) or {}
+    return (marker.get("sha256") == digest and marker.get("converter_version") == CONVERTER_VERSION
+            and _complete(out))
+
+
+def _complete(out: Path) -> bool:
+    return (out / "config.json").is_file() and ((out / "model.safetensors").is_file()
+                                                or (out / "model.safetensors.index.json").is_file())
 
 
 def _read_marker(out: Path) -> dict | None:

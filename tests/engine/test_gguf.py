@@ -242,6 +242,18 @@ def test_cache_is_reused_refreshed_on_touch_and_rebuilt_on_change(tmp_path):
     assert marker["sha256"] == eg.file_sha256(path)
 
 
+def test_new_converter_version_rebuilds_the_cache(tmp_path, monkeypatch):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+    out = eg.convert_gguf(path)
+    before = (out / "model.safetensors").stat().st_ino
+
+    monkeypatch.setattr(eg, "CONVERTER_VERSION", eg.CONVERTER_VERSION + 1)
+    eg.convert_gguf(path)
+
+    assert (out / "model.safetensors").stat().st_ino != before
+    assert json.loads((out / eg.MARKER).read_text())["converter_version"] == eg.CONVERTER_VERSION
+
+
 def test_failed_conversion_leaves_no_partial_cache(tmp_path, monkeypatch):
     path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
 
@@ -303,3 +315,24 @@ def test_resolve_embedded_name_uses_the_models_dir(tmp_path, monkeypatch):
     expected = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf.flexwrangle"
     assert resolve_model("SmolLM2-135M-Instruct") == expected
     assert resolve_model("smollm2-135m") == expected
+
+
+# ---- the engine on a GGUF file ------------------------------------------------------------------
+
+def test_engine_loads_a_gguf_path_and_matches_transformers(tmp_path):
+    try:
+        from engine import LLM
+    except ImportError as e:
+        pytest.skip(f"engine.LLM is not available yet ({e})")
+    model = tiny_llama(tie=False, seed=5)
+    path = write_gguf(model, tmp_path / "tiny.gguf", qtype=QT.Q8_0)
+    reference = LlamaForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").eval()
+
+    llm = LLM.from_pretrained(path, dtype="float32", progress=False)
+    got = llm.generate(IDS, max_new_tokens=6, do_sample=False, ignore_eos=True)
+
+    seq = list(IDS[0])
+    for _ in range(6):                                       # plain greedy, no stopping rules
+        seq.append(int(logits_of(reference, [seq])[0, -1].argmax()))
+    assert got == [seq[len(IDS[0]):]]
+    assert llm.tokenizer is not None and llm.tokenizer.eos_token == "<|im_end|>"
