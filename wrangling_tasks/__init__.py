@@ -15,6 +15,8 @@ Public API::
                          # raw_output, answer, label, n_demos, truncated
     result.metrics       # precision/recall/f1/accuracy + tp/fp/fn/tn/unanswered, or None
 
+    prepared = prepare("entity-matching", inputs, llm, k=3)     # prompts only, no inference
+
 Input shapes (pandas DataFrames wrapped in a small dataclass per task):
 
 * ``MatchingInputs(pairs, left=None, right=None, demos=None)``: either Magellan
@@ -36,12 +38,12 @@ do_sample=False) -> list[str]``; optionally ``score_choices(prompts, choices)``,
 ``tokenizer`` and ``max_context`` (used to fit prompts in the context window).
 """
 
-from wrangling_tasks.base import Expectations, RunResult, Task, TaskSpec
+from wrangling_tasks.base import Expectations, InputError, Prepared, RunResult, Task, TaskSpec
 from wrangling_tasks.datasets import DATA, DatasetInfo, load_benchmark
 from wrangling_tasks.entity_matching import MatchingInputs
 from wrangling_tasks.error_detection import DetectionInputs
 from wrangling_tasks.imputation import ImputationInputs, holdout
-from wrangling_tasks.runner import run
+from wrangling_tasks.runner import prepare, run
 from wrangling_tasks.registry import TASKS, get_task
 
 __all__ = [
@@ -50,7 +52,9 @@ __all__ = [
     "DetectionInputs",
     "Expectations",
     "ImputationInputs",
+    "InputError",
     "MatchingInputs",
+    "Prepared",
     "RunResult",
     "TASKS",
     "Task",
@@ -58,5 +62,6 @@ __all__ = [
     "get_task",
     "holdout",
     "load_benchmark",
+    "prepare",
     "run",
 ]

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: %(default)s)")
     p.add_argument("--choice-scoring", action="store_true",
                    help="answer Yes/No tasks by scoring both answers instead of generating")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the model's chat template (helps small instruct models at k=0)")
     p.add_argument("--answer-prefix", default=None,
                    help='text after the question, e.g. "\\nAnswer:" (default: none, the paper\'s format)')
     p.add_argument("--output", type=Path, default=None, help="write predictions to this CSV (or .parquet)")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     result = run(mod.NAME, inputs, llm, k=args.k, seed=args.seed, spec=spec, limit=args.limit,
                  batch_size=args.batch_size, progress=not args.no_progress,
-                 use_choice_scoring=args.choice_scoring)
+                 use_choice_scoring=args.choice_scoring,
+                 generate_kwargs={"chat": True} if args.chat else None)
     if args.show_prompt:
         print(result.predictions["prompt"].iloc[0], "\n---")
     if args.output:
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "task": mod.NAME, "dataset": args.dataset, "split": args.split, "model": args.model,
-        "k": args.k, "demos_used": result.n_demos, "items": len(result.predictions),
+        "k": args.k, "chat": args.chat, "demos_used": result.n_demos, "items": len(result.predictions),
         "metrics": result.metrics, "seconds": round(result.seconds, 2),
         "rows_per_s": round(result.rows_per_s, 3), "model_load_s": round(load_s, 2),
         "warnings": result.warnings,

@@ -79,6 +79,20 @@ class RunResult:
         )
 
 
+@dataclass
+class Prepared:
+    """Prompts built by :func:`wrangling_tasks.prepare`, before any inference."""
+
+    task: str
+    items: pd.DataFrame  # keys..., prompt, prompt_hash, label, n_demos, truncated; input order
+    key_columns: tuple[str, ...]
+    allowed_answers: tuple[Any, ...] | None
+    spec: TaskSpec  # with the task defaults filled in (question, max_new_tokens)
+    prefix: str = ""
+    n_demos: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
 # Columns of every predictions table, after the key columns.
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "prompt", "prompt_hash", "raw_output", "answer", "label", "n_demos", "truncated",

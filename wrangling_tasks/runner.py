@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from wrangling_tasks.base import InputError, RunResult, TaskSpec
+from wrangling_tasks.base import InputError, Prepared, RunResult, TaskSpec
 from wrangling_tasks.fewshot import choose_demos, format_demo, format_prefix
 from wrangling_tasks.registry import get_task
 
@@ -21,35 +21,23 @@ CONTEXT_MARGIN = 2  # tokens kept free for BOS and tokenizer boundary effects
 TRUNCATION_MARK = " ..."
 
 
-def run(
+def prepare(
     task: Any,
     inputs: Any,
-    llm: Any,
+    llm: Any = None,
     *,
     k: int = 0,
     seed: int = 0,
     spec: TaskSpec | None = None,
     limit: int | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-    use_choice_scoring: bool = False,
-) -> RunResult:
-    """Answer every item of ``inputs`` with ``llm``; return predictions in input order.
+) -> Prepared:
+    """Build every prompt without running a model (``run`` = ``prepare`` + inference + scoring).
 
-    ``task``: a name from ``TASKS`` or a task module. ``k`` demonstrations (seeded,
-    class-balanced for Yes/No tasks) form one prefix shared by all prompts; rows
-    too long for ``llm.max_context`` get fewer demonstrations, and a row too long
-    on its own has its serialised text truncated (``truncated`` column, warning).
-    ``spec`` overrides ``inputs.spec`` (set by ``load_benchmark``) and the task
-    defaults. ``limit`` keeps the first items. Prompts are sorted by length into
-    batches of ``batch_size``; decoding is greedy with a newline stop.
-    ``use_choice_scoring`` answers Yes/No tasks with ``llm.score_choices`` when the
-    llm has it. Metrics are computed over the items that have a label.
+    ``llm`` is optional: only its ``tokenizer`` and ``max_context`` are used, to fit
+    prompts into the context window. Returns the items in input order with their
+    key columns, ``prompt``, ``prompt_hash``, ``label``, ``n_demos``, ``truncated``.
     """
-    start = time.perf_counter()
     mod = get_task(task)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
     spec = _fill_defaults(spec or getattr(inputs, "spec", None) or mod.default_spec(), mod)
     inputs = mod.coerce_inputs(inputs, spec)
     items = mod.make_items(inputs, spec)
@@ -74,6 +62,52 @@ def run(
     bodies, n_demos, truncated = _fit_context(llm, demo_texts, list(items["body"]), tails,
                                               spec.max_new_tokens, warnings)
     prompts = [format_prefix(demo_texts[:j]) + b + t for b, t, j in zip(bodies, tails, n_demos)]
+    out = items[list(keys)].copy()
+    out["prompt"] = prompts
+    out["prompt_hash"] = [prompt_hash(p) for p in prompts]
+    out["label"] = items["label"]
+    out["n_demos"] = np.asarray(n_demos, dtype=np.int64)
+    out["truncated"] = np.asarray(truncated, dtype=bool)
+    for w in warnings:
+        log.warning(w)
+    return Prepared(task=mod.NAME, items=out, key_columns=keys, allowed_answers=mod.allowed_answers,
+                    spec=spec, prefix=format_prefix(demo_texts), n_demos=len(demo_texts), warnings=warnings)
+
+
+def run(
+    task: Any,
+    inputs: Any,
+    llm: Any,
+    *,
+    k: int = 0,
+    seed: int = 0,
+    spec: TaskSpec | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    use_choice_scoring: bool = False,
+    generate_kwargs: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Answer every item of ``inputs`` with ``llm``; return predictions in input order.
+
+    ``task``: a name from ``TASKS`` or a task module. ``k`` demonstrations (seeded,
+    class-balanced for Yes/No tasks) form one prefix shared by all prompts; rows
+    too long for ``llm.max_context`` get fewer demonstrations, and a row too long
+    on its own has its serialised text truncated (``truncated`` column, warning).
+    ``spec`` overrides ``inputs.spec`` (set by ``load_benchmark``) and the task
+    defaults. ``limit`` keeps the first items. Prompts are sorted by length into
+    batches of ``batch_size``; decoding is greedy with a newline stop.
+    ``use_choice_scoring`` answers Yes/No tasks with ``llm.score_choices`` when the
+    llm has it. ``generate_kwargs`` are passed on to ``llm.generate_text`` (e.g.
+    ``{"chat": True}`` for the engine's chat template, which a small instruct model
+    needs to answer at k = 0). Metrics are computed over the items that have a label.
+    """
+    start = time.perf_counter()
+    mod = get_task(task)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    prep = prepare(mod, inputs, llm, k=k, seed=seed, spec=spec, limit=limit)
+    prompts, warnings = list(prep.items["prompt"]), list(prep.warnings)
 
     gen_start = time.perf_counter()
     if use_choice_scoring and mod.choices and hasattr(llm, "score_choices"):
@@ -82,25 +116,18 @@ def run(
         if use_choice_scoring:
             warnings.append("use_choice_scoring ignored: the task has free-text answers or the llm "
                             "has no score_choices(); generating instead.")
-        raw = _generate(llm, prompts, spec.max_new_tokens, batch_size, progress)
+            log.warning(warnings[-1])
+        raw = _generate(llm, prompts, prep.spec.max_new_tokens, batch_size, progress, dict(generate_kwargs or {}))
     gen_seconds = time.perf_counter() - gen_start
 
+    preds = prep.items
+    preds.insert(preds.columns.get_loc("label"), "raw_output", pd.array(raw, dtype="string"))
     answers = [mod.parse(r) for r in raw]
-    preds = items[list(keys)].copy()
-    preds["prompt"] = prompts
-    preds["prompt_hash"] = [hashlib.sha256(p.encode("utf-8")).hexdigest()[:16] for p in prompts]
-    preds["raw_output"] = pd.array(raw, dtype="string")
-    preds["answer"] = pd.array(answers, dtype="boolean" if mod.allowed_answers else "string")
-    preds["label"] = items["label"]
-    preds["n_demos"] = np.asarray(n_demos, dtype=np.int64)
-    preds["truncated"] = np.asarray(truncated, dtype=bool)
-
-    labelled = preds["label"].notna()
+    preds.insert(preds.columns.get_loc("label"), "answer",
+                 pd.array(answers, dtype="boolean" if mod.allowed_answers else "string"))
     metrics = None
-    if labelled.any():
-        metrics = mod.score(list(_none(preds["answer"])), list(_none(preds["label"])))
-    for w in warnings:
-        log.warning(w)
+    if preds["label"].notna().any():
+        metrics = mod.score(_none(preds["answer"]), _none(preds["label"]))
     seconds = time.perf_counter() - start
     return RunResult(
         task=mod.NAME,
@@ -108,14 +135,19 @@ def run(
         metrics=metrics,
         seconds=seconds,
         rows_per_s=len(preds) / seconds if seconds > 0 else float("inf"),
-        key_columns=keys,
+        key_columns=prep.key_columns,
         allowed_answers=mod.allowed_answers,
-        prefix=format_prefix(demo_texts),
-        n_demos=len(demo_texts),
+        prefix=prep.prefix,
+        n_demos=prep.n_demos,
         generate_seconds=gen_seconds,
-        spec=spec,
+        spec=prep.spec,
         warnings=warnings,
     )
+
+
+def prompt_hash(prompt: str) -> str:
+    """First 16 hex digits of the prompt's sha256: a stable id for caching and dedup."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def _none(values: pd.Series) -> list[Any]:
@@ -143,11 +175,12 @@ def _batches(prompts: Sequence[str], batch_size: int):
         yield idx, [prompts[i] for i in idx]
 
 
-def _generate(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
+def _generate(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, progress: bool,
+              kwargs: dict[str, Any]) -> list[str]:
     out: list[str | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), unit="row", disable=not progress, desc="wrangling") as bar:
         for idx, batch in _batches(prompts, batch_size):
-            texts = llm.generate_text(batch, max_new_tokens=max_new_tokens, stop="\n", do_sample=False)
+            texts = llm.generate_text(batch, max_new_tokens=max_new_tokens, stop="\n", do_sample=False, **kwargs)
             if len(texts) != len(batch):
                 raise RuntimeError(f"llm.generate_text returned {len(texts)} texts for {len(batch)} prompts.")
             for i, t in zip(idx, texts):

@@ -15,23 +15,26 @@ from wrangling_tasks.__main__ import main
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    loaded = []
+    loaded, llms = [], []
 
     class LLM:
         @staticmethod
         def from_pretrained(name):
             loaded.append(name)
-            return FakeLLM()
+            llm = FakeLLM()
+            llms.append(llm)
+            return llm
 
     monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(LLM=LLM))
-    return loaded
+    return types.SimpleNamespace(names=loaded, llms=llms)
 
 
 def test_cli_prints_metrics_and_rows_per_s(fake_engine, capsys):
     code = main(["--task", "entity-matching", "--dataset", "Beer", "--split", "test", "--k", "3",
-                 "--model", "smollm2-135m", "--limit", "10", "--no-progress"])
+                 "--model", "smollm2-135m", "--limit", "10", "--no-progress", "--chat"])
     out = capsys.readouterr().out
-    assert code == 0 and fake_engine == ["smollm2-135m"]
+    assert code == 0 and fake_engine.names == ["smollm2-135m"]
+    assert all(c["chat"] is True for c in fake_engine.llms[0].calls)
     assert "F1 " in out and "rows/s" in out and "items=10" in out and "demos used: 3" in out
 
 

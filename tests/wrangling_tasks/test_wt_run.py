@@ -152,3 +152,14 @@ def test_expectations_for_the_flows():
     assert get_task("error_detection").key_columns == ("row_id", "col_name")
     assert set(TASKS) == {"entity-matching", "imputation", "error-detection"}
     assert get_task("imputation").expectations().allowed_answers is None
+
+
+def test_prepare_builds_the_same_prompts_as_run_without_a_model():
+    from wrangling_tasks import prepare
+
+    inputs = load_benchmark("ed", "Hospital", "test")
+    prep = prepare("error-detection", inputs, k=4, limit=12)
+    result = run("error-detection", inputs, FakeLLM(), k=4, limit=12, progress=False)
+    assert prep.items["prompt"].tolist() == result.predictions["prompt"].tolist()
+    assert list(prep.items.columns) == ["row_id", "col_name", "prompt", "prompt_hash", "label", "n_demos", "truncated"]
+    assert prep.spec.max_new_tokens == 3 and prep.n_demos == 4 and prep.key_columns == ("row_id", "col_name")

@@ -33,9 +33,9 @@ class FakeLLM:
             self.tokenizer = tokenizer
             self.max_context = max_context
 
-    def generate_text(self, prompts, max_new_tokens, stop="\n", do_sample=False):
+    def generate_text(self, prompts, max_new_tokens, stop="\n", do_sample=False, **kwargs):
         self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "stop": stop,
-                           "do_sample": do_sample})
+                           "do_sample": do_sample, **kwargs})
         return [self.answer(p) for p in prompts]
 
 
