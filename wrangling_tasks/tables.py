@@ -123,12 +123,12 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     """True if a table or view called exactly ``name`` exists in the current schema."""
-    row = con.execute(
+    rows = con.execute(
         "SELECT count(*) FROM information_schema.tables "
         "WHERE table_name = ? AND table_schema = current_schema()",
         [name],
-    ).fetchone()
-    return bool(row and row[0])
+    ).fetchall()  # fetchall, not fetchone: DuckDB 2 keeps a half-read result open
+    return bool(rows[0][0])
 
 
 def table_columns(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
@@ -165,7 +165,7 @@ def require_table(
 
 def count_rows(con: duckdb.DuckDBPyConnection, name: str) -> int:
     """Number of rows in ``name``."""
-    return int(con.execute(f"SELECT count(*) FROM {quote_ident(name)}").fetchone()[0])
+    return int(con.execute(f"SELECT count(*) FROM {quote_ident(name)}").fetchall()[0][0])
 
 
 def read_table(
