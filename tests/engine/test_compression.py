@@ -1,0 +1,93 @@
+"""Group-wise quantization: pure-function properties, then equivalence inside the engine."""
+import pytest
+import torch
+from conftest import MIXED_PROMPTS
+
+from engine import LLM, CompressionConfig, Policy
+from engine.compression import compressed_nbytes, dequantize, quantize
+
+
+def bound(x, cfg):
+    """Per-value error allowed: half a step of the value's group, plus float16 rounding of min/step."""
+    from engine.compression import _to_groups
+    g = _to_groups(x.float(), cfg)
+    rng = (g.amax(1) - g.amin(1)) / (2 * (2 ** cfg.num_bits - 1))
+    return rng.max() * (1 + 2 ** -9) + g.abs().max() * 2 ** -10
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, dim", [((128, 64), 0), ((33, 70), 1), ((3, 5, 7), -1), ((65,), 0)])
+def test_round_trip_error_within_half_a_step(bits, shape, dim):
+    cfg = CompressionConfig(num_bits=bits, group_size=32, group_dim=dim)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    q = quantize(x, cfg)
+    y = dequantize(q)
+    assert y.shape == x.shape
+    assert (y - x).abs().max() <= bound(x, cfg)
+    assert q.nbytes == compressed_nbytes(shape, cfg)
+
+
+def test_odd_sizes_pack_two_values_per_byte_and_unpad():
+    cfg = CompressionConfig(num_bits=4, group_size=4, group_dim=0)
+    x = torch.arange(7, dtype=torch.float32)                       # 2 groups, the last padded by one
+    q = quantize(x, cfg)
+    assert q.packed.shape == (2, 2) and q.packed.dtype == torch.uint8
+    assert torch.allclose(dequantize(q), x, atol=2 / 15 / 2 + 1e-2)      # half a step of the widest group
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
+def test_constant_groups_come_back_exact_never_nan(value):
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
+    x = torch.full((4, 64), value)
+    y = dequantize(quantize(x, cfg))
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, x.half().float())
+
+
+def test_symmetric_groups():
+    cfg = CompressionConfig(num_bits=8, group_size=16, group_dim=0, symmetric=True)
+    x = torch.randn(64)
+    assert (dequantize(quantize(x, cfg)) - x).abs().max() <= 2 * x.abs().max() / 255 + 1e-3
+
+
+def test_weights_shrink_more_than_3_5x_against_float16():
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    assert 2048 * 2048 * 2 / compressed_nbytes((2048, 2048), cfg) >= 3.5
+
+
+SMALL_GROUPS = dict(comp_weight_config=CompressionConfig(4, 16, 0), comp_cache_config=CompressionConfig(4, 8, -1))
+OFFLOADED = [dict(w_gpu_percent=0, w_cpu_percent=50, cache_gpu_percent=20, cache_cpu_percent=40),
+             dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0, overlap=False),
+             dict(w_gpu_percent=40, w_cpu_percent=60, cache_gpu_percent=0, cache_cpu_percent=100,
+                  cpu_cache_compute=True)]
+
+
+@pytest.mark.parametrize("which", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("placement", OFFLOADED)
+def test_compressed_offloaded_equals_compressed_in_memory(which, placement, tiny_opt, tmp_path):
+    flags = dict(compress_weight=which[0], compress_cache=which[1], **SMALL_GROUPS)
+    in_memory = LLM.from_pretrained(tiny_opt[0], policy=Policy(gpu_batch_size=12, **flags), progress=False)
+    want = in_memory.generate(MIXED_PROMPTS * 2, max_new_tokens=8, ignore_eos=True)
+    llm = LLM.from_pretrained(tiny_opt[0], policy=Policy(gpu_batch_size=2, num_gpu_batches=3, **flags, **placement),
+                              offload_dir=tmp_path, progress=False)
+    assert llm.generate(MIXED_PROMPTS * 2, max_new_tokens=8, ignore_eos=True) == want
+
+
+def test_compressed_weights_are_held_compressed(tiny_opt, tmp_path):
+    plain = LLM.from_pretrained(tiny_opt[0], policy=Policy(w_gpu_percent=0, w_cpu_percent=50),
+                                offload_dir=tmp_path, progress=False)
+    packed = LLM.from_pretrained(tiny_opt[0], policy=Policy(w_gpu_percent=0, w_cpu_percent=50,
+                                                            compress_weight=True, **SMALL_GROUPS),
+                                 offload_dir=tmp_path, progress=False)
+    assert packed.weight_bytes()["cpu"] < plain.weight_bytes()["cpu"] / 2
+
+
+def test_compressed_logits_stay_close_to_uncompressed(tiny_opt):
+    base = LLM.from_pretrained(tiny_opt[0], dtype="float32", progress=False).logits(MIXED_PROMPTS)
+    for flags in (dict(compress_weight=True), dict(compress_cache=True)):
+        llm = LLM.from_pretrained(tiny_opt[0], dtype="float32", progress=False,
+                                  policy=Policy(**flags, **SMALL_GROUPS))
+        got = llm.logits(MIXED_PROMPTS)
+        # 4-bit groups of 16 on a random tiny model: a stated tolerance, not equality
+        assert (got - base).abs().max() < 0.05 * base.abs().max() + 0.05
+        assert torch.isfinite(got).all()

@@ -1,0 +1,96 @@
+"""Bad input gets a clear exception that names the problem and the fix; nothing hangs."""
+import pytest
+from conftest import MIXED_PROMPTS
+
+from engine import LLM, CheckpointError, Policy
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_opt):
+    return LLM.from_pretrained(tiny_opt[0], progress=False)
+
+
+def test_unknown_model_name():
+    with pytest.raises((FileNotFoundError, ValueError), match="not a checkpoint directory|known model"):
+        LLM.from_pretrained("gpt-17-giant", progress=False)
+
+
+def test_published_opt_name_without_checkpoint_points_to_dummy():
+    with pytest.raises(FileNotFoundError, match="dummy=True"):
+        LLM.from_pretrained("opt-1.3b", progress=False)
+
+
+def test_unknown_opt_size_with_dummy():
+    with pytest.raises(ValueError, match="opt-125m, opt-350m"):
+        LLM.from_pretrained("opt-3b", dummy=True, progress=False)
+
+
+def test_directory_without_weights(tmp_path, tiny_opt):
+    (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no weights found"):
+        LLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_corrupt_weight_file(tmp_path, tiny_opt):
+    (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
+    good = (tiny_opt[0] / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(good[: len(good) // 3])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        LLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        llm.generate([[1, 2], []])
+
+
+def test_prompt_longer_than_the_context(llm):
+    with pytest.raises(ValueError, match="context window of 128"):
+        llm.generate([[1] * 120], max_new_tokens=10)
+
+
+def test_negative_max_new_tokens(llm):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        llm.generate(MIXED_PROMPTS, max_new_tokens=-1)
+
+
+@pytest.mark.parametrize("bad", [1.5, "7", None, True])
+def test_non_integer_token_id(llm, bad):
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        llm.generate([[1, bad, 3]])
+
+
+def test_token_id_outside_the_vocabulary(llm):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 100]])
+
+
+def test_flat_list_instead_of_a_batch(llm):
+    with pytest.raises(TypeError, match="list of token-id lists"):
+        llm.generate([1, 2, 3])
+
+
+def test_bad_stop(llm):
+    with pytest.raises(TypeError, match="stop must be"):
+        llm.generate(MIXED_PROMPTS, stop=[1.5])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(w_gpu_percent=80, w_cpu_percent=40), "add up to at most 100"),
+    (dict(gpu_batch_size=0), "at least 1"),
+    (dict(act_gpu_percent=50, act_cpu_percent=50), "one tier"),
+])
+def test_invalid_policy(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Policy(**kwargs)
+
+
+def test_policy_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown Policy fields"):
+        Policy.from_dict({"gpu_batch": 4})
+    assert Policy.from_dict(Policy(gpu_batch_size=3).to_dict()) == Policy(gpu_batch_size=3)

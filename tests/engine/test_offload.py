@@ -1,0 +1,82 @@
+"""Every offloading policy gives the same tokens as the all-in-memory run, within measured budgets."""
+import os
+
+import pytest
+from conftest import MIXED_PROMPTS
+
+from engine import LLM, MemoryBudgetError, Policy
+
+PROMPTS = MIXED_PROMPTS * 2          # 12 sequences: blocks of 2x3 and 4x1 both leave a remainder
+POLICIES = {
+    "all on the compute device": dict(),
+    "weights 50/50 cpu/disk": dict(w_gpu_percent=0, w_cpu_percent=50),
+    "weights all on disk, cache on cpu": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
+                                              cache_cpu_percent=100),
+    "cache across three tiers": dict(cache_gpu_percent=34, cache_cpu_percent=33),
+    "everything split, overlap off": dict(w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=34,
+                                          cache_cpu_percent=33, overlap=False),
+    "cpu cache compute": dict(cache_gpu_percent=0, cache_cpu_percent=60, cpu_cache_compute=True),
+    "activations on cpu, one layer per decoder": dict(act_gpu_percent=0, act_cpu_percent=100, sep_layer=False,
+                                                      w_gpu_percent=50, w_cpu_percent=0),
+    "activations on disk": dict(act_gpu_percent=0, act_cpu_percent=0, cache_gpu_percent=50, cache_cpu_percent=0),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_opt):
+    llm = LLM.from_pretrained(tiny_opt[0], progress=False, policy=Policy(gpu_batch_size=12))
+    return llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("batch", [(2, 3), (4, 1)])
+def test_policy_gives_the_all_in_memory_tokens(name, batch, tiny_opt, reference, tmp_path):
+    policy = Policy(gpu_batch_size=batch[0], num_gpu_batches=batch[1], **POLICIES[name])
+    llm = LLM.from_pretrained(tiny_opt[0], policy=policy, offload_dir=tmp_path, progress=False)
+    assert llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True) == reference
+    on_disk = llm.weight_bytes()["disk"]
+    assert (on_disk > 0) == (policy.w_gpu_percent + policy.w_cpu_percent < 100)
+    if policy.w_gpu_percent == 0:
+        assert llm.weight_bytes()["gpu"] == 0
+    llm.close()
+    assert os.listdir(tmp_path) == []                    # offload files are removed
+
+
+def test_disk_tier_is_real_direct_io(tiny_opt, tmp_path):
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    llm = LLM.from_pretrained(tiny_opt[0], policy=policy, offload_dir=tmp_path, progress=False)
+    files = os.listdir(tmp_path)
+    assert files and all(os.path.getsize(tmp_path / f) % 4096 == 0 for f in files)
+    arrays = [a for layer in llm.layers for a in layer.weights.arrays.values()]
+    assert all(a.file is not None and a.file.direct for a in arrays)
+    assert llm.tiers.peaks()["disk"] >= llm.weight_bytes()["disk"] > 0
+
+
+def test_measured_peaks_respect_the_budgets(tiny_opt, tmp_path):
+    free = LLM.from_pretrained(tiny_opt[0], policy=Policy(gpu_batch_size=4, num_gpu_batches=3), progress=False)
+    free.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    need = free.tiers.peaks()["gpu"]
+    offloaded = Policy(gpu_batch_size=4, num_gpu_batches=3, w_gpu_percent=0, w_cpu_percent=50,
+                       cache_gpu_percent=0, cache_cpu_percent=50)
+    cap = need // 2
+    llm = LLM.from_pretrained(tiny_opt[0], policy=offloaded, offload_dir=tmp_path, gpu_mem=cap, progress=False)
+    llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    peaks = llm.memory_report()["peak"]
+    assert 0 < peaks["gpu"] <= cap
+    assert peaks["disk"] > 0 and peaks["cpu"] > 0
+    assert llm.memory_report()["peak_rss_bytes"] > 0
+
+
+def test_a_policy_that_cannot_fit_fails_before_work_and_names_the_tier(tiny_opt, tmp_path):
+    with pytest.raises(MemoryBudgetError, match="gpu tier"):
+        LLM.from_pretrained(tiny_opt[0], gpu_mem="10KB", progress=False)
+    llm = LLM.from_pretrained(tiny_opt[0], policy=Policy(gpu_batch_size=64, w_gpu_percent=0, w_cpu_percent=100),
+                              gpu_mem="200KB", progress=False)
+    with pytest.raises(MemoryBudgetError, match="does not fit: the gpu tier needs .* over by"):
+        llm.generate([[1] * 100] * 64, max_new_tokens=20)
+    assert llm.tiers.trackers["gpu"].current == 0          # nothing was allocated for the failed block
+
+
+def test_disk_policy_without_offload_dir_says_what_to_pass(tiny_opt):
+    with pytest.raises(ValueError, match="offload_dir"):
+        LLM.from_pretrained(tiny_opt[0], policy=Policy(w_gpu_percent=0, w_cpu_percent=0), progress=False)
