@@ -39,11 +39,12 @@ class LLM:
     def from_pretrained(cls, path_or_name: str | Path, policy: Policy | str | dict | None = None,
                         offload_dir: str | Path | None = None, dummy: bool = False,
                         dtype: str | torch.dtype = "float16", gpu_mem=None, cpu_mem=None, disk_mem=None,
-                        progress: bool = True) -> "LLM":
+                        progress: bool = True, workload: tuple[int, int] | None = None) -> "LLM":
         """Load a local checkpoint (or a published OPT shape with dummy=True) and place it by `policy`.
 
         `dtype` is the storage precision of weights and KV cache on every tier (compute runs in
         float32 on CPU, float16 on CUDA). `gpu_mem`/`cpu_mem`/`disk_mem` cap each tier ('2GB').
+        `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32).
         """
         storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if storage not in (torch.float16, torch.float32, torch.bfloat16):
@@ -52,7 +53,8 @@ class LLM:
         tiers = Tiers(offload_dir, gpu_mem, cpu_mem, disk_mem)
         if isinstance(policy, str) and policy == "auto" or isinstance(policy, dict) and policy.get("auto"):
             from .policy_search import auto_policy
-            policy = auto_policy(config, tiers, storage=storage)
+            prompt_len, gen_len = workload or (512, 32)
+            policy = auto_policy(config, tiers, storage=storage, prompt_len=prompt_len, gen_len=gen_len)
         elif isinstance(policy, dict):
             policy = Policy.from_dict(policy)
         elif policy is None:
