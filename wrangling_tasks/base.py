@@ -36,6 +36,10 @@ class TaskSpec:
     max_new_tokens: int | None = None  # decoding budget per answer
     answer_prefix: str = ""  # text after the question, e.g. "\nAnswer:"; "" is the paper's format
 
+    def __hash__(self) -> int:  # `rename` is a dict: hash its items
+        values = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rename")
+        return hash((values, tuple(sorted(self.rename.items()))))
+
     def replace(self, **changes: Any) -> "TaskSpec":
         """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)

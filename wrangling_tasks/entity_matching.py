@@ -121,7 +121,7 @@ def expectations(spec: TaskSpec | None = None) -> Expectations:
 
 def _render(pairs: pd.DataFrame, inputs: MatchingInputs, spec: TaskSpec) -> pd.DataFrame:
     noun = spec.entity
-    question = " " + (spec.question or DEFAULT_QUESTION).format(entity=noun)
+    question = " " + (spec.question or DEFAULT_QUESTION).replace("{entity}", noun)
     if layout(pairs) == "magellan":
         out = pairs[["ltable_id", "rtable_id"]].reset_index(drop=True).copy()
         texts_a = _entity_texts(inputs.left, pairs["ltable_id"], spec, "left (tableA)")

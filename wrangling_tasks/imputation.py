@@ -153,7 +153,7 @@ def holdout(table: pd.DataFrame, target: str, frac: float = 0.1, seed: int = 0,
 def _render(rows: pd.DataFrame, target: str, spec: TaskSpec) -> pd.DataFrame:
     cols = attribute_columns(rows.columns, spec.id_columns, (*spec.drop_columns, target))
     shown = spec.rename.get(target, target)
-    question = " " + (spec.question or DEFAULT_QUESTION).format(target=shown)
+    question = " " + (spec.question or DEFAULT_QUESTION).replace("{target}", shown)
     bodies = [serialize_row(r, cols, spec.rename) + "." for r in rows[cols].to_dict("records")]
     return pd.DataFrame({"body": bodies, "question": question})
 

@@ -122,3 +122,15 @@ def test_error_detection_custom_question(question):
     table = pd.DataFrame({"zip": ["3x233"]})
     got = prompts_of("ed", DetectionInputs(table), spec=TaskSpec(question=question))
     assert got == [question.format(cell="zip: 3x233")]
+
+
+def test_questions_only_fill_known_placeholders():
+    pairs = pd.DataFrame({"left_a": ["x"], "right_a": ["y"]})
+    got = prompts_of("em", pairs, spec=TaskSpec(question="Same {entity} {json: 1}?"))
+    assert got == ["Product A is a: x. Product B is a: y. Same Product {json: 1}?"]
+
+
+def test_spec_is_hashable_and_comparable():
+    spec = TaskSpec(rename={"a": "b"}, drop_columns=("c",))
+    assert hash(spec) == hash(spec.replace()) and spec == spec.replace()
+    assert spec != spec.replace(rename={}) and len({spec, spec.replace(), spec.replace(entity="Song")}) == 2
