@@ -58,6 +58,7 @@ class WrangleParams:
     policy: Mapping[str, Any] | str | None = None
     k: int = 0
     seed: int = 0
+    chat: bool = False
     limit: int | None = None
     batch_size: int = 64
     chunk_size: int = 256
@@ -223,44 +224,37 @@ class Prompts:
     warnings: list[str]
 
 
-class _PromptOnly:
-    """Stands in for the model while ``wrangling_tasks.run`` builds the prompts.
-
-    ``run`` owns the prompt recipe (demonstrations, shared prefix, fitting the context window
-    with the real model's tokenizer); the flow needs the prompts *before* inference so that it
-    can answer them chunk by chunk and skip the ones already answered. This object passes the
-    model's tokenizer and context size through and answers nothing.
-    """
-
-    def __init__(self, llm: Any) -> None:
-        self.tokenizer = getattr(llm, "tokenizer", None)
-        self.max_context = getattr(llm, "max_context", None)
-
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 0, stop: Any = None,
-                      **kw: Any) -> list[str]:
-        return [""] * len(prompts)
-
-
 def build_prompts(params: WrangleParams, extracted: Extracted, llm: Any) -> Prompts:
-    """Prompts for the first ``limit`` items: one shared few-shot prefix for all of them."""
-    res = wt.run(params.task, extracted.inputs, _PromptOnly(llm), k=params.k, seed=params.seed,
-                 spec=extracted.spec, limit=params.limit, batch_size=max(1, params.batch_size),
-                 progress=False)
-    keys = tuple(res.key_columns)
-    items = res.predictions.drop(columns=["raw_output", "answer"]).reset_index(drop=True)
+    """Prompts for the first ``limit`` items: one shared few-shot prefix for all of them.
+
+    ``llm`` lends its tokenizer and context size to fit prompts (no inference here).
+    """
+    prep = wt.prepare(params.task, extracted.inputs, llm, k=params.k, seed=params.seed,
+                      spec=extracted.spec, limit=params.limit)
+    keys = tuple(prep.key_columns)
+    items = prep.items.reset_index(drop=True)
     row_key, occurrence = row_identity(items, keys)
     items.insert(0, "row_key", row_key)
     items.insert(1, "occurrence", occurrence)
-    return Prompts(items, keys, int(res.spec.max_new_tokens), list(res.warnings))
+    return Prompts(items, keys, int(prep.spec.max_new_tokens), list(prep.warnings))
 
 
 def row_identity(frame: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], list[int]]:
     """(row_key, occurrence) per row: the key values as JSON text, and how many earlier rows
     had the same key (0 for the first). Unique even when keys are duplicated or null."""
-    row_key = [json.dumps([None if is_missing(v) else str(v) for v in vals], ensure_ascii=False)
+    row_key = [json.dumps([key_text(v) for v in vals], ensure_ascii=False)
                for vals in frame[list(keys)].itertuples(index=False, name=None)]
     occurrence = pd.Series(row_key).groupby(row_key).cumcount().tolist()
     return row_key, [int(o) for o in occurrence]
+
+
+def key_text(value: Any) -> str | None:
+    """A key value as text; integral floats (ids in a column with NULLs) print as integers."""
+    if is_missing(value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def pending(items: pd.DataFrame, answered: pd.DataFrame) -> pd.DataFrame:
@@ -286,8 +280,13 @@ class Inference:
     tokens: int | None  # generated tokens, when the model has a tokenizer
 
 
-def infer(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> Inference:
-    """Greedy generation with a newline stop, longest prompts first in batches of ``batch_size``."""
+def infer(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+          chat: bool = False) -> Inference:
+    """Greedy generation with a newline stop, longest prompts first in batches of ``batch_size``.
+
+    ``chat`` wraps prompts in the model's chat template (engine models only).
+    """
+    extra = {"chat": True} if chat else {}
     start = time.perf_counter()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     raw: list[str | None] = [None] * len(prompts)
@@ -295,7 +294,7 @@ def infer(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         texts = llm.generate_text([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                                  stop="\n", do_sample=False)
+                                  stop="\n", do_sample=False, **extra)
         if len(texts) != len(idx):
             raise RuntimeError(f"the model returned {len(texts)} texts for {len(idx)} prompts")
         for i, t in zip(idx, texts):
@@ -363,7 +362,7 @@ def result_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], check
                         "occurrence": preds["occurrence"].astype("int32").tolist()})
     for col in store.KEY_COLUMNS[ctx.task]:
         values = preds[col] if col in keys else [None] * n
-        out[col] = pd.array([None if is_missing(v) else str(v) for v in values], dtype="string")
+        out[col] = pd.array([key_text(v) for v in values], dtype="string")
     if ctx.task == "imputation":
         out["target"] = ctx.target
     out["prompt_hash"] = preds["prompt_hash"].tolist()
@@ -390,7 +389,7 @@ def quarantine_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], c
         rows.append({
             "run_key": ctx.run_key, "row_key": r["row_key"], "occurrence": int(r["occurrence"]),
             "reason": check.reason(i), "task": ctx.task,
-            "keys": json.dumps({k: None if is_missing(r[k]) else str(r[k]) for k in keys},
+            "keys": json.dumps({k: key_text(r[k]) for k in keys},
                                ensure_ascii=False),
             "raw_output": None if is_missing(r["raw_output"]) else str(r["raw_output"]),
             "answer": None if is_missing(answer) else str(answer),

@@ -53,9 +53,10 @@ def start_run(database: str, record: dict[str, Any], task_name: str, run_key: st
 
 
 @prefect.task(name="infer", cache_policy=NO_CACHE)
-def infer(llm: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> steps.Inference:
+def infer(llm: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
+          chat: bool) -> steps.Inference:
     """Generate answers for one chunk of prompts."""
-    return steps.infer(llm, prompts, max_new_tokens, batch_size)
+    return steps.infer(llm, prompts, max_new_tokens, batch_size, chat)
 
 
 @prefect.task(name="parse", cache_policy=NO_CACHE)
@@ -101,6 +102,7 @@ def wrangle(
     policy: dict[str, Any] | Literal["auto"] | None = None,
     k: int = 0,
     seed: int = 0,
+    chat: bool = False,
     limit: int | None = None,
     batch_size: int = 64,
     chunk_size: int = 256,
@@ -118,7 +120,8 @@ def wrangle(
 
     ``spec``: a benchmark dataset name (e.g. "Beer") or a dict of TaskSpec fields. ``model``:
     an engine model name/path, or ``"constant:<answer>"`` (a baseline). ``policy``: Policy
-    fields or "auto". ``limit``: first N items only. ``chunk_size``: rows per committed
+    fields or "auto". ``chat``: wrap prompts in the model's chat template (helps a small
+    instruct model at k = 0). ``limit``: first N items only. ``chunk_size``: rows per committed
     chunk. ``tag``: any text; a different tag starts a fresh run instead of resuming.
     """
     log = get_run_logger()
@@ -127,7 +130,7 @@ def wrangle(
         task=task, table=table, left_table=left_table, right_table=right_table,
         demos_table=demos_table, labels_table=labels_table, cells_table=cells_table,
         clean_table=clean_table, target=target, columns=tuple(columns) if columns else None,
-        spec=spec, database=database, model=model, policy=policy, k=k, seed=seed, limit=limit,
+        spec=spec, database=database, model=model, policy=policy, k=k, seed=seed, chat=chat, limit=limit,
         batch_size=batch_size, chunk_size=chunk_size, tag=tag,
     )
     run_key = params.run_key()
@@ -156,7 +159,7 @@ def wrangle(
     try:
         parts = steps.chunks(todo, params.chunk_size)
         for n, chunk in enumerate(parts, 1):
-            inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, batch_size)
+            inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, batch_size, chat)
             answers = parse(task, inference.raw)
             preds = steps.predictions(chunk, inference.raw, answers, task)
             check = validate(task, preds, prompts.key_columns, len(chunk))

@@ -1,0 +1,89 @@
+"""Plain pieces of the flow (no Prefect server): run keys, row identity, models, schema."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pytest
+
+from flows import llms, steps, store
+from wrangling_tasks.base import InputError
+
+
+def params(**kw):
+    return steps.WrangleParams(**{"task": "entity-matching", "table": "pairs", **kw})
+
+
+def test_run_key_covers_what_changes_answers_only():
+    base = params()
+    assert base.run_key() == params().run_key()
+    for same in (dict(limit=5), dict(batch_size=8), dict(chunk_size=3), dict(database="x.duckdb")):
+        assert params(**same).run_key() == base.run_key(), same
+    for other in (dict(model="m2"), dict(k=3), dict(seed=1), dict(tag="t"), dict(chat=True),
+                  dict(policy={"gpu_batch_size": 4}), dict(spec="Beer"), dict(table="p2")):
+        assert params(**other).run_key() != base.run_key(), other
+
+
+def test_params_are_checked_before_anything_runs():
+    with pytest.raises(InputError, match="unknown task"):
+        params(task="summarise")
+    with pytest.raises(InputError, match="does not use"):
+        params(cells_table="cells")
+    with pytest.raises(InputError, match="target"):
+        params(task="imputation")
+    with pytest.raises(InputError, match="limit"):
+        params(limit=0)
+    with pytest.raises(InputError, match="policy"):
+        params(policy="fast")
+
+
+def test_row_identity_is_unique_even_with_duplicate_and_null_keys():
+    frame = pd.DataFrame({"a": [1, 1, None, 1], "b": ["x", "x", "y", "z"]})
+    row_key, occurrence = steps.row_identity(frame, ["a", "b"])
+    assert row_key == ['["1", "x"]', '["1", "x"]', '[null, "y"]', '["1", "z"]']
+    assert occurrence == [0, 1, 0, 0]
+    done = pd.DataFrame({"row_key": ['["1", "x"]'], "occurrence": [1]})
+    items = frame.assign(row_key=row_key, occurrence=occurrence)
+    assert steps.pending(items, done).index.tolist() == [0, 2, 3]
+
+
+def test_constant_model_and_unknown_models():
+    llm = llms.load_llm("constant:No")
+    assert llm.generate_text(["a", "b"], max_new_tokens=3, stop="\n") == ["No", "No"]
+    with pytest.raises(llms.ModelLoadError, match="non-empty"):
+        llms.load_llm("  ")
+    with pytest.raises(llms.ModelLoadError, match="policy"):
+        llms.load_llm("smollm2-135m", policy={"no_such_field": 1})
+
+
+def test_infer_keeps_input_order_and_counts_reported_tokens():
+    class Counting:
+        last_stats: dict = {}
+
+        def generate_text(self, prompts, max_new_tokens, stop, **kw):
+            self.last_stats = {"new_tokens": len(prompts)}
+            return [p.upper() for p in prompts]
+
+    out = steps.infer(Counting(), ["bb", "a", "ccc", "dddd", "e"], 3, batch_size=2)
+    assert out.raw == ["BB", "A", "CCC", "DDDD", "E"] and out.tokens == 5
+    assert steps.infer(llms.ConstantLLM("x"), ["p"], 3, 2).tokens is None
+
+
+def test_schema_is_idempotent_and_the_scores_view_follows_the_task_rules():
+    con = duckdb.connect()
+    store.ensure_schema(con)
+    store.ensure_schema(con)
+    con.execute("INSERT INTO wrangle_entity_matching (run_key, row_key, occurrence, answer, label) "
+                "VALUES ('r', '1', 0, true, true), ('r', '2', 0, NULL, false), "
+                "('r', '3', 0, false, true), ('r', '4', 0, true, false), ('r', '5', 0, true, NULL)")
+    con.execute("INSERT INTO wrangle_imputation (run_key, row_key, occurrence, answer, label) "
+                "VALUES ('i', '1', 0, 'New  York', 'new york'), ('i', '2', 0, NULL, 'x')")
+    scores = con.execute("SELECT * FROM wrangle_scores ORDER BY task").df().set_index("task")
+    from wrangling_tasks.scoring import accuracy_metrics, binary_metrics
+
+    ref = binary_metrics([True, None, False, True, True], [True, False, True, False, None])
+    em = scores.loc["entity-matching"]
+    assert (em["tp"], em["fp"], em["fn"], em["tn"]) == (ref["tp"], ref["fp"], ref["fn"], ref["tn"])
+    assert em["f1"] == pytest.approx(ref["f1"]) and em["unanswered"] == ref["unanswered"]
+    acc = accuracy_metrics(["New  York", None], ["new york", "x"])["accuracy"]
+    assert scores.loc["imputation", "accuracy"] == pytest.approx(acc)
