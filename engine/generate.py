@@ -91,12 +91,13 @@ class LLM:
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop=None, seed: int | None = None,
-                 ignore_eos: bool = False, bucket: bool = True) -> list[list[int]]:
+                 ignore_eos: bool = False, bucket: bool = True, share_prefix: bool = True) -> list[list[int]]:
         """New token ids for each prompt, each cut at its own stop (the stop token kept).
 
         `stop` is a token id, a string, or a list of strings/ids; end-of-sequence always stops
         unless `ignore_eos`. Prompts are grouped into blocks of `policy.block_size` sequences
-        (sorted by length when `bucket`); results come back in input order.
+        (sorted by length when `bucket`); results come back in input order. With `share_prefix`,
+        the longest common token prefix of the batch is computed once and its KV cache reused.
         """
         prompts = self._check_prompts(prompt_ids, max_new_tokens)
         if max_new_tokens == 0 or not prompts:
@@ -104,37 +105,87 @@ class LLM:
         stop_ids, stop_strings = self._stop_sets(stop, ignore_eos)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = lambda logits: ops.sample(logits, do_sample, temperature, top_p, generator)
-        order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
         results: list[list[int]] = [[] for _ in prompts]
-        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prompt_tokens": 0, "new_tokens": 0}
-        self._progress_start(len(prompts), max_new_tokens)
-        try:
-            for start in range(0, len(order), self.policy.block_size):
-                rows = order[start: start + self.policy.block_size]
-                mbs = self._run_block(prompts, rows, max_new_tokens, sampler, stop_ids, stop_strings, stats)
-                for mb in mbs:
-                    for r, toks in zip(mb.rows, mb.tokens):
-                        results[r] = self._cut_at_stop(toks, stop_strings)
-        finally:
-            self._progress_close()
-        stats["prompt_tokens"] = sum(len(p) for p in prompts)
-        stats["new_tokens"] = sum(len(r) for r in results)
-        stats["peak_bytes"] = self.tiers.peaks()
-        stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.last_stats = stats
+        for mb in self._run(prompts, max_new_tokens, sampler, stop_ids, stop_strings, bucket, share_prefix):
+            for r, toks in zip(mb.rows, mb.tokens):
+                results[r] = self._cut_at_stop(toks, stop_strings)
+        self.last_stats["new_tokens"] = sum(len(r) for r in results)
         return results
 
-    def logits(self, prompt_ids) -> torch.Tensor:
+    def logits(self, prompt_ids, share_prefix: bool = True) -> torch.Tensor:
         """Last-position logits (b, vocab) of each prompt, in float32 (one prefill pass)."""
         prompts = self._check_prompts(prompt_ids, 1)
         out = torch.empty(len(prompts), self.config.vocab_size)
-        bs = self.policy.block_size
-        for start in range(0, len(prompts), bs):
-            rows = list(range(start, min(start + bs, len(prompts))))
-            mbs = self._run_block(prompts, rows, 1, lambda lg: lg.argmax(-1), set(), [], {})
-            for mb in mbs:
-                out[mb.rows] = mb.last_logits.cpu()
+        for mb in self._run(prompts, 1, _argmax, set(), [], True, share_prefix):
+            out[mb.rows] = mb.last_logits.cpu()
         return out
+
+    def score_choices(self, prompts, choices, chat: bool = False, share_prefix: bool = True) -> list[list[float]]:
+        """Summed log-probability of each choice as the continuation of each prompt.
+
+        `prompts` are strings or token-id lists; `choices` a list of strings or token-id lists shared
+        by all prompts (or one such list per prompt). When every choice is one token, one prefill
+        pass over the prompts scores them all; otherwise each prompt + choice is one sequence and
+        one pass scores every choice token.
+        """
+        ids = [self.encode(p, chat=chat) if isinstance(p, str) else list(p) for p in prompts]
+        per_prompt = choices if choices and isinstance(choices[0], (list, tuple)) and choices[0] \
+            and not isinstance(choices[0][0], int) else [choices] * len(ids)
+        if len(per_prompt) != len(ids):
+            raise ValueError(f"{len(ids)} prompts but {len(per_prompt)} choice lists")
+        tok_choices = [[self._choice_ids(c) for c in cs] for cs in per_prompt]
+        if all(len(c) == 1 for cs in tok_choices for c in cs):
+            logp = torch.log_softmax(self.logits(ids, share_prefix=share_prefix), dim=-1)     # (n, vocab)
+            return [[float(logp[i, c[0]]) for c in cs] for i, cs in enumerate(tok_choices)]
+        seqs = [p + c for p, cs in zip(ids, tok_choices) for c in cs]
+        owners = [(i, j) for i, cs in enumerate(tok_choices) for j in range(len(cs))]
+        score_len = max(len(c) for cs in tok_choices for c in cs) + 1
+        prompts_checked = self._check_prompts(seqs, 1)
+        scores = [[0.0] * len(cs) for cs in tok_choices]
+        for mb in self._run(prompts_checked, 1, _argmax, set(), [], True, share_prefix, score_len=score_len):
+            logp = torch.log_softmax(mb.scored_logits, dim=-1)                                # (b, L, vocab)
+            for row, r in enumerate(mb.rows):
+                i, j = owners[r]
+                c = tok_choices[i][j]
+                cols = range(score_len - 1 - len(c), score_len - 1)     # positions that predict c
+                scores[i][j] = float(sum(logp[row, col, t] for col, t in zip(cols, c)))
+        return scores
+
+    def _choice_ids(self, choice) -> list[int]:
+        if isinstance(choice, str):
+            ids = self._need_tokenizer()(choice, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(choice)
+        if not ids:
+            raise ValueError(f"choice {choice!r} is empty; every choice needs at least one token")
+        return ids
+
+    def _run(self, prompts, max_new, sampler, stop_ids, stop_strings, bucket, share_prefix, score_len=1):
+        """Run all prompts block by block; yields finished micro-batches. Fills `last_stats`."""
+        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": 0,
+                 "prompt_tokens": sum(len(p) for p in prompts)}
+        order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
+        prefix_len = _common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
+        prefix = None
+        self._progress_start(len(prompts), max_new)
+        try:
+            if prefix_len:
+                t0 = time.perf_counter()
+                (pmb,) = self._run_block([prompts[0][:prefix_len]], [0], 1, _argmax, set(), [], {}, keep_cache=True)
+                prefix = pmb.caches
+                stats["prefill_s"] += time.perf_counter() - t0
+                stats["prefix_len"] = prefix_len
+            for start in range(0, len(order), self.policy.block_size):
+                rows = order[start: start + self.policy.block_size]
+                yield from self._run_block(prompts, rows, max_new, sampler, stop_ids, stop_strings, stats,
+                                           prefix=prefix, prefix_len=prefix_len, score_len=score_len)
+        finally:
+            self._progress_close()
+            for c in (prefix or {}).values():
+                c.close()
+            stats["peak_bytes"] = self.tiers.peaks()
+            stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.last_stats = stats
 
     def generate_text(self, prompts: list[str], max_new_tokens: int = 32, chat: bool = False,
                       stop=None, **kwargs) -> list[str]:
@@ -163,29 +214,33 @@ class LLM:
         return self.config.max_positions
 
     # ---- one block -------------------------------------------------------------------------------
-    def _run_block(self, prompts, rows, max_new, sampler, stop_ids, stop_strings, stats) -> list[MicroBatch]:
+    def _run_block(self, prompts, rows, max_new, sampler, stop_ids, stop_strings, stats, prefix=None,
+                   prefix_len=0, score_len=1, keep_cache=False) -> list[MicroBatch]:
+        """Prefill and decode one block. Sequences are [shared prefix][left padding][own tokens]."""
         cfg, pol = self.config, self.policy
-        s = max(len(prompts[r]) for r in rows)
+        s = max(len(prompts[r]) - prefix_len for r in rows)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        total = prefix_len + s + max_new
         mbs = []
         for lo in range(0, len(rows), pol.gpu_batch_size):
             sub = rows[lo: lo + pol.gpu_batch_size]
             ids = torch.full((len(sub), s), pad, dtype=torch.long)
-            mask = torch.zeros((len(sub), s + max_new), dtype=torch.long)
+            mask = torch.zeros((len(sub), total), dtype=torch.long)
+            mask[:, :prefix_len] = 1
             for i, r in enumerate(sub):
-                p = prompts[r]
-                ids[i, s - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, s - len(p):] = 1
-            mbs.append(MicroBatch(sub, ids, mask, feed=ids, tokens=[[] for _ in sub],
-                                  done=torch.zeros(len(sub), dtype=torch.bool)))
+                own = prompts[r][prefix_len:]
+                ids[i, s - len(own):] = torch.tensor(own, dtype=torch.long)
+                mask[i, prefix_len + s - len(own):] = 1
+            mbs.append(MicroBatch(sub, ids, mask, length=prefix_len, prefix_len=prefix_len, feed=ids,
+                                  tokens=[[] for _ in sub], done=torch.zeros(len(sub), dtype=torch.bool),
+                                  score_len=score_len))
         self._check_block_memory(mbs, s + max_new)
-        storage = self.storage
         act = ActStore(self.tiers, pol.act_tier)
         try:
             for k, mb in enumerate(mbs):
                 for i in range(cfg.num_layers):
                     mb.caches[i] = KVCache(self.tiers, pol, mb.size, cfg.num_kv_heads, cfg.head_dim,
-                                           s + max_new, storage, f"kv{i}.mb{k}")
+                                           s + max_new, self.storage, f"kv{i}.mb{k}")
 
             def on_tokens(mb: MicroBatch, next_ids: torch.Tensor):
                 for i, t in enumerate(next_ids.tolist()):
@@ -195,14 +250,15 @@ class LLM:
                     if t in stop_ids or (stop_strings and self._hits_stop(mb.tokens[i], stop_strings)):
                         mb.done[i] = True
 
-            runner = BlockRunner(self, self.layers, sampler, on_tokens)
+            runner = BlockRunner(self, self.layers, sampler, on_tokens, prefix=prefix)
             runner.run(mbs, max_new, act)
             for key in ("prefill_s", "decode_s", "decode_steps"):
                 stats[key] = stats.get(key, 0) + runner.timings[key]
         finally:
             for mb in mbs:
-                for c in mb.caches.values():
-                    c.close()
+                if not keep_cache:
+                    for c in mb.caches.values():
+                        c.close()
                 act.drop(id(mb))
         return mbs
 
@@ -333,6 +389,24 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _common_prefix_len(prompts: list[list[int]], keep: int = 1) -> int:
+    """Longest common token prefix, leaving every prompt at least `keep` tokens of its own."""
+    n = min(len(p) for p in prompts) - keep
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return max(n, 0)
 
 
 def _cut_text(text: str, stops: list[str]) -> str:

@@ -45,6 +45,14 @@ class LoadedPart:
     k: torch.Tensor    # (n, n_kv, t, d)
     v: torch.Tensor
 
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
 
 class KVCache:
     def __init__(self, tiers: Tiers, policy: Policy, n_seq: int, n_kv: int, head_dim: int,

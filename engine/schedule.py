@@ -33,12 +33,15 @@ class MicroBatch:
     rows: list[int]                       # positions in the caller's prompt list
     ids: torch.Tensor                     # (b, s) left-padded prompt
     mask: torch.Tensor                    # (b, s + max_new) 1 for real tokens
-    length: int = 0                       # tokens processed so far
+    length: int = 0                       # tokens processed so far, the shared prefix included
+    prefix_len: int = 0                   # tokens of the shared prefix (their cache is not per sequence)
     feed: torch.Tensor | None = None      # (b, q) tokens to run this step
     caches: dict = field(default_factory=dict)   # decoder index -> KVCache
     tokens: list = field(default_factory=list)   # new token ids per sequence
     done: torch.Tensor | None = None      # (b,) bool
-    last_logits: torch.Tensor | None = None
+    score_len: int = 1                    # last positions the head scores (1 = next token only)
+    last_logits: torch.Tensor | None = None   # (b, vocab)
+    scored_logits: torch.Tensor | None = None  # (b, score_len, vocab) when score_len > 1
 
     @property
     def size(self) -> int:
@@ -55,6 +58,21 @@ class _Inline:
 
     def shutdown(self, wait=True):
         pass
+
+
+@dataclass
+class _Whole:
+    """Stands for 'the whole micro-batch, no past cache yet' during prefill."""
+    n: int
+    device: torch.device
+    dtype: torch.dtype
+    lo: int = 0
+    k: None = None
+    v: None = None
+
+    @property
+    def hi(self) -> int:
+        return self.n
 
 
 class ActStore:
@@ -90,8 +108,9 @@ class ActStore:
 class BlockRunner:
     """Runs one block of micro-batches through prefill and decode."""
 
-    def __init__(self, llm, layers: list[Layer], sampler, on_tokens):
+    def __init__(self, llm, layers: list[Layer], sampler, on_tokens, prefix: dict | None = None):
         self.llm, self.layers = llm, layers
+        self.prefix = prefix                      # decoder index -> KVCache of the shared prefix
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
         self.sampler, self.on_tokens = sampler, on_tokens
         self.io = ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io") if self.policy.overlap else _Inline()
@@ -159,25 +178,31 @@ class BlockRunner:
 
     def _run_layer(self, j: int, w: dict, mbs: list[MicroBatch], step: int, act: ActStore) -> None:
         layer = self.layers[j]
-        needs_cache = layer.kind in ("attn", "decoder") and step > 0
-        cache_next = (self.io.submit(self._load_cache, mbs[0].caches[layer.index], mbs[0].length)
+        is_attn = layer.kind in ("attn", "decoder")
+        needs_cache = is_attn and step > 0
+        own = lambda mb: mb.length - mb.prefix_len          # rows of a micro-batch's own cache
+        prefix_next = (self.io.submit(self._load_cache, self.prefix[layer.index], mbs[0].prefix_len)
+                       if is_attn and self.prefix else None)
+        cache_next = (self.io.submit(self._load_cache, mbs[0].caches[layer.index], own(mbs[0]))
                       if needs_cache else None)
+        prefix, prefix_bytes = prefix_next.result() if prefix_next else (None, 0)
         for idx, mb in enumerate(mbs):
             past, nbytes = (cache_next.result() if needs_cache else (None, 0))
             if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
                 nxt = mbs[idx + 1]
-                cache_next = self.io.submit(self._load_cache, nxt.caches[layer.index], nxt.length)
+                cache_next = self.io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
             key = id(mb)
             h = act.get(key) if layer.kind != "embed" else None
-            h = self._compute(layer, w, mb, h, past)
+            h = self._compute(layer, w, mb, h, past, prefix[0] if prefix else None)
             if layer.kind == "head":
                 act.drop(key)
             else:
                 act.put(key, h)
             self.gpu.free(nbytes)
             del past
+        self.gpu.free(prefix_bytes)
 
-    def _compute(self, layer: Layer, w: dict, mb: MicroBatch, h, past):
+    def _compute(self, layer: Layer, w: dict, mb: MicroBatch, h, past, prefix):
         cfg, fam = self.cfg, self.fam
         q_len = mb.feed.shape[1]
         total = mb.length + q_len
@@ -185,34 +210,48 @@ class BlockRunner:
         if layer.kind == "embed":
             return fam.embed(w, mb.feed.to(self.tiers.compute_device), positions, cfg)
         if layer.kind == "head":
-            logits = fam.head(w, h[:, -1], cfg)                           # (b, vocab)
-            mb.last_logits = logits.float()
+            if mb.score_len > 1:
+                mb.scored_logits = fam.head(w, h[:, -mb.score_len:], cfg).float()   # (b, L, vocab)
+                mb.last_logits = mb.scored_logits[:, -1]
+            else:
+                mb.last_logits = fam.head(w, h[:, -1], cfg).float()              # (b, vocab)
             return None
         if layer.kind in ("attn", "decoder"):
             aw = {k[5:]: v for k, v in w.items() if k.startswith("attn.")} if layer.kind == "decoder" else w
-            h = self._attention(layer, aw, mb, h, positions, past, total)
+            h = self._attention(layer, aw, mb, h, positions, past, prefix, total)
         if layer.kind in ("mlp", "decoder"):
             mw = {k[4:]: v for k, v in w.items() if k.startswith("mlp.")} if layer.kind == "decoder" else w
             h = fam.mlp(mw, h, cfg)
         return h
 
-    def _attention(self, layer, w, mb: MicroBatch, h, positions, past, total):
+    def _attention(self, layer, w, mb: MicroBatch, h, positions, past, prefix, total):
+        """Keys are [shared prefix | this sequence's past | new tokens]; mask_bias covers all of them."""
         cfg, fam = self.cfg, self.fam
         q, k, v = fam.attn_qkv(w, h, positions, cfg)              # q (b, nh, s, d); k, v (b, nkv, s, d)
         q_len = q.shape[2]
         bias = ops.attention_mask_bias(mb.mask[:, :total].to(q.device), q_len, q.dtype)   # (b, 1, s, t)
         cache = mb.caches[layer.index]
-        if past is None:                                          # prefill: attend over the new tokens
-            o = ops.attend(q, k, v, bias, fam.ATTN_SCALE)
-        else:                                                     # decode: per cache part, where it lives
-            o = torch.empty_like(q)
-            for p in past:
-                dev, lo, hi = p.k.device, p.lo, p.hi
-                kk = torch.cat((p.k, k[lo:hi].to(dev, p.k.dtype)), dim=2)
-                vv = torch.cat((p.v, v[lo:hi].to(dev, p.v.dtype)), dim=2)
-                qq, bb = q[lo:hi].to(dev, p.k.dtype), bias[lo:hi].to(dev, p.k.dtype)
-                o[lo:hi] = ops.attend(qq, kk, vv, bb, fam.ATTN_SCALE).to(q.device, q.dtype)
-        self.io.submit(cache.write, mb.length, k, v)                  # store the new entries
+        parts = past if past is not None else [_Whole(q.shape[0], q.device, q.dtype)]
+        o = torch.empty_like(q) if len(parts) > 1 else None
+        for p in parts:                                           # per cache part, where it lives
+            dev, lo, hi = p.device, p.lo, p.hi
+            keys, values = [], []
+            if prefix is not None:
+                keys.append(prefix.k.to(dev, p.dtype).expand(hi - lo, -1, -1, -1))
+                values.append(prefix.v.to(dev, p.dtype).expand(hi - lo, -1, -1, -1))
+            if p.k is not None:
+                keys.append(p.k)
+                values.append(p.v)
+            keys.append(k[lo:hi].to(dev, p.dtype))
+            values.append(v[lo:hi].to(dev, p.dtype))
+            kk = torch.cat(keys, dim=2) if len(keys) > 1 else keys[0]      # (n, nkv, t, d)
+            vv = torch.cat(values, dim=2) if len(values) > 1 else values[0]
+            out = ops.attend(q[lo:hi].to(dev, p.dtype), kk, vv, bias[lo:hi].to(dev, p.dtype), fam.ATTN_SCALE)
+            if o is None:
+                o = out.to(q.device, q.dtype)
+            else:
+                o[lo:hi] = out.to(q.device, q.dtype)
+        self.io.submit(cache.write, mb.length - mb.prefix_len, k, v)      # store the new entries
         return fam.attn_out(w, h, o, cfg)
 
     def _finish_step(self, mb: MicroBatch, step: int) -> None:

@@ -1,0 +1,358 @@
+"""What this machine can do: a probe that measures compute and transfer rates, cached as JSON.
+
+`probe()` measures, with the engine's own code paths where they exist:
+  - matmul FLOP/s on the compute device (float32 on CPU, float16 on CUDA), at prefill size and at
+    decode shapes (M = 1..512 rows through `ops.linear`, weights cycled through a pool larger than
+    the CPU caches, as decode streams them);
+  - prefill attention FLOP/s and decode attention (cache concat + attend) bytes/s, via `ops.attend`;
+  - the storage -> compute conversion rate (on CPU: float16 -> float32; on CUDA: host -> device),
+    memcpy bandwidth, and 4-bit quantize / dequantize rates;
+  - disk read and write bandwidth and small-row latency with O_DIRECT through `tiers.DiskFile`;
+  - the per-call overhead of a tiny torch op (Python + dispatch);
+  - memory capacities: RAM available, disk free, CUDA memory.
+
+`load_hardware()` reuses the cached measurement (`.cache/hardware.json`, keyed by host name and
+CPU count) and re-reads the capacities, which change from minute to minute; caps override them.
+
+    python -m engine.hardware [--out FILE] [--refresh] [--quick] [--gpu-mem 2GB --cpu-mem 8GB --disk-mem 50GB]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from . import ops
+from .compression import CompressionConfig, dequantize, quantize
+from .tiers import DiskFile, MemoryTracker, fmt_bytes, parse_bytes
+
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "hardware.json"
+SMALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Measured rates of one machine (rates in units per second) and its memory capacities in bytes."""
+
+    host: str                          # host name the measurement belongs to
+    cpu_count: int
+    torch_threads: int                 # torch intra-op threads during the probe
+    compute_device: str                # "cpu" or "cuda"
+    compute_dtype: str                 # "float32" on CPU, "float16" on CUDA
+    matmul_flops: float                # large matmul (prefill-shaped, matmul_rows rows), FLOP/s
+    matmul_rows: int                   # the row count (and size) of that square matmul
+    matmul_small_m: tuple              # ((M, FLOP/s), ...): decode-shaped matmuls through ops.linear
+    attn_prefill_flops: float          # ops.attend with a causal mask, FLOP/s (4 b nh s t d per call)
+    attn_decode_bytes_per_s: float     # decode attention: fp32 cache bytes (k + v) concatenated and attended
+    memcpy_bytes_per_s: float          # a large tensor copy (bytes copied)
+    convert_elems_per_s: float         # storage dtype -> compute dtype on the compute device (fp16 -> fp32 on CPU)
+    narrow_elems_per_s: float          # compute dtype -> storage dtype (cache stores)
+    h2d_bytes_per_s: float             # CPU -> CUDA copy (0 without CUDA)
+    d2h_bytes_per_s: float             # CUDA -> CPU copy (0 without CUDA)
+    dequant_elems_per_s: float         # 4-bit group-wise dequantization into the compute dtype
+    quant_elems_per_s: float           # 4-bit group-wise quantization
+    disk_read_bytes_per_s: float       # O_DIRECT, large reads
+    disk_write_bytes_per_s: float      # O_DIRECT, large writes
+    disk_read_latency_s: float         # one 4 KiB O_DIRECT read
+    disk_write_latency_s: float        # one 4 KiB O_DIRECT write
+    disk_direct: bool                  # O_DIRECT worked where the probe wrote (else buffered + fadvise)
+    op_overhead_s: float               # one tiny torch op (Python call + dispatch)
+    gpu_mem: int                       # compute-device memory budget: CUDA memory, or RAM available on CPU
+    cpu_mem: int                       # RAM available
+    disk_mem: int                      # free bytes where offload files go
+    ram_available: int = 0             # RAM available (not changed by caps: the gpu and cpu tiers share it on CPU)
+    quick: bool = False                # measured with the short probe
+    probe_seconds: float = 0.0
+    measured_at: str = ""
+
+    # ---- derived rates -------------------------------------------------------------------------
+    def matmul_rate(self, rows: int) -> float:
+        """FLOP/s of `ops.linear` with `rows` rows (log-log interpolation over the measured table)."""
+        table = dict(self.matmul_small_m)
+        table[self.matmul_rows] = max(self.matmul_flops, table.get(self.matmul_rows, 0.0))
+        table = _monotone(sorted(table.items()))
+        if rows >= table[-1][0]:
+            return table[-1][1]
+        if rows <= table[0][0]:
+            return table[0][1] * rows / table[0][0]
+        for (m0, r0), (m1, r1) in zip(table, table[1:]):
+            if m0 <= rows <= m1:
+                a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
+                return math.exp(math.log(r0) + a * (math.log(r1) - math.log(r0)))
+        return table[-1][1]
+
+    def with_caps(self, gpu_mem=None, cpu_mem=None, disk_mem=None) -> "Hardware":
+        """A copy whose capacities are the given caps ('2GB', bytes) where given."""
+        changes = {k: parse_bytes(v) for k, v in
+                   (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk_mem", disk_mem)) if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["matmul_small_m"] = [list(p) for p in self.matmul_small_m]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        d = dict(d)
+        d["matmul_small_m"] = tuple(tuple(p) for p in d["matmul_small_m"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def summary(self) -> dict[str, str]:
+        """Human-readable figures, for CLIs and reports."""
+        g = lambda x: f"{x / 1e9:.2f}"
+        return {
+            "host": f"{self.host} ({self.cpu_count} CPUs, torch threads {self.torch_threads}, "
+                    f"compute {self.compute_device} {self.compute_dtype})",
+            "matmul": f"{g(self.matmul_flops)} GFLOP/s; decode-shaped "
+                      + ", ".join(f"M={m}: {g(r)}" for m, r in self.matmul_small_m),
+            "attention": f"prefill {g(self.attn_prefill_flops)} GFLOP/s, decode {g(self.attn_decode_bytes_per_s)} GB/s",
+            "memory": f"memcpy {g(self.memcpy_bytes_per_s)} GB/s, fp16->compute {g(self.convert_elems_per_s)} "
+                      f"Gelem/s, compute->fp16 {g(self.narrow_elems_per_s)} Gelem/s"
+                      + (f", H2D {g(self.h2d_bytes_per_s)} GB/s, D2H {g(self.d2h_bytes_per_s)} GB/s"
+                         if self.compute_device == "cuda" else ""),
+            "4-bit": f"dequantize {g(self.dequant_elems_per_s)} Gelem/s, quantize {g(self.quant_elems_per_s)} Gelem/s",
+            "disk": f"read {g(self.disk_read_bytes_per_s)} GB/s, write {g(self.disk_write_bytes_per_s)} GB/s, "
+                    f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, write {self.disk_write_latency_s * 1e6:.0f} us"
+                    f" ({'O_DIRECT' if self.disk_direct else 'buffered + fadvise'})",
+            "overhead": f"{self.op_overhead_s * 1e6:.1f} us per tiny torch op",
+            "capacity": f"gpu {fmt_bytes(self.gpu_mem)}, cpu {fmt_bytes(self.cpu_mem)}, disk {fmt_bytes(self.disk_mem)}",
+            "probe": f"{self.probe_seconds:.1f} s{' (quick)' if self.quick else ''} at {self.measured_at}",
+        }
+
+
+# ---- the probe -----------------------------------------------------------------------------------
+def _timeit(fn, reps: int, sync=lambda: None) -> float:
+    """Median seconds of fn() over `reps` runs after one warm-up run."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
+    """Measure this machine (about 10 s; `quick` about 3 s with smaller sizes)."""
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    reps = 2 if quick else 3
+    torch.manual_seed(0)
+
+    # large matmul
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    matmul_flops = 2 * n ** 3 / _timeit(lambda: a @ b, reps, sync)
+
+    # decode-shaped matmuls: weights streamed from memory, as in decode
+    k_in, n_out = (1024, 2048) if quick else (2048, 2048)
+    pool_bytes = (96 if quick else 192) << 20
+    pool = [torch.randn(n_out, k_in, device=dev, dtype=dtype)
+            for _ in range(max(2, pool_bytes // (n_out * k_in * dtype.itemsize)))]
+    small = []
+    for m in SMALL_M:
+        x = torch.randn(m, k_in, device=dev, dtype=dtype)
+        # stream the whole pool while memory-bound (small M); a few weights suffice once compute-bound
+        use = pool[: max(2, min(len(pool), int(1.5e9 // (2 * m * k_in * n_out))))]
+        dt = _timeit(lambda: [ops.linear(x, w) for w in use], 1 if quick else 2, sync)
+        small.append((m, 2 * m * k_in * n_out * len(use) / dt))
+    small = _monotone(small)
+    del pool
+
+    # attention: prefill (causal mask) and decode (concat of the cache + attend), as the engine runs them
+    s, nh, d = (256, 12, 64) if quick else (512, 16, 64)
+    q = torch.randn(1, nh, s, d, device=dev, dtype=dtype)
+    mask = torch.ones(1, s, dtype=torch.long, device=dev)
+    bias = ops.attention_mask_bias(mask, s, dtype)
+    attn_prefill = 4 * s * s * nh * d / _timeit(lambda: ops.attend(q, q, q, bias, None), reps, sync)
+    bsz, t = 8, s
+    rows = torch.randn(t, 2, bsz, nh, d, device=dev, dtype=dtype)
+    kv = rows.permute(1, 2, 3, 0, 4)                                    # (2, b, nh, t, d)
+    qd, knew = torch.randn(bsz, nh, 1, d, device=dev, dtype=dtype), torch.randn(bsz, nh, 1, d, device=dev, dtype=dtype)
+    dmask = torch.ones(bsz, t + 1, dtype=torch.long, device=dev)
+    dbias = ops.attention_mask_bias(dmask, 1, dtype)
+
+    def decode_attn():
+        kk, vv = torch.cat((kv[0], knew), dim=2), torch.cat((kv[1], knew), dim=2)
+        return ops.attend(qd, kk, vv, dbias, None)
+    attn_decode = 2 * bsz * nh * t * d * 4 / _timeit(decode_attn, reps * 3, sync)
+
+    # memory: copy, conversions, 4-bit
+    elems = (8 if quick else 16) << 20
+    src32 = torch.randn(elems, device=dev, dtype=dtype)
+    dst32 = torch.empty_like(src32)
+    memcpy = elems * dtype.itemsize / _timeit(lambda: dst32.copy_(src32), reps, sync)
+    half_cpu = src32.to("cpu", torch.float16)
+    if cuda:
+        pinned = half_cpu.pin_memory()
+        h2d = half_cpu.numel() * 2 / _timeit(lambda: pinned.to(dev, non_blocking=True), reps, sync)
+        dev_half = pinned.to(dev)
+        d2h = dev_half.numel() * 2 / _timeit(lambda: dev_half.to("cpu"), reps, sync)
+        convert = h2d / 2
+        narrow = d2h / 2
+    else:
+        h2d = d2h = 0.0
+        convert = elems / _timeit(lambda: half_cpu.to(torch.float32), reps)
+        narrow = elems / _timeit(lambda: src32.to(torch.float16), reps)
+    del dst32, src32
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    w = torch.randn((1 if quick else 2) << 20, device=dev, dtype=dtype).view(-1, 1024).T.contiguous()
+    qt = quantize(w, cfg)
+    dequant = w.numel() / _timeit(lambda: dequantize(qt, dtype), reps, sync)
+    quant = w.numel() / _timeit(lambda: quantize(w, cfg), reps, sync)
+    del w, qt
+
+    # disk, O_DIRECT through the engine's own file class
+    disk = _probe_disk(disk_dir, (32 if quick else 128) << 20, 2)
+
+    # overhead of one tiny op
+    tiny = torch.randn(16, device=dev, dtype=dtype)
+    calls = 2000
+    overhead = _timeit(lambda: [tiny.add(tiny) for _ in range(calls)], reps, sync) / calls
+
+    host = socket.gethostname()
+    vm = psutil.virtual_memory()
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory if cuda else vm.available
+    return Hardware(
+        host=host, cpu_count=os.cpu_count() or 1, torch_threads=torch.get_num_threads(),
+        compute_device=dev.type, compute_dtype=str(dtype).replace("torch.", ""),
+        matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
+        attn_decode_bytes_per_s=attn_decode, memcpy_bytes_per_s=memcpy, convert_elems_per_s=convert,
+        narrow_elems_per_s=narrow, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, dequant_elems_per_s=dequant,
+        quant_elems_per_s=quant, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available), ram_available=int(vm.available),
+        disk_mem=int(disk["free"]), disk_read_bytes_per_s=disk["read"], disk_write_bytes_per_s=disk["write"],
+        disk_read_latency_s=disk["read_latency"], disk_write_latency_s=disk["write_latency"],
+        disk_direct=disk["direct"], quick=quick, probe_seconds=time.perf_counter() - t_start,
+        measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _monotone(table: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Make the small-M table non-decreasing in M (noise on a loaded machine can invert neighbours)."""
+    out, best = [], 0.0
+    for m, r in table:
+        best = max(best, r)
+        out.append((m, best))
+    return out
+
+
+def _probe_disk(disk_dir, nbytes: int, reps: int) -> dict:
+    base = Path(disk_dir) if disk_dir else DEFAULT_CACHE.parent
+    base.mkdir(parents=True, exist_ok=True)
+    tracker = MemoryTracker("disk", 1 << 62)
+    row = 4 << 20                                               # 4 MiB rows: a layer-sized transfer
+    rows = max(1, nbytes // row)
+    with tempfile.TemporaryDirectory(dir=base, prefix="probe-") as tmp:
+        big = DiskFile(Path(tmp) / "big.bin", row, rows, tracker)
+        small = DiskFile(Path(tmp) / "small.bin", 4096, 64, tracker)
+        try:
+            data = torch.randint(0, 255, (rows, row), dtype=torch.uint8)
+            write = rows * row / _timeit(lambda: big.write_rows(0, data), reps)
+            read = rows * row / _timeit(lambda: big.read_rows(0, rows), reps)
+            one = torch.zeros(1, 4096, dtype=torch.uint8)
+            small.write_rows(0, torch.zeros(64, 4096, dtype=torch.uint8))
+            write_lat = _timeit(lambda: [small.write_rows(i, one) for i in range(64)], reps) / 64
+            read_lat = _timeit(lambda: [small.read_rows(i, 1) for i in range(64)], reps) / 64
+            direct = big.direct
+        finally:
+            big.close()
+            small.close()
+        free = psutil.disk_usage(str(base)).free
+    return {"read": read, "write": write, "read_latency": read_lat, "write_latency": write_lat,
+            "direct": direct, "free": free}
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+def cache_key() -> str:
+    return f"{socket.gethostname()}-{os.cpu_count()}cpu-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def load_hardware(path: str | Path | None = None, refresh: bool = False, quick: bool = False,
+                  gpu_mem=None, cpu_mem=None, disk_mem=None, disk_dir=None) -> Hardware:
+    """This machine's Hardware: the cached measurement if there is one (else probe and cache it),
+    with capacities re-read now and overridden by the given caps."""
+    path = Path(path) if path else DEFAULT_CACHE
+    entries = _read_cache(path)
+    key = cache_key()
+    hw = None
+    if not refresh and key in entries:
+        try:
+            hw = Hardware.from_dict(entries[key])
+        except (TypeError, KeyError, ValueError):
+            hw = None                                           # an old or damaged entry: measure again
+        if hw is not None and hw.quick and not quick:
+            hw = None                                           # a quick probe does not stand in for a full one
+    if hw is None:
+        hw = probe(quick=quick, disk_dir=disk_dir)
+        entries[key] = hw.to_dict()
+        _write_cache(path, entries)
+    hw = _fresh_capacities(hw, disk_dir)
+    return hw.with_caps(gpu_mem, cpu_mem, disk_mem)
+
+
+def _fresh_capacities(hw: Hardware, disk_dir) -> Hardware:
+    vm = psutil.virtual_memory()
+    base = Path(disk_dir) if disk_dir and Path(disk_dir).exists() else DEFAULT_CACHE.parent
+    disk = psutil.disk_usage(str(base if base.exists() else Path.cwd())).free
+    gpu = torch.cuda.get_device_properties(0).total_memory if hw.compute_device == "cuda" else vm.available
+    return dataclasses.replace(hw, gpu_mem=int(gpu), cpu_mem=int(vm.available), disk_mem=int(disk),
+                               ram_available=int(vm.available))
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)                                       # atomic: parallel probes never see half a file
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.hardware", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help=f"JSON cache file (default {DEFAULT_CACHE})")
+    ap.add_argument("--refresh", action="store_true", help="measure again even if a cached probe exists")
+    ap.add_argument("--quick", action="store_true", help="short probe (about 3 s), smaller sizes")
+    ap.add_argument("--disk-dir", help="where to measure the disk (default: the cache folder)")
+    ap.add_argument("--gpu-mem", help="cap for the compute-device tier, e.g. 2GB")
+    ap.add_argument("--cpu-mem", help="cap for the CPU tier, e.g. 8GB")
+    ap.add_argument("--disk-mem", help="cap for the disk tier, e.g. 50GB")
+    ap.add_argument("--json", action="store_true", help="print the Hardware as JSON instead of a summary")
+    args = ap.parse_args(argv)
+    hw = load_hardware(args.out, refresh=args.refresh, quick=args.quick, gpu_mem=args.gpu_mem,
+                       cpu_mem=args.cpu_mem, disk_mem=args.disk_mem, disk_dir=args.disk_dir)
+    if args.json:
+        print(json.dumps(hw.to_dict(), indent=1))
+    else:
+        for k, v in hw.summary().items():
+            print(f"{k:>10}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
