@@ -1,4 +1,5 @@
-"""Deterministic stand-ins for a language model, registered as ``rule:<name>``.
+"""Test kit for the flow tests: small DuckDB inputs, and deterministic stand-ins for a
+language model, registered as ``rule:<name>``.
 
 They answer from the prompt's own text, so a misrouted answer is detectable. With
 FLEXWRANGLE_FAKE_DELAY=<seconds> in the environment they sleep that long per call, so that a
@@ -10,8 +11,15 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
+
+import pandas as pd
 
 from flows import llms
+from wrangling_tasks import tables
+
+EM_PARAMS = dict(task="entity-matching", table="em_pairs", left_table="em_left",
+                 right_table="em_right")
 
 _PAIR = re.compile(r" A is (.*)\. \w+ B is (.*)\. Are \w+ A and \w+ B the same\?$", re.S)
 
@@ -53,3 +61,27 @@ def make(rest: str, policy) -> RuleLLM:
 
 def register() -> None:
     llms.register("rule", make)
+
+
+def magellan_frames(n_pairs: int = 10, odd: tuple[int, ...] = ()) -> dict[str, pd.DataFrame]:
+    """Two entity tables and labelled pairs (i, i): a match when i is even (identical rows).
+
+    One extra entity on each side (id ``n_pairs``) feeds the demonstrations.
+    """
+    n = n_pairs
+    names = [f"odd {i}" if i in odd else f"item {i}" for i in range(n)] + ["demo"]
+    left = pd.DataFrame({"id": range(n + 1), "name": names, "city": ["paris"] * (n + 1)})
+    right = pd.DataFrame({"id": range(n + 1),
+                          "name": [x if i % 2 == 0 or i == n else f"other {i}"
+                                   for i, x in enumerate(names)],
+                          "city": ["paris"] * (n + 1)})
+    pairs = pd.DataFrame({"ltable_id": range(n), "rtable_id": range(n),
+                          "label": [int(i % 2 == 0) for i in range(n)]})
+    demos = pd.DataFrame({"ltable_id": [n, n], "rtable_id": [n, 0], "label": [1, 0]})
+    return {"em_left": left, "em_right": right, "em_pairs": pairs, "em_demos": demos}
+
+
+def make_db(path: Path, frames: dict[str, pd.DataFrame]) -> Path:
+    with tables.connect(path, create=True) as con:
+        tables.replace_tables(con, frames)
+    return path

@@ -9,10 +9,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import flow_fakes  # noqa: E402
+import flow_testkit  # noqa: E402
 
 from flows.wrangle import wrangle  # noqa: E402
 
 if __name__ == "__main__":
-    flow_fakes.register()
+    flow_testkit.register()
     print(json.dumps(wrangle(**json.loads(sys.argv[1])), default=str))

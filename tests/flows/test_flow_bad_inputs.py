@@ -6,7 +6,7 @@ import hashlib
 
 import duckdb
 import pytest
-from conftest import EM_PARAMS, magellan_frames, make_db
+from flow_testkit import EM_PARAMS, magellan_frames, make_db
 
 from flows.llms import ModelLoadError
 from flows.wrangle import wrangle

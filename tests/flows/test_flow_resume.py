@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import EM_PARAMS, magellan_frames, make_db
+from flow_testkit import EM_PARAMS, magellan_frames, make_db
 
 from flows.wrangle import wrangle
 

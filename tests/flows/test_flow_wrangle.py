@@ -8,7 +8,7 @@ import shutil
 import duckdb
 import pandas as pd
 import pytest
-from conftest import EM_PARAMS, magellan_frames, make_db
+from flow_testkit import EM_PARAMS, magellan_frames, make_db
 
 import wrangling_tasks as wt
 from flows.load_benchmarks import load_benchmarks
@@ -53,7 +53,7 @@ def test_entity_matching_end_to_end(bench_db):
                   database=str(bench_db), model="rule:same", k=2, limit=12, chunk_size=5)
     # Same prompts and the same scores as wrangling_tasks on the CSV files.
     inputs = wt.load_benchmark("entity-matching", "Beer", "test")
-    from flow_fakes import RuleLLM, same
+    from flow_testkit import RuleLLM, same
     ref = wt.run("entity-matching", inputs, RuleLLM(same), k=2, limit=12, progress=False)
 
     rows = query(bench_db, "SELECT * FROM wrangle_entity_matching ORDER BY created_at")
