@@ -9,11 +9,10 @@ write, so a bad input leaves the database untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -23,127 +22,10 @@ from wrangling_tasks import tables
 from wrangling_tasks.base import InputError, TaskSpec, is_missing
 
 from flows import store
-from flows.llms import policy_json
+from flows.params import TASK_TABLES, WrangleParams, resolve_spec
 
-TASK_NAMES = ("entity-matching", "imputation", "error-detection")
-RUN_KEY_VERSION = 1
-
-# Which table parameters each task reads (any other given table parameter is an error).
-TASK_TABLES: dict[str, tuple[str, ...]] = {
-    "entity-matching": ("table", "left_table", "right_table", "demos_table"),
-    "imputation": ("table", "labels_table", "demos_table"),
-    "error-detection": ("table", "cells_table", "labels_table", "clean_table"),
-}
-TABLE_PARAMS = ("table", "left_table", "right_table", "demos_table", "labels_table",
-                "cells_table", "clean_table")
-
-
-@dataclass(frozen=True)
-class WrangleParams:
-    """The flow's parameters, checked. ``run_key()`` hashes the ones that change answers."""
-
-    task: str
-    table: str
-    left_table: str | None = None
-    right_table: str | None = None
-    demos_table: str | None = None
-    labels_table: str | None = None
-    cells_table: str | None = None
-    clean_table: str | None = None
-    target: str | None = None
-    columns: tuple[str, ...] | None = None
-    spec: str | Mapping[str, Any] | None = None
-    database: str = "data/wrangle.duckdb"
-    model: str = "smollm2-135m"
-    policy: Mapping[str, Any] | str | None = None
-    k: int = 0
-    seed: int = 0
-    chat: bool = False
-    limit: int | None = None
-    batch_size: int = 64
-    chunk_size: int = 256
-    tag: str = ""
-
-    def __post_init__(self) -> None:
-        if self.task not in TASK_NAMES:
-            raise InputError(f"unknown task {self.task!r}; use one of {list(TASK_NAMES)}")
-        if not self.table:
-            raise InputError("the `table` parameter is required (the pairs table for entity matching)")
-        used = TASK_TABLES[self.task]
-        extra = [p for p in TABLE_PARAMS if p not in used and getattr(self, p)]
-        if extra:
-            raise InputError(f"{self.task} does not use parameter(s) {extra}; it reads {list(used)}")
-        for p in used:
-            if getattr(self, p) is not None:
-                tables.quote_ident(getattr(self, p))  # empty / NUL names fail here
-        if self.task == "imputation" and not (self.target or _spec_field(self.spec, "target")):
-            raise InputError("imputation needs `target` (the column to fill)")
-        if self.task != "imputation" and self.target:
-            raise InputError(f"`target` is for imputation, not {self.task}")
-        if self.task != "error-detection" and self.columns:
-            raise InputError(f"`columns` is for error detection, not {self.task}")
-        if self.k < 0:
-            raise InputError(f"k must be >= 0, got {self.k}")
-        if self.limit is not None and self.limit < 1:
-            raise InputError(f"limit must be >= 1 or None, got {self.limit}")
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise InputError("batch_size and chunk_size must be >= 1")
-        if isinstance(self.policy, str) and self.policy != "auto":
-            raise InputError(f'policy must be a dict of Policy fields, "auto" or None, got {self.policy!r}')
-
-    def identity(self) -> dict[str, Any]:
-        """Everything that can change an answer (not: database, limit, batch and chunk sizes)."""
-        d = asdict(self)
-        for k in ("database", "limit", "batch_size", "chunk_size"):
-            d.pop(k)
-        d["columns"] = list(self.columns) if self.columns else None
-        d["policy"] = json.loads(policy_json(self.policy))
-        d["spec"] = json.loads(json.dumps(self.spec, sort_keys=True, default=str))
-        d["version"] = RUN_KEY_VERSION
-        return d
-
-    def run_key(self) -> str:
-        """Deterministic name of the logical run: same parameters, same key (resume)."""
-        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-
-
-def _spec_field(spec: str | Mapping[str, Any] | None, name: str) -> Any:
-    if isinstance(spec, Mapping):
-        return spec.get(name)
-    if isinstance(spec, str) and spec in wt.DATA:
-        return getattr(wt.DATA[spec].spec, name)
-    return None
-
-
-def resolve_spec(params: WrangleParams) -> TaskSpec:
-    """The TaskSpec: a benchmark dataset's (by name), fields given as a dict, or defaults."""
-    mod = wt.get_task(params.task)
-    spec = params.spec
-    if spec is None:
-        out = mod.default_spec()
-    elif isinstance(spec, str):
-        info = wt.DATA.get(spec)
-        if info is None:
-            raise InputError(f"unknown dataset spec {spec!r}; known: {sorted(wt.DATA)}")
-        if info.task != mod.NAME:
-            raise InputError(f"spec {spec!r} is for {info.task}, not {mod.NAME}")
-        out = info.spec
-    else:
-        fields = dict(spec)
-        for name in ("drop_columns", "id_columns", "columns"):
-            if isinstance(fields.get(name), list):
-                fields[name] = tuple(fields[name])
-        try:
-            out = TaskSpec(**fields)
-        except TypeError as exc:
-            raise InputError(f"invalid spec {fields!r}: {exc}") from exc
-    if params.target:
-        out = out.replace(target=params.target)
-    if params.columns:
-        out = out.replace(columns=tuple(params.columns))
-    return out
-
+__all__ = ["WrangleParams", "extract", "build_prompts", "infer", "parse", "validate", "load",
+           "check_whole_run"]
 
 # --- extract ---------------------------------------------------------------------------------
 

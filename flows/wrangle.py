@@ -20,13 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import llms, steps, store
+from flows.params import WrangleParams
 from wrangling_tasks import tables
 
 TaskName = Literal["entity-matching", "imputation", "error-detection"]
 
 
 @prefect.task(name="extract", cache_policy=NO_CACHE)
-def extract(params: steps.WrangleParams) -> steps.Extracted:
+def extract(params: WrangleParams) -> steps.Extracted:
     """Read the input tables from DuckDB (read-only) and check them."""
     return steps.extract(params)
 
@@ -38,7 +39,7 @@ def load_model(model: str, policy: dict[str, Any] | str | None) -> Any:
 
 
 @prefect.task(name="prompt", cache_policy=NO_CACHE)
-def prompt(params: steps.WrangleParams, extracted: steps.Extracted, llm: Any) -> steps.Prompts:
+def prompt(params: WrangleParams, extracted: steps.Extracted, llm: Any) -> steps.Prompts:
     """Build every prompt (one shared few-shot prefix)."""
     return steps.build_prompts(params, extracted, llm)
 
@@ -126,12 +127,12 @@ def wrangle(
     """
     log = get_run_logger()
     started = time.perf_counter()
-    params = steps.WrangleParams(
+    params = WrangleParams(
         task=task, table=table, left_table=left_table, right_table=right_table,
         demos_table=demos_table, labels_table=labels_table, cells_table=cells_table,
         clean_table=clean_table, target=target, columns=tuple(columns) if columns else None,
-        spec=spec, database=database, model=model, policy=policy, k=k, seed=seed, chat=chat, limit=limit,
-        batch_size=batch_size, chunk_size=chunk_size, tag=tag,
+        spec=spec, database=database, model=model, policy=policy, k=k, seed=seed, chat=chat,
+        limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag,
     )
     run_key = params.run_key()
 

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 
 from flows import llms, steps, store
+from flows import params as params_mod
 from wrangling_tasks.base import InputError
 
 
 def params(**kw):
-    return steps.WrangleParams(**{"task": "entity-matching", "table": "pairs", **kw})
+    return params_mod.WrangleParams(**{"task": "entity-matching", "table": "pairs", **kw})
 
 
 def test_run_key_covers_what_changes_answers_only():
