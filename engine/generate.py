@@ -14,7 +14,7 @@ from .kv_cache import KVCache
 from .models import family as model_family
 from .policy import Policy
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
-from .tiers import MemoryBudgetError, Tiers, fmt_bytes
+from .tiers import BufferPool, MemoryBudgetError, Tiers, fmt_bytes
 from .weights import Checkpoint, DummyWeights, place_layer, resolve_names
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
@@ -32,6 +32,7 @@ class LLM:
         self.progress = progress
         self._bar = None
         self.last_stats: dict = {}
+        self.pool = BufferPool(tiers.trackers["gpu"])     # working buffers on the compute device
         self.layers = self._place_weights(source)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -167,6 +168,8 @@ class LLM:
         order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
         prefix_len = _common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
         prefix = None
+        longest = max(len(p) for p in prompts) - prefix_len
+        self._check_block_memory(len(prompts), longest, longest + max_new)
         self._progress_start(len(prompts), max_new)
         try:
             if prefix_len:
@@ -234,7 +237,6 @@ class LLM:
             mbs.append(MicroBatch(sub, ids, mask, length=prefix_len, prefix_len=prefix_len, feed=ids,
                                   tokens=[[] for _ in sub], done=torch.zeros(len(sub), dtype=torch.bool),
                                   score_len=score_len))
-        self._check_block_memory(mbs, s + max_new)
         act = ActStore(self.tiers, pol.act_tier)
         try:
             for k, mb in enumerate(mbs):
@@ -262,32 +264,34 @@ class LLM:
                 act.drop(id(mb))
         return mbs
 
-    def _check_block_memory(self, mbs: list[MicroBatch], max_len: int) -> None:
-        """Fail before work starts when the block's KV cache and buffers cannot fit a tier."""
+    def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
+        """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
         cfg, pol = self.config, self.policy
         from .kv_cache import cache_format, split_counts
+        n_seqs = min(n_seqs, pol.block_size)
+        sizes = [min(pol.gpu_batch_size, n_seqs - lo) for lo in range(0, n_seqs, pol.gpu_batch_size)]
         need = {"gpu": 0, "cpu": 0, "disk": 0}
-        for mb in mbs:
-            for tier, n in zip(("gpu", "cpu", "disk"), split_counts(mb.size, pol.percents("cache"))):
+        for size in sizes:
+            for tier, n in zip(("gpu", "cpu", "disk"), split_counts(size, pol.percents("cache"))):
                 if n:
                     row = cache_format(self.tiers, pol, tier, self.storage).row_bytes((2, n, cfg.num_kv_heads, cfg.head_dim))
                     if tier == "disk":
                         row = -(-row // 4096) * 4096
                     need[tier] += row * max_len * cfg.num_layers
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
-        b = max(mb.size for mb in mbs)
-        need[pol.act_tier] += sum(mb.size for mb in mbs) * mbs[0].ids.shape[1] * cfg.hidden_size * itemsize
+        need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize
         # working copies: two layers of weights and two micro-batches of cache in compute form
         need["gpu"] += 2 * max(layer.weights.working_bytes() for layer in self.layers)
-        need["gpu"] += 2 * cfg.cache_bytes(b, max_len, itemsize) // cfg.num_layers
+        need["gpu"] += 2 * cfg.cache_bytes(sizes[0], max_len, itemsize) // cfg.num_layers
         for tier, n in need.items():
             tr = self.tiers.trackers[tier]
-            if tr.current + n > tr.capacity:
+            held = tr.current - (self.pool.idle_bytes if tier == "gpu" else 0)   # idle buffers can be freed
+            if held + n > tr.capacity:
                 raise MemoryBudgetError(
-                    f"this policy does not fit: the {tier} tier needs {fmt_bytes(tr.current + n)} "
-                    f"({fmt_bytes(tr.current)} of weights + {fmt_bytes(n)} of KV cache, hidden states and "
+                    f"this policy does not fit: the {tier} tier needs {fmt_bytes(held + n)} "
+                    f"({fmt_bytes(held)} of weights + {fmt_bytes(n)} of KV cache, hidden states and "
                     f"working buffers) but has {fmt_bytes(tr.capacity)}, over by "
-                    f"{fmt_bytes(tr.current + n - tr.capacity)}: lower gpu_batch_size "
+                    f"{fmt_bytes(held + n - tr.capacity)}: lower gpu_batch_size "
                     f"({pol.gpu_batch_size}) or num_gpu_batches ({pol.num_gpu_batches}), move cache to "
                     f"another tier, or raise the {tier} budget")
 
@@ -383,6 +387,7 @@ class LLM:
         for layer in self.layers:
             layer.weights.close()
         self.layers = []
+        self.pool.trim()
 
     def __enter__(self):
         return self

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .policy import Policy
-from .tiers import Format, TierArray, Tiers
+from .tiers import BufferPool, Format, TierArray, Tiers
 
 
 def split_counts(n: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -44,6 +44,7 @@ class LoadedPart:
     hi: int
     k: torch.Tensor    # (n, n_kv, t, d)
     v: torch.Tensor
+    buffer: torch.Tensor | None = None   # the pool buffer k and v view, if any
 
     @property
     def device(self) -> torch.device:
@@ -73,15 +74,23 @@ class KVCache:
         for p in self.parts:
             p.array.write(start, rows[:, :, p.lo: p.hi])
 
-    def read(self, length: int, device_for_tier) -> list[LoadedPart]:
-        """The first `length` positions of every part, each on the device that will attend over it."""
+    def read(self, length: int, device_for_tier, pool: BufferPool) -> list[LoadedPart]:
+        """The first `length` positions of every part, each on the device that will attend over it.
+
+        Parts already compute-ready are views; the others are decoded into pool buffers of the
+        full cache length (so one buffer serves every step)."""
         out = []
         for p in self.parts:
             dev = device_for_tier(p.tier)
             dtype = self.tiers.compute_dtype if dev == self.tiers.compute_device else torch.float32
-            rows = p.array.read(0, length, dev, dtype)                 # (t, 2, n, n_kv, d)
+            arr, buf = p.array, None
+            if p.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == dtype and dev == self.tiers.compute_device:
+                rows = arr.read(0, length, dev, dtype)                 # (t, 2, n, n_kv, d), a view
+            else:
+                buf = pool.get((arr.rows, *arr.shape), dtype, dev, f"working copy of {arr.what}")
+                rows = arr.read(0, length, dev, dtype, out=buf[:length])
             kv = rows.permute(1, 2, 3, 0, 4)                           # (2, n, n_kv, t, d)
-            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1]))
+            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1], buf))
         return out
 
     def bytes_on(self, tier: str) -> int:

@@ -114,25 +114,19 @@ class BlockRunner:
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
         self.sampler, self.on_tokens = sampler, on_tokens
         self.io = ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io") if self.policy.overlap else _Inline()
-        self.gpu = self.tiers.trackers["gpu"]
+        self.pool = llm.pool
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
 
     # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
     def _load_weights(self, j: int):
-        w = self.layers[j].weights
-        self.gpu.alloc(w.working_bytes(), f"working copy of layer {j} weights")
-        tensors, _ = w.load()
-        return tensors
+        return self.layers[j].weights.load(self.pool)            # (tensors, borrowed buffers)
 
-    def _release_weights(self, j: int):
-        self.gpu.free(self.layers[j].weights.working_bytes())
+    def _release(self, buffers) -> None:
+        for b in buffers:
+            self.pool.put(b)
 
     def _load_cache(self, cache: KVCache, length: int):
-        loaded = cache.read(length, self._attn_device)
-        copied = [p for p in loaded if p.tier != "gpu" or self.policy.compress_cache]
-        nbytes = sum(p.k.numel() * p.k.element_size() * 2 for p in copied)
-        self.gpu.alloc(nbytes, "working copy of a KV cache")
-        return loaded, nbytes
+        return cache.read(length, self._attn_device, self.pool)
 
     def _attn_device(self, tier: str) -> torch.device:
         if self.policy.cpu_cache_compute and tier != "gpu":
@@ -152,13 +146,13 @@ class BlockRunner:
                 if w_next is None:
                     w_next = self.io.submit(self._load_weights, 0)
                 for j in range(n_layers):
-                    w_now = w_next.result()
+                    w_now, borrowed = w_next.result()
                     w_next = None
                     if j + 1 < n_layers or step + 1 < max_new_tokens:   # prefetch the next layer's weights
                         w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
                     self._run_layer(j, w_now, [mbs[k] for k in active], step, act)
-                    self._release_weights(j)
                     del w_now
+                    self._release(borrowed)
                 for k in active:
                     self._finish_step(mbs[k], step)
                 if self.tiers.compute_device.type == "cuda":
@@ -173,8 +167,7 @@ class BlockRunner:
         finally:
             self.io.shutdown(wait=True)
             if w_next is not None:                               # a prefetch the loop did not use
-                w_next.result()
-                self._release_weights(0)
+                self._release(w_next.result()[1])
 
     def _run_layer(self, j: int, w: dict, mbs: list[MicroBatch], step: int, act: ActStore) -> None:
         layer = self.layers[j]
@@ -185,9 +178,9 @@ class BlockRunner:
                        if is_attn and self.prefix else None)
         cache_next = (self.io.submit(self._load_cache, mbs[0].caches[layer.index], own(mbs[0]))
                       if needs_cache else None)
-        prefix, prefix_bytes = prefix_next.result() if prefix_next else (None, 0)
+        prefix = prefix_next.result() if prefix_next else None
         for idx, mb in enumerate(mbs):
-            past, nbytes = (cache_next.result() if needs_cache else (None, 0))
+            past = cache_next.result() if needs_cache else None
             if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
                 nxt = mbs[idx + 1]
                 cache_next = self.io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
@@ -198,9 +191,11 @@ class BlockRunner:
                 act.drop(key)
             else:
                 act.put(key, h)
-            self.gpu.free(nbytes)
+            if past:
+                self._release([p.buffer for p in past if p.buffer is not None])
             del past
-        self.gpu.free(prefix_bytes)
+        if prefix:
+            self._release([p.buffer for p in prefix if p.buffer is not None])
 
     def _compute(self, layer: Layer, w: dict, mb: MicroBatch, h, past, prefix):
         cfg, fam = self.cfg, self.fam

@@ -96,12 +96,16 @@ class Format:
         q = quantize(x, self._row_config())
         return torch.cat([p.reshape(n, -1).view(torch.uint8) for p in q.parts()], dim=1)
 
-    def decode(self, raw: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (n, row_bytes) -> (n, *shape) in `dtype` (a view when no conversion is needed)."""
+    def decode(self, raw: torch.Tensor, shape: tuple, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (n, row_bytes) -> (n, *shape) in `dtype`: into `out` when given, else a view when no
+        conversion is needed."""
         n = raw.shape[0]
         if self.quant is None:
-            out = raw.contiguous().view(self.dtype).reshape(n, *shape)
-            return out if self.dtype == dtype else out.to(dtype)
+            vals = raw.view(self.dtype).view(n, *shape)        # rows may be strided; elements contiguous
+            if out is not None:
+                return out.copy_(vals)
+            return vals if self.dtype == dtype else vals.to(dtype)
         cfg = self._row_config()
         groups = compressed_nbytes(shape, self.quant) // (self.quant.group_size * self.quant.num_bits // 8 + 4)
         packed_w = self.quant.group_size * self.quant.num_bits // 8
@@ -111,7 +115,8 @@ class Format:
                              step.contiguous().view(torch.float16).reshape(n * groups, 1),
                              minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
                              (n, *shape), cfg)
-        return dequantize(qt, dtype)
+        vals = dequantize(qt, dtype)
+        return out.copy_(vals) if out is not None else vals
 
     def _row_config(self) -> CompressionConfig:
         # the row dimension n comes first, so a group_dim counted from the front moves by one
@@ -122,6 +127,31 @@ class Format:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+class _Staging:
+    """Page-aligned host buffers for O_DIRECT, reused by size (a fresh mmap per read costs page faults)."""
+
+    def __init__(self, keep_per_size: int = 4):
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+        self.keep = keep_per_size
+
+    def get(self, nbytes: int) -> mmap.mmap:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+        return mmap.mmap(-1, nbytes)
+
+    def put(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            free = self._free.setdefault(len(buf), [])
+            if len(free) < self.keep:
+                free.append(buf)
+
+
+STAGING = _Staging()
 
 
 class DiskFile:
@@ -145,24 +175,30 @@ class DiskFile:
 
     def write_rows(self, start: int, raw: torch.Tensor) -> None:
         n = raw.shape[0]
-        buf = mmap.mmap(-1, n * self.stride)
-        view = torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)
-        view[:, : self.row_bytes] = raw
-        _full(os.pwrite, self.fd, buf, start * self.stride)
+        buf = STAGING.get(n * self.stride)
+        try:
+            view = torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)
+            view[:, : self.row_bytes] = raw
+            _full(os.pwrite, self.fd, buf, start * self.stride)
+        finally:
+            del view
+            STAGING.put(buf)
         if not self.direct:
             os.fdatasync(self.fd)
             os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
 
-    def read_rows(self, start: int, n: int) -> torch.Tensor:
-        """uint8 (n, row_bytes): a view into a fresh page-aligned buffer."""
-        buf = mmap.mmap(-1, n * self.stride)
+    def read_rows(self, start: int, n: int) -> tuple[torch.Tensor, mmap.mmap]:
+        """uint8 (n, row_bytes) as a view into a staging buffer, and the buffer (give it back with
+        STAGING.put once the view is no longer used)."""
+        buf = STAGING.get(n * self.stride)
         got = os.preadv(self.fd, [buf], start * self.stride)
         if got != n * self.stride:
+            STAGING.put(buf)
             raise IOError(f"{self.path}: short read ({got} of {n * self.stride} bytes); the offload file "
                           "was truncated or removed while in use")
         if not self.direct:
             os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)[:, : self.row_bytes]
+        return torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)[:, : self.row_bytes], buf
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -224,6 +260,54 @@ class Tiers:
         return {name: t.peak for name, t in self.trackers.items()}
 
 
+class BufferPool:
+    """Reusable compute-form buffers keyed by (shape, dtype, device): weights_now / weights_next and
+    loaded caches reuse the same memory every layer and step instead of faulting in new pages. Held
+    buffers count on the compute device's tracker for as long as the pool keeps them."""
+
+    def __init__(self, tracker: MemoryTracker):
+        self.tracker = tracker
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple, dtype: torch.dtype, device: torch.device, what: str = "") -> torch.Tensor:
+        key = (tuple(shape), dtype, str(device))
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        nbytes = _numel(shape) * _itemsize(dtype)
+        try:
+            self.tracker.alloc(nbytes, what)
+        except MemoryBudgetError:
+            self.trim()                       # drop idle buffers of other shapes, then try once more
+            self.tracker.alloc(nbytes, what)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def put(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tuple(t.shape), t.dtype, str(t.device)), []).append(t)
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
+
+    def trim(self) -> None:
+        with self._lock:
+            for free in self._free.values():
+                for t in free:
+                    self.tracker.free(t.numel() * t.element_size())
+            self._free.clear()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 class TierArray:
     """`rows` rows of one logical shape on one tier, in one Format: the unit of placement."""
 
@@ -251,13 +335,30 @@ class TierArray:
         else:
             self.data[start: start + x.shape[0]] = raw.to(self.data.device, non_blocking=True)
 
-    def read(self, start: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, start + n) as (n, *shape) in dtype on device."""
-        raw = self.file.read_rows(start, n) if self.file is not None else self.data[start: start + n]
-        if raw.device != device and self.fmt.quant is not None:
-            raw = raw.to(device, non_blocking=True)       # move compressed, dequantize on device
-            return self.fmt.decode(raw, self.shape, dtype)
-        return self.fmt.decode(raw, self.shape, dtype).to(device, non_blocking=True)
+    def read(self, start: int, n: int, device: torch.device, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, start + n) as (n, *shape) in dtype on device; into `out` when given.
+
+        Without `out` the result may be a view of this array's memory (plain data already in the
+        wanted dtype and device), never of a disk staging buffer."""
+        staging = None
+        if self.file is not None:
+            raw, staging = self.file.read_rows(start, n)
+        else:
+            raw = self.data[start: start + n]
+        try:
+            if raw.device != device and self.fmt.quant is not None:
+                raw = raw.to(device, non_blocking=True)       # move compressed, dequantize on device
+            elif raw.device != device:
+                vals = self.fmt.decode(raw, self.shape, self.fmt.dtype)
+                return out.copy_(vals) if out is not None else vals.to(device, dtype)
+            if out is None and staging is not None and self.fmt.quant is None and self.fmt.dtype == dtype:
+                return self.fmt.decode(raw, self.shape, dtype).clone()
+            return self.fmt.decode(raw, self.shape, dtype, out)
+        finally:
+            if staging is not None:
+                del raw
+                STAGING.put(staging)
 
     def close(self) -> None:
         if self.file is not None:

@@ -13,7 +13,7 @@ import torch
 
 from .models import WeightSpec
 from .policy import Policy
-from .tiers import Format, TierArray, Tiers
+from .tiers import BufferPool, Format, TierArray, Tiers
 
 
 class CheckpointError(ValueError):
@@ -102,28 +102,26 @@ class LayerWeights:
     def __init__(self, tiers: Tiers, arrays: dict[str, TierArray]):
         self.tiers, self.arrays = tiers, arrays
 
-    def load(self) -> tuple[dict[str, torch.Tensor], int]:
-        """Compute-ready tensors and the bytes of working copies made on the compute device."""
+    def load(self, pool: BufferPool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Compute-ready tensors, and the pool buffers borrowed for them (give them back after use)."""
         dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
-        out, extra = {}, 0
+        out, borrowed = {}, []
         for name, arr in self.arrays.items():
-            t = arr.read(0, 1, dev, dtype)[0]
-            if arr.tier != "gpu" or arr.fmt.quant is not None or arr.fmt.dtype != dtype:
-                extra += t.numel() * t.element_size()
-            out[name] = t
-        return out, extra
+            if self._ready(arr):
+                out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
+            else:
+                buf = pool.get(arr.shape, dtype, dev, f"working copy of {arr.what}")
+                out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *arr.shape))[0]
+                borrowed.append(buf)
+        return out, borrowed
+
+    def _ready(self, arr: TierArray) -> bool:
+        return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype
 
     def working_bytes(self) -> int:
-        """Bytes `load` allocates on the compute device (weights not already compute-ready there)."""
+        """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
-        total = 0
-        for arr in self.arrays.values():
-            if arr.tier != "gpu" or arr.fmt.quant is not None or arr.fmt.dtype != self.tiers.compute_dtype:
-                n = 1
-                for s in arr.shape:
-                    n *= s
-                total += n * itemsize
-        return total
+        return sum(_numel(a.shape) * itemsize for a in self.arrays.values() if not self._ready(a))
 
     def bytes_on(self, tier: str) -> int:
         return sum(a.nbytes for a in self.arrays.values() if a.tier == tier)
