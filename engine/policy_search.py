@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pulp
@@ -84,6 +85,17 @@ class PolicyChoice:
     candidates_solved: int = 0
     search_s: float = 0.0
 
+    def to_dict(self) -> dict:
+        """JSON-ready figures (the policy as a dict; the hardware by host and key rates only)."""
+        return {"policy": self.policy.to_dict(), "predicted_tokens_per_s": self.predicted_tokens_per_s,
+                "predicted_prefill_s": self.predicted_prefill_s, "predicted_decode_s": self.predicted_decode_s,
+                "predicted_peaks": dict(self.predicted_peaks), "predicted_preflight": dict(self.predicted_preflight),
+                "placement": self.placement, "binding_constraints": list(self.binding_constraints),
+                "candidates_solved": self.candidates_solved, "search_s": self.search_s,
+                "hardware": {"host": self.hardware.host, "measured_at": self.hardware.measured_at,
+                             "matmul_flops": self.hardware.matmul_flops,
+                             "disk_read_bytes_per_s": self.hardware.disk_read_bytes_per_s}}
+
 
 # ---- the model's shape as the engine places it ------------------------------------------------------
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class _Tensor:
     mid: float               # midpoint of its bytes within its layer, in percent (choose_tiers' rule)
     nbytes: tuple            # bytes held on (gpu, cpu, disk) in that tier's format
     quantized: bool
+    shape: tuple             # the engine's buffer pool reuses working copies by shape
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,11 @@ class _Setup:
         return self.s + self.gen
 
     @property
+    def counts(self) -> dict:
+        """kind -> how many layers of that kind the schedule runs per step."""
+        return {k: self.plan.count(k) for k in self.kinds}
+
+    @property
     def slots(self) -> dict:
         """(kind, next kind) -> how many times that pair occurs per step (the plan wraps around)."""
         out = {}
@@ -164,7 +182,7 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             q = compress_weight and len(shape) >= 2
             stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
             on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
-            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q))
+            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, shape))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -207,20 +225,29 @@ class _Placement:
     c_gpu: list              # sequences of each micro-batch on gpu
     c_gpu_cpu: list          # ... on gpu or cpu (the rest on disk)
     act: dict                # tier -> coef
+    memo: dict = field(default_factory=dict)
 
-    def weights(self, kind: _Kind, what) -> dict:
-        """tier -> sum of what(tensor, tier) over the kind's tensors homed on that tier."""
+    def weights(self, kind: _Kind, key: str, what) -> dict:
+        """tier -> sum of what(tensor, tier) over the kind's tensors homed on that tier (memoized by key)."""
+        if (kind.name, key) not in self.memo:
+            self.memo[(kind.name, key)] = self._weights(kind, what)
+        return self.memo[(kind.name, key)]
+
+    def cache(self, key: str, fn) -> dict:
+        """tier -> fn(tier, sequences there); exact for gpu and disk, fn must be linear in n for cpu."""
+        if key not in self.memo:
+            self.memo[key] = {
+                "gpu": _dot(self.c_gpu, lambda n: fn("gpu", n)),
+                "cpu": _dot(self.c_gpu_cpu, lambda n: fn("cpu", n)) - _dot(self.c_gpu, lambda n: fn("cpu", n)),
+                "disk": _dot(self.c_gpu_cpu, lambda n: fn("disk", self.b - n))}
+        return self.memo[key]
+
+    def _weights(self, kind: _Kind, what) -> dict:
         below = lambda tier: (lambda g: kind.at_or_below(g, lambda x: what(x, tier)))
         every = lambda tier: sum(what(x, tier) for x in kind.tensors)
         return {"gpu": _dot(self.w_gpu, below("gpu")),
                 "cpu": _dot(self.w_gpu_cpu, below("cpu")) - _dot(self.w_gpu, below("cpu")),
                 "disk": _dot(self.w_gpu_cpu, lambda g: every("disk") - below("disk")(g))}
-
-    def cache(self, fn) -> dict:
-        """tier -> fn(tier, sequences there); exact for gpu and disk, fn must be linear in n for cpu."""
-        return {"gpu": _dot(self.c_gpu, lambda n: fn("gpu", n)),
-                "cpu": _dot(self.c_gpu_cpu, lambda n: fn("cpu", n)) - _dot(self.c_gpu, lambda n: fn("cpu", n)),
-                "disk": _dot(self.c_gpu_cpu, lambda n: fn("disk", self.b - n))}
 
 
 def _const_placement(policy: Policy) -> _Placement:
@@ -280,10 +307,10 @@ def _widen(st: _Setup, elems, quantized: bool = False):
 def _weight_load(st: _Setup, p: _Placement, kind: _Kind) -> tuple:
     """(I/O-thread seconds, of which CPU work) to make one layer's weights compute-ready."""
     hw = st.hw
-    plain = p.weights(kind, lambda x, tier: 0 if x.quantized else x.elems)
-    quant = p.weights(kind, lambda x, tier: x.elems if x.quantized else 0)
-    disk = p.weights(kind, lambda x, tier: x.nbytes[2])["disk"]
-    n_disk = p.weights(kind, lambda x, tier: 1)["disk"]
+    plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized else 0)
+    disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
+    n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
     cpu_work = (_widen(st, plain["cpu"] + plain["disk"]) + _widen(st, quant["gpu"] + quant["cpu"] + quant["disk"], True)
                 + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s)
     disk_wait = disk / hw.disk_read_bytes_per_s + n_disk * hw.disk_read_latency_s
@@ -293,7 +320,7 @@ def _weight_load(st: _Setup, p: _Placement, kind: _Kind) -> tuple:
 def _cache_load(st: _Setup, p: _Placement, t: float) -> tuple:
     """(I/O-thread seconds, of which CPU work) to load one micro-batch's past keys/values of one layer."""
     hw, per_seq = st.hw, 2 * st.cfg.kv_dim * t
-    seqs = p.cache(lambda tier, n: n)
+    seqs = p.cache("sequences", lambda tier, n: n)
     away = seqs["cpu"] + seqs["disk"]
     if st.compress_cache:
         cpu_work = st.b * per_seq / hw.dequant_elems_per_s
@@ -301,8 +328,8 @@ def _cache_load(st: _Setup, p: _Placement, t: float) -> tuple:
         cpu_work = away * per_seq / hw.convert_elems_per_s
     else:
         cpu_work = _widen(st, away * per_seq)
-    disk_rows = p.cache(lambda tier, n: _cache_row_bytes(st, tier, n) if tier == "disk" else 0)["disk"]
-    disk_reads = p.cache(lambda tier, n: 1 if tier == "disk" and n > 0 else 0)["disk"]
+    disk_rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))["disk"]
+    disk_reads = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
     cpu_work += disk_rows * t / hw.memcpy_bytes_per_s + 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
     disk_wait = disk_rows * t / hw.disk_read_bytes_per_s + disk_reads * hw.disk_read_latency_s
     return cpu_work + disk_wait, cpu_work
@@ -312,14 +339,14 @@ def _cache_store(st: _Setup, p: _Placement, phase: str) -> tuple:
     """(I/O-thread seconds, of which CPU work) to store one micro-batch's new keys/values of one layer."""
     hw, q = st.hw, (st.s if phase == "prefill" else 1)
     elems = 2 * st.b * q * st.cfg.kv_dim
-    on_gpu = p.cache(lambda tier, n: n)["gpu"] / st.b
+    on_gpu = p.cache("sequences", lambda tier, n: n)["gpu"] / st.b
     if st.compress_cache:
         cpu_work = elems / hw.quant_elems_per_s
     else:   # rounded through the storage dtype; on a CPU compute device the gpu tier widens it back
         cpu_work = elems / hw.narrow_elems_per_s + (0 if st.cuda else elems * on_gpu / hw.convert_elems_per_s)
     cpu_work += elems * st.itemsize * 3 / hw.memcpy_bytes_per_s + OPS_PER_CACHE_STORE * hw.op_overhead_s
-    disk_rows = p.cache(lambda tier, n: _cache_row_bytes(st, tier, n) if tier == "disk" else 0)["disk"]
-    disk_writes = p.cache(lambda tier, n: 1 if tier == "disk" and n > 0 else 0)["disk"]
+    disk_rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))["disk"]
+    disk_writes = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
     disk_wait = disk_rows * q / hw.disk_write_bytes_per_s + disk_writes * hw.disk_write_latency_s
     return cpu_work + disk_wait, cpu_work
 
@@ -357,7 +384,7 @@ def _slot_bounds(st: _Setup, p: _Placement, kind: str, nxt: str, phase: str) -> 
 # ---- memory ----------------------------------------------------------------------------------------
 def _working(st: _Setup, p: _Placement, kind: _Kind):
     """Bytes LayerWeights.working_bytes allocates on the compute device for one layer."""
-    on = p.weights(kind, lambda x, tier: x.elems * st.itemsize if tier != "gpu" or x.quantized else 0)
+    on = p.weights(kind, "working", lambda x, tier: x.elems * st.itemsize if tier != "gpu" or x.quantized else 0)
     return on["gpu"] + on["cpu"] + on["disk"]
 
 
@@ -365,15 +392,20 @@ def _memory(st: _Setup, p: _Placement) -> dict:
     """Named byte expressions: what each tier holds, and the engine's working copies and pre-flight terms."""
     cfg, b, nb = st.cfg, st.b, st.nb
     weights = {t: 0 for t in TIERS}
-    for name in st.plan:
-        on = p.weights(st.kinds[name], lambda x, tier: x.nbytes[TIERS.index(tier)])
-        weights = {t: weights[t] + on[t] for t in TIERS}
-    rows = p.cache(lambda tier, n: _cache_row_bytes(st, tier, n))
+    for name, count in st.counts.items():
+        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: x.nbytes[TIERS.index(tier)])
+        weights = {t: weights[t] + count * on[t] for t in TIERS}
+    rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
     working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
-    copied = b if st.compress_cache else b - p.cache(lambda tier, n: n)["gpu"]
-    if st.cuda and st.cpu_cache_compute and not st.compress_cache:
-        copied = b - p.cache(lambda tier, n: n)["gpu"] - p.cache(lambda tier, n: n)["cpu"] - p.cache(lambda tier, n: n)["disk"]
+    copied = b if st.compress_cache else b - p.cache("sequences", lambda tier, n: n)["gpu"]   # sequences loaded as copies
+    shapes = {x.shape for k in st.kinds.values() for x in k.tensors}
+    pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
+    for shape in shapes:
+        for name, kind in st.kinds.items():
+            on = p.weights(kind, f"borrowed_{shape}", lambda x, tier: 1 if x.shape == shape and (
+                tier != "gpu" or x.quantized) else 0)
+            pooled.setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
@@ -381,7 +413,8 @@ def _memory(st: _Setup, p: _Placement) -> dict:
         "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
         "working_pairs": {pair: working[pair[0]] + working[pair[1]] for pair in st.slots},
         "working_each": working,
-        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * max(1, st.max_len - 2) * st.itemsize,
+        "pool_counts": pooled,
+        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len * st.itemsize,   # full-length buffers
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
         "preflight_cache_copies": 4 * b * st.max_len * cfg.kv_dim * st.itemsize,
         "transient": b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size) * st.itemsize + b * st.s * st.s * st.itemsize,
@@ -418,14 +451,20 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
 
 
 def _peaks(st: _Setup, m: dict, biggest) -> tuple[dict, dict]:
-    """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement."""
-    work = biggest(m["working_pairs"].values())
+    """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement.
+
+    On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
+    copies as two neighbouring layers ever borrow at once, and trims them when the budget is hit."""
+    itemsize = st.itemsize
+    pooled = sum(math.prod(shape) * itemsize * max(counts[a] + counts[c] for a, c in st.slots)
+                 for shape, counts in m["pool_counts"].items())
     peaks = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]
-        pre = base + m["act_prefill"][t] + (work if t == "gpu" else 0)
-        dec = base + m["act_decode"][t] + (work + m["cache_copies"] if t == "gpu" else 0)
+        pre = base + m["act_prefill"][t] + (pooled if t == "gpu" else 0)
+        dec = base + m["act_decode"][t] + (pooled + m["cache_copies"] if t == "gpu" else 0)
         peaks[t] = max(pre, dec)
+    peaks["gpu"] = min(peaks["gpu"], st.caps["gpu"])
     preflight = {t: m["weights"][t] + m["cache"][t] + m["preflight_act"][t] for t in TIERS}
     preflight["gpu"] += 2 * biggest(m["working_each"].values()) + m["preflight_cache_copies"]
     return peaks, preflight
@@ -445,12 +484,13 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
     dominating everything else): the optimum then says which tier is short and by how much.
     """
     prob = pulp.LpProblem(f"placement_b{st.b}_nb{st.nb}", pulp.LpMinimize)
-    binary = lambda name: pulp.LpVariable(name, cat=pulp.LpBinary)
+    binary = lambda name: prob.add_variable(name, 0, 1, cat=pulp.LpBinary)
     g_vals = _thresholds(st.kinds)
     w_gpu = [(g, binary(f"w_gpu_pct_{_name(g)}")) for g in g_vals]
     w_gc = [(g, binary(f"w_gpu_cpu_pct_{_name(g)}")) for g in g_vals]
-    c_gpu = [(n, binary(f"cache_gpu_seqs_{n}")) for n in range(st.b + 1)]
-    c_gc = [(n, binary(f"cache_gpu_cpu_seqs_{n}")) for n in range(st.b + 1)]
+    counts = range(0, st.b + 1, max(1, st.b // 64))      # whole sequences; 1/64 steps above 64
+    c_gpu = [(n, binary(f"cache_gpu_seqs_{n}")) for n in counts]
+    c_gc = [(n, binary(f"cache_gpu_cpu_seqs_{n}")) for n in counts]
     act = {t: binary(f"act_on_{t}") for t in TIERS}
     for label, sel in (("weight_gpu_threshold", w_gpu), ("weight_gpu_cpu_threshold", w_gc),
                        ("cache_gpu_count", c_gpu), ("cache_gpu_cpu_count", c_gc)):
@@ -461,13 +501,13 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
     p = _Placement(st.b, w_gpu, w_gc, c_gpu, c_gc, act)
 
     total = _weight_elems(st)
-    weight_frac = {t: pulp.LpVariable(f"weight_frac_{t}", 0, 1) for t in TIERS}
-    cache_frac = {t: pulp.LpVariable(f"cache_frac_{t}", 0, 1) for t in TIERS}
+    weight_frac = {t: prob.add_variable(f"weight_frac_{t}", 0, 1) for t in TIERS}
+    cache_frac = {t: prob.add_variable(f"cache_frac_{t}", 0, 1) for t in TIERS}
     elems = {t: 0 for t in TIERS}
-    for name in st.plan:
-        on = p.weights(st.kinds[name], lambda x, tier: x.elems)
-        elems = {t: elems[t] + on[t] for t in TIERS}
-    seqs = p.cache(lambda tier, n: n)
+    for name, count in st.counts.items():
+        on = p.weights(st.kinds[name], "elems", lambda x, tier: x.elems)
+        elems = {t: elems[t] + count * on[t] for t in TIERS}
+    seqs = p.cache("sequences", lambda tier, n: n)
     for t in TIERS:
         prob += weight_frac[t] == elems[t] * (1 / total), f"weight_frac_{t}_definition"
         prob += cache_frac[t] == seqs[t] * (1 / st.b), f"cache_frac_{t}_definition"
@@ -475,7 +515,7 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
     seconds = {}
     for (kind, nxt), count in st.slots.items():
         for phase in ("prefill", "decode"):
-            var = pulp.LpVariable(f"{phase}_time_{kind}_to_{nxt}", 0)
+            var = prob.add_variable(f"{phase}_time_{kind}_to_{nxt}", 0)
             seconds[(phase, kind, nxt)] = (var, count)
             for bound, expr in _slot_bounds(st, p, kind, nxt, phase).items():
                 prob += var >= expr, f"{phase}_{kind}_to_{nxt}_{bound}"
@@ -484,11 +524,11 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
     block_seconds = prefill + max(0, st.gen - 1) * step
 
     m = _memory(st, p)
-    short = {t: pulp.LpVariable(f"short_{t}", 0) if elastic else 0 for t in (*TIERS, "ram")}
-    work_peak = pulp.LpVariable("gpu_working_weights_peak", 0)
+    short = {t: prob.add_variable(f"short_{t}", 0) if elastic else 0 for t in (*TIERS, "ram")}
+    work_peak = prob.add_variable("gpu_working_weights_peak", 0)
     for (a, c), expr in m["working_pairs"].items():
         prob += work_peak >= expr, f"gpu_working_weights_{a}_then_{c}"
-    work_max = pulp.LpVariable("gpu_largest_layer_working_copy", 0)
+    work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():
         prob += work_max >= expr, f"gpu_working_copy_{k}"
     peak = {}
@@ -513,7 +553,9 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
 
 
 def _solve(prob: pulp.LpProblem) -> str:
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-6, timeLimit=20))
+    with warnings.catch_warnings():   # PuLP 3.3 flags its bundled CBC as deprecated; it is the one CBC here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-6, timeLimit=20))
     return pulp.LpStatus[prob.status]
 
 
@@ -548,21 +590,49 @@ def _setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_laye
 
 
 def _lower_bound_seconds(st: _Setup) -> float:
-    """Seconds per block no placement can beat: compute alone (plus dequantizing every weight when 4-bit)."""
-    t = st.s + max(0, st.gen - 2) / 2
+    """Seconds per block that no placement can beat, for pruning: per step, the compute; the disk
+    reads of the weights that cannot fit the gpu and cpu caps; on CPU, compute plus converting
+    every weight not on the gpu tier (and dequantizing every 4-bit one)."""
+    hw, t = st.hw, st.s + max(0, st.gen - 2) / 2
+    tensors = [(x, st.counts[k]) for k, kind in st.kinds.items() for x in kind.tensors]
+    elems = sum(x.elems * n for x, n in tensors)
+    quant = sum(x.elems * n for x, n in tensors if x.quantized)
+    min_bytes = min(x.nbytes[1] / x.elems for x, _ in tensors)             # cheapest bytes per element
+    room = st.caps["gpu"] + st.caps["cpu"] if st.cuda else min(st.caps["gpu"] + st.caps["cpu"], st.hw.ram_available)
+    disk_read = max(0.0, elems - room / min_bytes) * min_bytes / hw.disk_read_bytes_per_s
+    widen = 0.0
+    if not st.cuda:
+        widen = quant / hw.dequant_elems_per_s
+        if not st.compress_weight and st.storage_bytes != st.itemsize:
+            widen += max(0.0, elems - st.caps["gpu"] / st.itemsize) / hw.convert_elems_per_s
     total = 0.0
-    for (kind, _), count in st.slots.items():
-        for phase, times in (("prefill", 1), ("decode", max(0, st.gen - 1))):
-            sec = st.nb * _compute_mb(st, kind, phase, t)
-            if st.compress_weight and not st.cuda:
-                sec += sum(x.elems for x in st.kinds[kind].tensors if x.quantized) / st.hw.dequant_elems_per_s
-            total += sec * count * times
+    for phase, steps in (("prefill", 1), ("decode", max(0, st.gen - 1))):
+        compute = sum(count * st.nb * _compute_mb(st, kind, phase, t) for (kind, _), count in st.slots.items())
+        cache = 0.0
+        if st.compress_cache and not st.cuda:          # every cache row is (de)quantized wherever it lives
+            rows = 2 * st.cfg.kv_dim * st.b * st.nb * st.cfg.num_layers
+            cache = rows * (st.s if phase == "prefill" else 1) / hw.quant_elems_per_s
+            cache += rows * t / hw.dequant_elems_per_s if phase == "decode" else 0.0
+        total += steps * max(compute, disk_read, compute + widen + cache)
     return total
+
+
+def _surely_too_big(st: _Setup) -> bool:
+    """Placement-independent memory needs that already exceed the caps (a quick filter before the program)."""
+    cfg = st.cfg
+    copies = 4 * st.b * st.max_len * cfg.kv_dim * st.itemsize           # the engine's pre-flight reserve
+    transient = st.b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size + st.s) * st.itemsize
+    weights = sum(min(x.nbytes) * st.counts[k] for k, kind in st.kinds.items() for x in kind.tensors)
+    row = min(_cache_row_bytes(st, "cpu", st.b), _cache_row_bytes(st, "gpu", st.b))
+    cache = row * st.max_len * cfg.num_layers * st.nb
+    total = st.caps["gpu"] + st.caps["cpu"] + st.caps["disk"]
+    ram = not st.cuda and copies + transient + PROCESS_BASE_BYTES > st.hw.ram_available
+    return copies > st.caps["gpu"] or weights + cache + copies > total or ram
 
 
 def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, *,
                   gpu_mem=None, cpu_mem=None, disk_mem=None, compress_weight: bool | None = None,
-                  compress_cache: bool | None = None, storage_bytes: int = 2, max_block_size: int = 256,
+                  compress_cache: bool | None = None, storage_bytes: int = 2, max_block_size: int = 64,
                   overlap: bool = True, sep_layer: bool = True) -> PolicyChoice:
     """The fastest policy (by the cost model) that fits the caps, with its predicted figures.
 
@@ -589,25 +659,37 @@ def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_
                                 storage_bytes, sep_layer, caps)
                     candidates.append((b * nb * gen_len / _lower_bound_seconds(st), st))
     candidates.sort(key=lambda c: -c[0])
-    best, best_rate, solved, infeasible = None, 0.0, 0, []
-    for bound, st in candidates:
-        if bound <= best_rate * (1 + 1e-9):
-            break                                   # no remaining shape can beat the best found
+    state = {"best": None, "rate": 0.0, "solved": 0, "infeasible": [], "tried": set()}
+
+    def attempt(st: _Setup) -> None:
         key = (st.compress_weight, st.compress_cache, st.cpu_cache_compute)
-        if any(k == key and b <= st.b and nb <= st.nb for k, b, nb in infeasible):
-            continue                                # a smaller block with the same options already did not fit
+        if id(st) in state["tried"] or any(k == key and b <= st.b and nb <= st.nb for k, b, nb in state["infeasible"]):
+            return                                  # done, or a smaller block with these options did not fit
+        state["tried"].add(id(st))
+        if _surely_too_big(st):
+            state["infeasible"].append((key, st.b, st.nb))
+            return
         prob, p, info = placement_lp(st)
-        solved += 1
+        state["solved"] += 1
         if _solve(prob) != "Optimal":
-            infeasible.append((key, st.b, st.nb))
-            continue
+            state["infeasible"].append((key, st.b, st.nb))
+            return
         policy = _policy_from(st, p, sep_layer)
         pred = predict(config, hardware, policy, prompt_len, gen_len, storage_bytes=storage_bytes, **_cap_kwargs(caps))
-        if pred.fits and pred.tokens_per_s > best_rate:
-            binding = tuple(name for name, c in prob.constraints.items()
-                            if abs(c.slack or 0.0) < 1e-7 and not name.endswith("definition") and not name.startswith("one_"))
+        if pred.fits and pred.tokens_per_s > state["rate"]:
+            binding = tuple(c.name for c in prob.constraints() if not c.name.endswith("definition")
+                            and not c.name.startswith("one_") and abs(c.slack or 0.0) <= 1e-6 * max(1.0, abs(c.constant)))
             placement = {k: {t: info[k][t].value() for t in TIERS} for k in ("weight_frac", "cache_frac")}
-            best, best_rate = (pred, placement, binding), pred.tokens_per_s
+            state["best"], state["rate"] = (pred, placement, binding), pred.tokens_per_s
+
+    for _, st in candidates:                        # the smallest block of each option first: if it
+        if st.b == 1 and st.nb == 1:                # does not fit, no block with that option does
+            attempt(st)
+    for bound, st in candidates:
+        if bound <= state["rate"] * (1 + 1e-9):
+            break                                   # no remaining shape can beat the best found
+        attempt(st)
+    best, solved = state["best"], state["solved"]
     if best is None:
         raise _shortfall_error(config, hardware, prompt_len, gen_len, caps, compress_weight, compress_cache,
                                storage_bytes, overlap, sep_layer)
@@ -644,15 +726,22 @@ def _shortfall_error(config, hw, s, gen, caps, cw, cc, storage_bytes, overlap, s
                              f"smallest policy ({smallest}); {fixes}, or use shorter prompts", short)
 
 
-def auto_policy(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
-                gen_len: int = 32) -> Policy:
-    """The searched policy for this machine (cached probe) under the caps of `tiers`."""
+def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
+                gen_len: int = 32, max_block_size: int = 64) -> PolicyChoice:
+    """The searched policy and its predictions for this machine (cached probe) under the caps of `tiers`."""
+    hw = load_hardware()
     caps = {t: tiers.trackers[t].capacity - tiers.trackers[t].current for t in TIERS}
+    caps["disk"] = min(caps["disk"], hw.disk_mem)
     if getattr(tiers, "offload_dir", None) is None:
         caps["disk"] = 0                              # no offload folder: nothing can live on disk
-    hw = load_hardware()
-    prompt_len = min(prompt_len, config.max_positions - 1)
+    prompt_len = max(1, min(prompt_len, config.max_positions - 1))
     gen_len = max(1, min(gen_len, config.max_positions - prompt_len))
     storage_bytes = torch.empty((), dtype=storage).element_size()
     return search_policy(config, hw, prompt_len, gen_len, storage_bytes=storage_bytes,
-                         **_cap_kwargs(caps)).policy
+                         max_block_size=max_block_size, **_cap_kwargs(caps))
+
+
+def auto_policy(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
+                gen_len: int = 32, max_block_size: int = 64) -> Policy:
+    """The searched policy for this machine (cached probe) under the caps of `tiers`."""
+    return auto_choice(config, tiers, storage, prompt_len, gen_len, max_block_size).policy

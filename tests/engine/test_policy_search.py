@@ -1,0 +1,219 @@
+"""The policy search: chosen policies fit their caps (on paper and in the engine), more memory never
+predicts less throughput, impossible caps say what is short, the program names things by meaning.
+
+A fixed synthetic Hardware keeps these tests deterministic and free of probing.
+"""
+import json
+
+import pytest
+import torch
+
+from engine import LLM, MemoryBudgetError, Policy
+from engine import policy_search as ps
+from engine.config import opt_config, read_hf_config
+from engine.hardware import Hardware
+from engine.policy_search import PolicySearchError, predict, search_policy
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture(scope="module")
+def hw():
+    return Hardware(
+        host="test", cpu_count=2, torch_threads=2, compute_device="cpu", compute_dtype="float32",
+        matmul_flops=140e9, matmul_rows=2048,
+        matmul_small_m=((1, 6e9), (2, 10e9), (4, 18e9), (8, 30e9), (16, 50e9), (32, 70e9), (64, 90e9),
+                        (128, 110e9), (256, 120e9), (512, 130e9)),
+        attn_prefill_flops=60e9, attn_decode_bytes_per_s=4e9, memcpy_bytes_per_s=12e9,
+        convert_elems_per_s=1.2e9, narrow_elems_per_s=1.0e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0,
+        dequant_elems_per_s=0.15e9, quant_elems_per_s=0.1e9, disk_read_bytes_per_s=0.7e9,
+        disk_write_bytes_per_s=1.2e9, disk_read_latency_s=150e-6, disk_write_latency_s=250e-6,
+        disk_direct=True, op_overhead_s=4e-6, gpu_mem=20 * GiB, cpu_mem=20 * GiB, disk_mem=100 * GiB,
+        ram_available=20 * GiB)
+
+
+@pytest.fixture(scope="module")
+def small_opt(tmp_path_factory):
+    """A small OPT shape (config.json only; run with dummy=True): big enough that caps force offloading."""
+    path = tmp_path_factory.mktemp("opt-small")
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "opt", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 128, "word_embed_proj_dim": 64,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}))
+    return path
+
+
+def _fits(choice, caps):
+    for tier, cap in caps.items():
+        assert choice.predicted_peaks[tier] <= cap, (tier, choice.predicted_peaks[tier], cap)
+        assert choice.predicted_preflight[tier] <= cap, (tier, choice.predicted_preflight[tier], cap)
+
+
+@pytest.mark.parametrize("caps", [
+    {"gpu_mem": 400 * MiB, "cpu_mem": 200 * MiB, "disk_mem": 10 * GiB},
+    {"gpu_mem": 900 * MiB, "cpu_mem": 4 * GiB, "disk_mem": 0},
+    {"gpu_mem": 350 * MiB, "cpu_mem": 100 * MiB, "disk_mem": 10 * GiB},
+])
+def test_chosen_policy_fits_the_caps(hw, caps):
+    choice = search_policy(opt_config("opt-125m"), hw, 128, 16, **caps)
+
+    _fits(choice, {t: caps[f"{t}_mem"] for t in ("gpu", "cpu", "disk")})
+    assert choice.predicted_tokens_per_s > 0
+    assert choice.predicted_prefill_s > 0 and choice.predicted_decode_s > 0
+    # the searched figures are those of predict() on the same policy: one cost model
+    again = predict(opt_config("opt-125m"), hw, choice.policy, 128, 16, **caps)
+    assert again.tokens_per_s == pytest.approx(choice.predicted_tokens_per_s)
+    assert again.fits
+
+
+def test_offloading_caps_force_lower_tiers(hw):
+    cfg = opt_config("opt-350m")
+    free = search_policy(cfg, hw, 64, 8, disk_mem=10 * GiB)
+    tight = search_policy(cfg, hw, 64, 8, gpu_mem=500 * MiB, cpu_mem=200 * MiB, disk_mem=10 * GiB)
+
+    assert free.policy.w_gpu_percent == 100
+    assert tight.policy.w_gpu_percent < 100 and tight.predicted_peaks["disk"] > 0
+    assert tight.predicted_tokens_per_s < free.predicted_tokens_per_s
+
+
+def test_engine_runs_the_chosen_policy_within_its_caps(hw, small_opt, tmp_path):
+    cfg = read_hf_config(small_opt)
+    caps = {"gpu_mem": 400_000, "cpu_mem": 60_000, "disk_mem": 50 * MiB}
+    prompt_len, gen_len = 12, 4
+    choice = search_policy(cfg, hw, prompt_len, gen_len, max_block_size=8, **caps)
+    policy = choice.policy
+    assert policy.w_gpu_percent < 100                       # the caps really force offloading
+
+    llm = LLM.from_pretrained(small_opt, policy=policy, dummy=True, offload_dir=tmp_path / "off", progress=False,
+                              **caps)
+    try:
+        prompts = torch.randint(3, 90, (policy.block_size, prompt_len), generator=torch.Generator().manual_seed(0))
+        out = llm.generate(prompts.tolist(), max_new_tokens=gen_len, ignore_eos=True)
+        peaks = llm.last_stats["peak_bytes"]
+    finally:
+        llm.close()
+
+    assert all(len(o) == gen_len for o in out)
+    for tier in ("gpu", "cpu", "disk"):
+        assert peaks[tier] <= caps[f"{tier}_mem"]
+        assert peaks[tier] == choice.predicted_peaks[tier]       # the model mirrors the engine's trackers
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=40,
+           cache_gpu_percent=25, cache_cpu_percent=50),
+    Policy(gpu_batch_size=3, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
+           act_gpu_percent=0, act_cpu_percent=0),
+    Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=60, cache_gpu_percent=50, act_gpu_percent=0,
+           act_cpu_percent=100, compress_weight=True, compress_cache=True),
+    Policy(gpu_batch_size=4, w_gpu_percent=50, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=100,
+           overlap=False, sep_layer=False),
+])
+def test_predicted_peaks_equal_the_engines_trackers(hw, small_opt, tmp_path, policy):
+    cfg = read_hf_config(small_opt)
+    llm = LLM.from_pretrained(small_opt, policy=policy, dummy=True, offload_dir=tmp_path / "off", progress=False)
+    try:
+        prompts = torch.randint(3, 90, (policy.block_size, 10), generator=torch.Generator().manual_seed(1))
+        llm.generate(prompts.tolist(), max_new_tokens=5, ignore_eos=True)
+        measured = llm.last_stats["peak_bytes"]
+    finally:
+        llm.close()
+
+    assert predict(cfg, hw, policy, 10, 5).peaks == measured
+
+
+@pytest.mark.parametrize("tier", ["gpu", "cpu"])
+def test_more_memory_never_predicts_less_throughput(hw, tier):
+    cfg = opt_config("opt-350m")
+    fixed = {"gpu_mem": 300 * MiB, "cpu_mem": 300 * MiB, "disk_mem": 20 * GiB}
+    rates = []
+    for cap in (250, 400, 700, 1200, 2400):
+        caps = dict(fixed, **{f"{tier}_mem": cap * MiB})
+        rates.append(search_policy(cfg, hw, 64, 8, max_block_size=32, **caps).predicted_tokens_per_s)
+
+    assert all(b >= a * (1 - 1e-6) for a, b in zip(rates, rates[1:])), rates
+    assert rates[-1] > rates[0]
+
+
+def test_impossible_caps_name_the_short_tier(hw):
+    with pytest.raises(PolicySearchError) as err:
+        search_policy(opt_config("opt-125m"), hw, 128, 8, gpu_mem=2 * MiB, cpu_mem=4 * GiB, disk_mem=10 * GiB)
+
+    assert isinstance(err.value, MemoryBudgetError)
+    assert set(err.value.shortfall) == {"gpu"} and err.value.shortfall["gpu"] > 0
+    msg = str(err.value)
+    assert "gpu tier is short by" in msg and "--gpu-mem" in msg
+
+
+def test_impossible_caps_without_disk_name_every_short_tier(hw):
+    # opt-125m needs about 250 MB in fp16 somewhere; 20 MB of CPU and no disk cannot hold it
+    with pytest.raises(PolicySearchError) as err:
+        search_policy(opt_config("opt-125m"), hw, 64, 8, gpu_mem=100 * MiB, cpu_mem=20 * MiB, disk_mem=0)
+
+    short = err.value.shortfall
+    assert short and set(short) <= {"gpu", "cpu", "disk"}
+    # whichever tiers the cheapest fix names, together they must cover the missing weight bytes
+    assert sum(short.values()) > 50 * MiB
+    assert "short by" in str(err.value)
+
+
+def test_program_names_variables_and_constraints_by_meaning(hw):
+    st = ps._setup(opt_config("opt-125m"), hw, 64, 8, 4, 2, False, False, False, True, 2, True,
+                   {"gpu": GiB, "cpu": GiB, "disk": 10 * GiB})
+    prob, _, _ = ps.placement_lp(st)
+    variables = {v.name for v in prob.variables()}
+    constraints = {c.name for c in prob.constraints()}
+
+    for name in ("weight_frac_gpu", "weight_frac_cpu", "weight_frac_disk", "cache_frac_gpu", "cache_frac_disk",
+                 "act_on_gpu", "act_on_disk", "decode_time_attn_to_mlp", "prefill_time_head_to_embed"):
+        assert name in variables, name
+    for name in ("gpu_peak_prefill", "gpu_peak_decode", "cpu_peak_decode", "disk_peak_prefill",
+                 "gpu_engine_preflight", "ram_in_use_prefill", "decode_attn_to_mlp_io_thread",
+                 "decode_attn_to_mlp_first_cache_after_weights", "prefill_mlp_to_attn_cpu_cores",
+                 "weight_cpu_share_nonnegative", "act_on_one_tier"):
+        assert name in constraints, name
+
+
+def test_search_reports_binding_constraints_and_placement(hw):
+    choice = search_policy(opt_config("opt-125m"), hw, 128, 8, gpu_mem=400 * MiB, cpu_mem=100 * MiB,
+                           disk_mem=10 * GiB, max_block_size=16)
+
+    assert any("time" in c or "thread" in c or "cores" in c for c in choice.binding_constraints)
+    assert choice.predicted_peaks["gpu"] >= 0.8 * 400 * MiB           # the tight tier is nearly full
+    assert sum(choice.placement["weight_frac"].values()) == pytest.approx(1.0)
+    assert sum(choice.placement["cache_frac"].values()) == pytest.approx(1.0)
+    assert choice.to_dict()["policy"]["gpu_batch_size"] == choice.policy.gpu_batch_size
+
+
+def test_auto_policy_uses_the_tiers_caps(hw, small_opt, tmp_path, monkeypatch):
+    monkeypatch.setattr(ps, "load_hardware", lambda: hw)
+    caps = {"gpu_mem": 400_000, "cpu_mem": 60_000, "disk_mem": 50 * MiB}
+
+    llm = LLM.from_pretrained(small_opt, policy="auto", dummy=True, offload_dir=tmp_path / "off", progress=False,
+                              **caps)
+    try:
+        out = llm.generate([[5, 6, 7, 8]] * 3, max_new_tokens=3, ignore_eos=True)
+        peaks = llm.last_stats["peak_bytes"]
+    finally:
+        llm.close()
+
+    assert llm.policy.w_gpu_percent < 100
+    assert all(len(o) == 3 for o in out)
+    assert all(peaks[t] <= caps[f"{t}_mem"] for t in ("gpu", "cpu", "disk"))
+
+
+def test_auto_policy_without_offload_dir_keeps_off_disk(hw, monkeypatch):
+    from engine.tiers import Tiers
+    monkeypatch.setattr(ps, "load_hardware", lambda: hw)
+
+    policy = ps.auto_policy(opt_config("opt-125m"), Tiers(None, gpu_mem=400 * MiB, cpu_mem=2 * GiB), prompt_len=64,
+                            gen_len=8, max_block_size=16)
+
+    assert policy.percents("w")[2] == 0 and policy.percents("cache")[2] == 0 and policy.act_tier != "disk"
+
+
+def test_bad_workloads_are_rejected(hw):
+    with pytest.raises(ValueError, match="context window"):
+        search_policy(opt_config("opt-125m"), hw, 2040, 32)
+    with pytest.raises(ValueError, match="at least 1"):
+        search_policy(opt_config("opt-125m"), hw, 64, 0)
