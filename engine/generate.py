@@ -25,8 +25,9 @@ class LLM:
     """A decoder-only model whose weights, KV cache and activations are placed by a Policy."""
 
     def __init__(self, config: ModelConfig, source, policy: Policy, tiers: Tiers, storage: torch.dtype,
-                 tokenizer=None, progress: bool = True):
+                 tokenizer=None, progress: bool = True, stage: tuple[int, int] | None = None):
         self.config, self.policy, self.tiers, self.storage = config, policy, tiers, storage
+        self.stage = stage                                 # (rank, world) of a pipeline; None = all layers
         self.family = model_family(config.family)
         self.tokenizer = tokenizer
         self.progress = progress
@@ -40,12 +41,14 @@ class LLM:
     def from_pretrained(cls, path_or_name: str | Path, policy: Policy | str | dict | None = None,
                         offload_dir: str | Path | None = None, dummy: bool = False,
                         dtype: str | torch.dtype = "float16", gpu_mem=None, cpu_mem=None, disk_mem=None,
-                        progress: bool = True, workload: tuple[int, int] | None = None) -> "LLM":
+                        progress: bool = True, workload: tuple[int, int] | None = None,
+                        stage: tuple[int, int] | None = None) -> "LLM":
         """Load a local checkpoint (or a published OPT shape with dummy=True) and place it by `policy`.
 
         `dtype` is the storage precision of weights and KV cache on every tier (compute runs in
         float32 on CPU, float16 on CUDA). `gpu_mem`/`cpu_mem`/`disk_mem` cap each tier ('2GB').
         `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32).
+        `stage=(rank, world)` holds only that pipeline stage's layers (see engine.distributed).
         """
         storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if storage not in (torch.float16, torch.float32, torch.bfloat16):
@@ -62,13 +65,20 @@ class LLM:
             policy = Policy()
         elif not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy, a dict of its fields, 'auto' or None; got {policy!r}")
-        return cls(config, source, policy, tiers, storage, tokenizer, progress)
+        return cls(config, source, policy, tiers, storage, tokenizer, progress, stage)
 
     def _layer_plan(self) -> list[tuple[str, int]]:
-        plan = [("embed", -1)]
-        for i in range(self.config.num_layers):
+        """(kind, decoder index) of every layer this object runs, in order."""
+        lo, hi = stage_layers(self.config.num_layers, *(self.stage or (0, 1)))
+        first, last = self.stage is None or self.stage[0] == 0, self.stage is None or self.stage[0] == self.stage[1] - 1
+        plan = [("embed", -1)] if first else []
+        for i in range(lo, hi):
             plan += [("attn", i), ("mlp", i)] if self.policy.sep_layer else [("decoder", i)]
-        return plan + [("head", -1)]
+        return plan + ([("head", -1)] if last else [])
+
+    @property
+    def decoder_indices(self) -> list[int]:
+        return sorted({layer.index for layer in self.layers if layer.index >= 0})
 
     def _place_weights(self, source) -> list[Layer]:
         from tqdm.auto import tqdm
@@ -240,7 +250,7 @@ class LLM:
         act = ActStore(self.tiers, pol.act_tier)
         try:
             for k, mb in enumerate(mbs):
-                for i in range(cfg.num_layers):
+                for i in self.decoder_indices:
                     mb.caches[i] = KVCache(self.tiers, pol, mb.size, cfg.num_kv_heads, cfg.head_dim,
                                            s + max_new, self.storage, f"kv{i}.mb{k}")
 
@@ -277,7 +287,7 @@ class LLM:
                     row = cache_format(self.tiers, pol, tier, self.storage).row_bytes((2, n, cfg.num_kv_heads, cfg.head_dim))
                     if tier == "disk":
                         row = -(-row // 4096) * 4096
-                    need[tier] += row * max_len * cfg.num_layers
+                    need[tier] += row * max_len * len(self.decoder_indices)
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize
         # working copies: two layers of weights and two micro-batches of cache in compute form
@@ -394,6 +404,17 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def stage_layers(num_layers: int, rank: int, world: int) -> tuple[int, int]:
+    """Decoder layers [lo, hi) of pipeline stage `rank` out of `world`: contiguous, sizes within one."""
+    if not 0 <= rank < world:
+        raise ValueError(f"stage rank {rank} is outside a world of {world}")
+    if world > num_layers:
+        raise ValueError(f"{world} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
+    base, extra = divmod(num_layers, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,7 @@ class BlockRunner:
         self.sampler, self.on_tokens = sampler, on_tokens
         self.io = ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io") if self.policy.overlap else _Inline()
         self.pool = llm.pool
+        self._w_next: Future | None = None       # weights of the next layer, loading on the I/O thread
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
 
     # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
@@ -135,39 +136,59 @@ class BlockRunner:
 
     # ---- the loop nest --------------------------------------------------------------------------
     def run(self, mbs: list[MicroBatch], max_new_tokens: int, act: ActStore) -> None:
-        n_layers = len(self.layers)
-        w_next = None
+        """Token steps until every sequence stopped or max_new_tokens were generated."""
         try:
             for step in range(max_new_tokens):
-                t0 = time.perf_counter()
-                active = [k for k, mb in enumerate(mbs) if not bool(mb.done.all())]
+                active = [mb for mb in mbs if not bool(mb.done.all())]
                 if not active:
                     break
-                if w_next is None:
-                    w_next = self.io.submit(self._load_weights, 0)
-                for j in range(n_layers):
-                    w_now, borrowed = w_next.result()
-                    w_next = None
-                    if j + 1 < n_layers or step + 1 < max_new_tokens:   # prefetch the next layer's weights
-                        w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
-                    self._run_layer(j, w_now, [mbs[k] for k in active], step, act)
-                    del w_now
-                    self._release(borrowed)
-                for k in active:
-                    self._finish_step(mbs[k], step)
-                if self.tiers.compute_device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                if step == 0:
-                    self.timings["prefill_s"] += dt
-                else:
-                    self.timings["decode_s"] += dt
-                    self.timings["decode_steps"] += 1
-                self.llm._progress_update(1)
+                t0 = time.perf_counter()
+                self.run_layers(active, step, act, more_steps=step + 1 < max_new_tokens)
+                for mb in active:
+                    self.advance(mb, self.sampler(mb.last_logits))
+                self.record_step(step, time.perf_counter() - t0)
         finally:
-            self.io.shutdown(wait=True)
-            if w_next is not None:                               # a prefetch the loop did not use
-                self._release(w_next.result()[1])
+            self.close()
+
+    def run_layers(self, mbs: list[MicroBatch], step: int, act: ActStore, more_steps: bool) -> None:
+        """Every layer of this runner over `mbs` for one token step: layer outer, micro-batch inner.
+
+        While layer j computes, the I/O thread loads layer j + 1 (wrapping to layer 0 of the next
+        step when `more_steps`)."""
+        n_layers = len(self.layers)
+        if self._w_next is None:
+            self._w_next = self.io.submit(self._load_weights, 0)
+        for j in range(n_layers):
+            w_now, borrowed = self._w_next.result()
+            self._w_next = None
+            if j + 1 < n_layers or more_steps:                   # prefetch the next layer's weights
+                self._w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
+            self._run_layer(j, w_now, mbs, step, act)
+            del w_now
+            self._release(borrowed)
+        if self.tiers.compute_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def advance(self, mb: MicroBatch, next_ids: torch.Tensor) -> None:
+        """Feed the sampled tokens (b,) to the next step and record them."""
+        mb.length += mb.feed.shape[1]
+        mb.feed = next_ids.view(-1, 1).cpu()
+        self.on_tokens(mb, next_ids.cpu())
+
+    def record_step(self, step: int, seconds: float) -> None:
+        if step == 0:
+            self.timings["prefill_s"] += seconds
+        else:
+            self.timings["decode_s"] += seconds
+            self.timings["decode_steps"] += 1
+        self.llm._progress_update(1)
+
+    def close(self) -> None:
+        """Wait for pending stores; give back a prefetch the loop did not use."""
+        self.io.shutdown(wait=True)
+        if self._w_next is not None:
+            self._release(self._w_next.result()[1])
+            self._w_next = None
 
     def _run_layer(self, j: int, w: dict, mbs: list[MicroBatch], step: int, act: ActStore) -> None:
         layer = self.layers[j]
@@ -248,9 +269,3 @@ class BlockRunner:
                 o[lo:hi] = out.to(q.device, q.dtype)
         self.io.submit(cache.write, mb.length - mb.prefix_len, k, v)      # store the new entries
         return fam.attn_out(w, h, o, cfg)
-
-    def _finish_step(self, mb: MicroBatch, step: int) -> None:
-        next_ids = self.sampler(mb.last_logits)                          # (b,)
-        mb.length += mb.feed.shape[1]
-        mb.feed = next_ids.view(-1, 1).cpu()
-        self.on_tokens(mb, next_ids.cpu())
