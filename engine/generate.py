@@ -230,6 +230,26 @@ class LLM:
     def _run_block(self, prompts, rows, max_new, sampler, stop_ids, stop_strings, stats, prefix=None,
                    prefix_len=0, score_len=1, keep_cache=False) -> list[MicroBatch]:
         """Prefill and decode one block. Sequences are [shared prefix][left padding][own tokens]."""
+        mbs = self._block_microbatches(prompts, rows, max_new, prefix_len, score_len)
+        act = ActStore(self.tiers, self.policy.act_tier)
+        try:
+            self._attach_caches(mbs, max_new)
+            runner = BlockRunner(self, self.layers, sampler, self._token_recorder(stop_ids, stop_strings),
+                                 prefix=prefix)
+            runner.run(mbs, max_new, act)
+            for key in ("prefill_s", "decode_s", "decode_steps"):
+                stats[key] = stats.get(key, 0) + runner.timings[key]
+        finally:
+            for mb in mbs:
+                if not keep_cache:
+                    for c in mb.caches.values():
+                        c.close()
+                act.drop(id(mb))
+        return mbs
+
+    # The three parts of a block, also used by engine.distributed (one layout for both paths).
+    def _block_microbatches(self, prompts, rows, max_new, prefix_len=0, score_len=1) -> list[MicroBatch]:
+        """The micro-batches of one block (no KV cache yet): rows left-padded to the block's longest."""
         cfg, pol = self.config, self.policy
         s = max(len(prompts[r]) - prefix_len for r in rows)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -247,32 +267,34 @@ class LLM:
             mbs.append(MicroBatch(sub, ids, mask, length=prefix_len, prefix_len=prefix_len, feed=ids,
                                   tokens=[[] for _ in sub], done=torch.zeros(len(sub), dtype=torch.bool),
                                   score_len=score_len))
-        act = ActStore(self.tiers, pol.act_tier)
-        try:
-            for k, mb in enumerate(mbs):
-                for i in self.decoder_indices:
-                    mb.caches[i] = KVCache(self.tiers, pol, mb.size, cfg.num_kv_heads, cfg.head_dim,
-                                           s + max_new, self.storage, f"kv{i}.mb{k}")
-
-            def on_tokens(mb: MicroBatch, next_ids: torch.Tensor):
-                for i, t in enumerate(next_ids.tolist()):
-                    if mb.done[i]:
-                        continue
-                    mb.tokens[i].append(t)
-                    if t in stop_ids or (stop_strings and self._hits_stop(mb.tokens[i], stop_strings)):
-                        mb.done[i] = True
-
-            runner = BlockRunner(self, self.layers, sampler, on_tokens, prefix=prefix)
-            runner.run(mbs, max_new, act)
-            for key in ("prefill_s", "decode_s", "decode_steps"):
-                stats[key] = stats.get(key, 0) + runner.timings[key]
-        finally:
-            for mb in mbs:
-                if not keep_cache:
-                    for c in mb.caches.values():
-                        c.close()
-                act.drop(id(mb))
         return mbs
+
+    def _attach_caches(self, mbs: list[MicroBatch], max_new: int, first: int = 0) -> None:
+        """A KV cache per (local decoder layer, micro-batch); on failure none stay allocated.
+        `first` numbers the micro-batches in cache labels."""
+        cfg = self.config
+        try:
+            for k, mb in enumerate(mbs, first):
+                for i in self.decoder_indices:
+                    mb.caches[i] = KVCache(self.tiers, self.policy, mb.size, cfg.num_kv_heads, cfg.head_dim,
+                                           mb.ids.shape[1] + max_new, self.storage, f"kv{i}.mb{k}")
+        except BaseException:
+            for mb in mbs:
+                for c in mb.caches.values():
+                    c.close()
+                mb.caches.clear()
+            raise
+
+    def _token_recorder(self, stop_ids: set[int], stop_strings: list[str]):
+        """BlockRunner's on_tokens: append each live sequence's token; mark it done at a stop."""
+        def on_tokens(mb: MicroBatch, next_ids: torch.Tensor):
+            for i, t in enumerate(next_ids.tolist()):
+                if mb.done[i]:
+                    continue
+                mb.tokens[i].append(t)
+                if t in stop_ids or (stop_strings and self._hits_stop(mb.tokens[i], stop_strings)):
+                    mb.done[i] = True
+        return on_tokens
 
     def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
         """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
@@ -451,6 +473,8 @@ def _open_model(path_or_name, dummy: bool):
     path = Path(resolved)
     if path.is_dir():
         config = read_hf_config(path)
+        if Path(path_or_name) != path:                     # a name the registry resolved: keep the name
+            config = config.replace(name=str(path_or_name))
         source = DummyWeights() if dummy else Checkpoint(path)
         return source, _load_tokenizer(path), config
     if dummy:

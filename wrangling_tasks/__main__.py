@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import LLM  # lazy: the engine is heavy and only the CLI needs it
 
     t0 = time.perf_counter()
-    llm = LLM.from_pretrained(args.model)
-    if hasattr(llm, "progress"):
-        llm.progress = False  # one progress bar (ours, per row) is enough
+    llm = LLM.from_pretrained(args.model, progress=False)  # one progress bar (ours, per row) is enough
     load_s = time.perf_counter() - t0
     result = run(mod.NAME, inputs, llm, k=args.k, seed=args.seed, spec=spec, limit=args.limit,
                  batch_size=args.batch_size, progress=not args.no_progress,
