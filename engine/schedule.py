@@ -113,7 +113,9 @@ class BlockRunner:
         self.prefix = prefix                      # decoder index -> KVCache of the shared prefix
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
         self.sampler, self.on_tokens = sampler, on_tokens
-        self.io = ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io") if self.policy.overlap else _Inline()
+        # the I/O thread converts on one core so that it never oversubscribes the compute thread's pool
+        self.io = (ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io", initializer=torch.set_num_threads,
+                                      initargs=(1,)) if self.policy.overlap else _Inline())
         self.pool = llm.pool
         self._w_next: Future | None = None       # weights of the next layer, loading on the I/O thread
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
