@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -70,13 +71,16 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     policy = policy_from_args(args)
     t0 = time.perf_counter()
-    llm = LLM.from_pretrained(args.model, policy=policy, offload_dir=args.offload_dir, dummy=args.dummy,
-                              dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-                              disk_mem=args.disk_mem, progress=not args.no_progress,
-                              **_auto_hints(args, policy))
+    load = LLM.from_pretrained
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:     # under torchrun: this rank's pipeline stage
+        from .distributed import PipelineLLM
+        load = PipelineLLM.from_pretrained
+    llm = load(args.model, policy=policy, offload_dir=args.offload_dir, dummy=args.dummy,
+               dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+               disk_mem=args.disk_mem, progress=not args.no_progress, **_auto_hints(args, policy))
     load_s = time.perf_counter() - t0
     cfg, pol = llm.config, llm.policy
-    n = pol.block_size
+    n = pol.block_size * getattr(llm, "blocks_in_flight", 1)     # a pipeline keeps several blocks in flight
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, cfg.vocab_size, (n, args.prompt_len), generator=g).tolist()
     llm.generate(prompts, max_new_tokens=args.gen_len, ignore_eos=True)
@@ -96,6 +100,8 @@ def run(args) -> dict:
         "total_tokens_per_s": gen_tokens / (s["prefill_s"] + s["decode_s"]),
         "policy": pol.to_dict(), "threads": torch.get_num_threads(),
     }
+    if "ranks" in s:
+        result["pipeline"] = {"world_size": len(s["ranks"]), "ranks": s["ranks"]}
     if getattr(llm, "policy_choice", None) is not None:
         result["predicted"] = llm.policy_choice
     llm.close()
@@ -121,12 +127,18 @@ def report(r: dict) -> str:
         f"decode:  {r['decode_s']:.3f} s, {r['decode_tokens_per_s']:.1f} tokens/s",
         f"total:   {r['total_tokens_per_s']:.2f} tokens/s ({r['block_size']} x {r['gen_len']} generated tokens)",
     ]
+    if "pipeline" in r:
+        busy = ", ".join(f"rank {i} {x['busy_s']:.2f} s" for i, x in enumerate(r["pipeline"]["ranks"]))
+        lines.append(f"pipeline: {r['pipeline']['world_size']} stages; busy time {busy} of "
+                     f"{r['prefill_s'] + r['decode_s']:.2f} s")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     r = run(args)
+    if int(os.environ.get("RANK", "0")) != 0:          # under torchrun, rank 0 reports
+        return 0
     print(report(r))
     if args.json:
         with open(args.json, "w") as f:
