@@ -11,8 +11,9 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
+export GX_ANALYTICS_ENABLED := False
 
-.PHONY: setup model demo test serve stop bench clean help
+.PHONY: setup model demo test test-fast serve stop-serve load-benchmarks quality clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,11 +29,26 @@ setup: $(BIN)/.installed  ## create .venv and install the project
 model: setup  ## fetch the embedded model (SmolLM2-135M-Instruct GGUF) into models/
 	bash scripts/fetch_model.sh
 
-demo: setup model  ## run the main job on the embedded model
-	$(BIN)/python scripts/demo.py
+demo: setup model  ## load the benchmarks into DuckDB and match Beer pairs with the embedded model
+	$(BIN)/python -m flows.demo
 
 test: setup model  ## run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: setup model  ## the suite without the real-server and slow tests
+	$(BIN)/python -m pytest -q -m "not server and not slow"
+
+serve: setup model  ## local Prefect server + worker on 127.0.0.1:4200 with prefect.yaml deployed
+	scripts/serve.sh
+
+stop-serve:  ## stop the worker and the server started by `make serve`
+	scripts/stop_serve.sh
+
+load-benchmarks: setup  ## load data/ benchmark tables into data/wrangle.duckdb
+	$(BIN)/python -m flows.load_benchmarks
+
+quality: setup model  ## measure the embedded model on every dataset -> docs/quality.md
+	$(BIN)/python benchmarks/quality.py
 
 clean:  ## remove caches, offload files and the local Prefect home (keeps .venv and models/)
 	rm -rf .pytest_cache offload .prefect/*.db

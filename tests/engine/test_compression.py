@@ -1,7 +1,7 @@
 """Group-wise quantization: pure-function properties, then equivalence inside the engine."""
 import pytest
 import torch
-from conftest import MIXED_PROMPTS
+from enginekit import MIXED_PROMPTS
 
 from engine import LLM, CompressionConfig, Policy
 from engine.compression import compressed_nbytes, dequantize, quantize

@@ -1,6 +1,6 @@
 """Bad input gets a clear exception that names the problem and the fix; nothing hangs."""
 import pytest
-from conftest import MIXED_PROMPTS
+from enginekit import MIXED_PROMPTS
 
 from engine import LLM, CheckpointError, Policy
 

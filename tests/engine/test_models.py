@@ -1,7 +1,7 @@
 """Each model family matches transformers at tiny sizes: logits (1e-4, float32) and greedy tokens."""
 import pytest
 import torch
-from conftest import MIXED_PROMPTS, hf_greedy, hf_last_logits
+from enginekit import MIXED_PROMPTS, hf_greedy, hf_last_logits
 
 from engine import LLM, Policy
 

@@ -2,24 +2,11 @@
 import os
 
 import pytest
-from conftest import MIXED_PROMPTS
+from enginekit import MIXED_PROMPTS, POLICIES
 
 from engine import LLM, MemoryBudgetError, Policy
 
 PROMPTS = MIXED_PROMPTS * 2          # 12 sequences: blocks of 2x3 and 4x1 both leave a remainder
-POLICIES = {
-    "all on the compute device": dict(),
-    "weights 50/50 cpu/disk": dict(w_gpu_percent=0, w_cpu_percent=50),
-    "weights all on disk, cache on cpu": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
-                                              cache_cpu_percent=100),
-    "cache across three tiers": dict(cache_gpu_percent=34, cache_cpu_percent=33),
-    "everything split, overlap off": dict(w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=34,
-                                          cache_cpu_percent=33, overlap=False),
-    "cpu cache compute": dict(cache_gpu_percent=0, cache_cpu_percent=60, cpu_cache_compute=True),
-    "activations on cpu, one layer per decoder": dict(act_gpu_percent=0, act_cpu_percent=100, sep_layer=False,
-                                                      w_gpu_percent=50, w_cpu_percent=0),
-    "activations on disk": dict(act_gpu_percent=0, act_cpu_percent=0, cache_gpu_percent=50, cache_cpu_percent=0),
-}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Wrangling-shaped workloads: shared-prefix reuse, bucketing, early exit and choice scoring."""
 import pytest
 import torch
-from conftest import left_pad
-from test_offload import POLICIES
+from enginekit import left_pad
+from enginekit import POLICIES
 
 from engine import LLM, Policy
 

@@ -19,7 +19,7 @@ def fake_engine(monkeypatch):
 
     class LLM:
         @staticmethod
-        def from_pretrained(name):
+        def from_pretrained(name, **kwargs):
             loaded.append(name)
             llm = FakeLLM()
             llms.append(llm)
