@@ -55,7 +55,7 @@ class Hardware:
     attn_prefill_flops: float          # ops.attend with a causal mask, FLOP/s (4 b nh s t d per call)
     attn_decode_bytes_per_s: float     # decode attention: fp32 cache bytes (k + v) concatenated and attended
     memcpy_bytes_per_s: float          # a large tensor copy (bytes copied)
-    convert_elems_per_s: float         # storage dtype -> compute dtype on the compute device (fp16 -> fp32 on CPU)
+    convert_elems_per_s: float         # storage dtype -> compute dtype into a reused buffer (fp16 -> fp32 on CPU)
     narrow_elems_per_s: float          # compute dtype -> storage dtype (cache stores)
     h2d_bytes_per_s: float             # CPU -> CUDA copy (0 without CUDA)
     d2h_bytes_per_s: float             # CUDA -> CPU copy (0 without CUDA)
@@ -210,9 +210,9 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         narrow = d2h / 2
     else:
         h2d = d2h = 0.0
-        convert = elems / _timeit(lambda: half_cpu.to(torch.float32), reps)
+        convert = elems / _timeit(lambda: dst32.copy_(half_cpu), reps)      # into a reused buffer, as the engine does
         narrow = elems / _timeit(lambda: src32.to(torch.float16), reps)
-    del dst32, src32
+    del dst32, src32, half_cpu
     cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
     w = torch.randn((1 if quick else 2) << 20, device=dev, dtype=dtype).view(-1, 1024).T.contiguous()
     qt = quantize(w, cfg)

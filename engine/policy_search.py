@@ -330,7 +330,7 @@ def _cache_load(st: _Setup, p: _Placement, t: float) -> tuple:
         cpu_work = _widen(st, away * per_seq)
     disk_rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))["disk"]
     disk_reads = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
-    cpu_work += disk_rows * t / hw.memcpy_bytes_per_s + 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
+    cpu_work += 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
     disk_wait = disk_rows * t / hw.disk_read_bytes_per_s + disk_reads * hw.disk_read_latency_s
     return cpu_work + disk_wait, cpu_work
 
