@@ -65,7 +65,7 @@ def single_process(path, policy: dict, cases=CASES) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_opt_4(tmp_path_factory):
-    from conftest import _save_opt
+    from enginekit import _save_opt
     path = tmp_path_factory.mktemp("opt-tiny-4")
     _save_opt(path, num_hidden_layers=4)
     return path

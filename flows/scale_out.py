@@ -1,0 +1,266 @@
+"""The ``wrangle`` flow spread over many workers: ``wrangle-scale-out`` splits the input rows into
+partitions and runs each as a ``wrangle-partition`` flow run on the work pool, so N workers (on N
+machines) each answer a share with their own engine; then it merges their outputs into DuckDB.
+
+    extract (read-only) -> start run -> [partition i of N: extract -> load model -> prompt ->
+    own share -> per chunk: infer -> parse -> validate -> Parquet] x N -> merge (one transaction)
+    -> finish (whole-run check, metrics, run record)
+
+A row belongs to partition ``crc32(row identity) % N`` (flows.partitions). Partitions never write
+DuckDB (one writer per file): they write Parquet files typed like the output tables, and the
+parent loads them all in one transaction, skipping rows already present, so every row is written
+once by its key. The run key is the ``wrangle`` flow's: a scaled-out run resumes a plain one and
+the other way round; rows answered by an earlier attempt (merged or still in Parquet) are skipped.
+
+Deploy ``wrangle_partition`` on the pool the workers serve (see docs/distributed.md) and start the
+parent with ``deployment="wrangle-partition/<name>"``; ``deployment=None`` runs the partitions
+one after another in this process (subflows), which needs no worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import prefect
+from prefect import flow, get_run_logger
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows import llms, steps, store
+from flows import partitions as parts
+from flows.params import WrangleParams
+from flows.wrangle import TaskName, extract, finish, infer, load_model, parse, prompt, start_run, validate
+from wrangling_tasks import tables
+
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@prefect.task(name="write-parquet", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def write_parquet(directory: str, task: str, results: Any, quarantine: Any) -> int:
+    """One chunk of a partition as Parquet files (whole files only: safe to retry)."""
+    parts.write_chunk(Path(directory), task, results, quarantine)
+    return len(results)
+
+
+@prefect.task(name="merge", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def merge(database: str, task: str, output_dir: str, run_key: str) -> dict[str, int]:
+    """Every partition's Parquet files into DuckDB in one transaction (idempotent by key)."""
+    return parts.merge(database, task, output_dir, run_key)
+
+
+@flow(name="wrangle-partition", flow_run_name="wrangle-partition-{partition}-of-{partitions}")
+def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, run_key: str,
+                      run_id: str, output_dir: str = "data/partitions") -> dict[str, Any]:
+    """Answer partition ``partition`` of ``partitions`` of a wrangle run into Parquet files.
+
+    ``params`` are the ``wrangle`` flow's parameters; ``run_key`` must be the one they give here
+    (the parent's), or the worker has other code or data than the parent and the run stops.
+    """
+    log = get_run_logger()
+    started = time.perf_counter()
+    p = WrangleParams(**{**params, "columns": tuple(params["columns"]) if params.get("columns") else None})
+    if p.run_key() != run_key:
+        raise RuntimeError(f"run key {p.run_key()} here but {run_key} in the parent: this worker has "
+                           "other code or input tables than the parent")
+    extracted = extract(p)
+    llm = load_model(p.model, p.policy)
+    prompts = prompt(p, extracted, llm)
+    mine = parts.share(prompts.items, partition, partitions)
+    with tables.connect(p.database, read_only=True) as con:
+        answered = store.answered_rows(con, p.task, run_key)
+    todo = steps.pending(steps.pending(mine, answered), parts.written_keys(output_dir, run_key))
+    log.info("partition %d/%d: %d of %d item(s), %d to do", partition, partitions, len(mine),
+             len(prompts.items), len(todo))
+    ctx = steps.RunContext(task=p.task, run_key=run_key, run_id=run_id, model=p.model,
+                           policy=llms.policy_json(p.policy), target=extracted.spec.target)
+    directory = str(parts.partition_dir(output_dir, run_key, partition, partitions))
+    written, infer_s, tokens = 0, 0.0, 0
+    for chunk in steps.chunks(todo, p.chunk_size):
+        inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, p.batch_size, p.chat)
+        preds = steps.predictions(chunk, inference.raw, parse(p.task, inference.raw), p.task)
+        check = validate(p.task, preds, prompts.key_columns, len(chunk))
+        written += write_parquet(directory, p.task, steps.result_rows(ctx, preds, prompts.key_columns, check),
+                                 steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
+        infer_s += inference.seconds
+        tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
+    summary = {"partition": partition, "partitions": partitions, "items": len(mine), "written": written,
+               "skipped": len(mine) - len(todo), "infer_s": infer_s, "tokens": tokens,
+               "seconds": time.perf_counter() - started, "host": socket.gethostname(), "pid": os.getpid(),
+               "ppid": os.getppid(), "flow_run_id": str(flow_run.id) if flow_run.id else None}
+    parts.write_manifest(Path(directory), summary)
+    return summary
+
+
+@flow(name="wrangle-scale-out", flow_run_name="wrangle-scale-out-{task}-{table}")
+def wrangle_scale_out(
+    task: TaskName,
+    table: str,
+    left_table: str | None = None,
+    right_table: str | None = None,
+    demos_table: str | None = None,
+    labels_table: str | None = None,
+    cells_table: str | None = None,
+    clean_table: str | None = None,
+    target: str | None = None,
+    columns: list[str] | None = None,
+    spec: str | dict[str, Any] | None = None,
+    database: str = "data/wrangle.duckdb",
+    model: str = "smollm2-135m",
+    policy: dict[str, Any] | Literal["auto"] | None = None,
+    k: int = 0,
+    seed: int = 0,
+    chat: bool = False,
+    limit: int | None = None,
+    batch_size: int = 64,
+    chunk_size: int = 256,
+    tag: str = "",
+    partitions: int = 2,
+    deployment: str | None = "wrangle-partition/partition",
+    output_dir: str = "data/partitions",
+    poll_seconds: float = 2.0,
+) -> dict[str, Any]:
+    """The ``wrangle`` flow (same parameters, same outputs and run key) over ``partitions``
+    flow runs of ``deployment`` (``None``: subflows in this process).
+
+    ``database`` and ``output_dir`` must name the same storage on every worker (a shared mount
+    when workers are on several machines); the parent alone writes ``database``.
+    """
+    log = get_run_logger()
+    started = time.perf_counter()
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    params = WrangleParams(
+        task=task, table=table, left_table=left_table, right_table=right_table, demos_table=demos_table,
+        labels_table=labels_table, cells_table=cells_table, clean_table=clean_table, target=target,
+        columns=tuple(columns) if columns else None, spec=spec, database=database, model=model,
+        policy=policy, k=k, seed=seed, chat=chat, limit=limit, batch_size=batch_size,
+        chunk_size=chunk_size, tag=tag)
+    run_key = params.run_key()
+    # Before the first write: the inputs, the rows (identities only: no model here), the deployment.
+    extracted = extract(params)
+    items = prompt(params, extracted, None)
+    if deployment is not None:
+        _check_deployment(deployment)
+    output_dir = os.path.abspath(output_dir)
+
+    run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
+    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=model,
+                           policy=llms.policy_json(policy), target=extracted.spec.target)
+    answered = start_run(database, {
+        "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
+        "parameters": llms.policy_json(params.identity() | {"limit": limit, "database": database,
+                                                            "partitions": partitions}),
+        "model": model, "policy": ctx.policy, "input_rows": len(items.items),
+    }, task, run_key)
+    fresh = steps.pending(items.items, answered)                       # not in DuckDB yet
+    todo = steps.pending(fresh, parts.written_keys(output_dir, run_key))  # nor in unmerged files
+    shares = [len(parts.share(todo, i, partitions)) for i in range(partitions)]
+    log.info("run %s: %d item(s), %d to do, shares %s", run_key, len(items.items), len(todo), shares)
+
+    parts.clear_manifests(output_dir, run_key)
+    child = {**asdict(params), "columns": list(params.columns) if params.columns else None}
+    failed: list[str] = []
+    phase = time.perf_counter()
+    try:
+        launch = [i for i, n in enumerate(shares) if n]
+        if deployment is None:
+            for i in launch:
+                wrangle_partition(child, i, partitions, run_key, run_id, output_dir)
+        else:
+            failed = _run_partitions(deployment, launch, child, partitions, run_key, run_id,
+                                     output_dir, poll_seconds)
+    except BaseException as exc:
+        _salvage(database, task, output_dir, run_key, log)
+        _record_failure(database, run_id, exc, started)
+        raise
+    phase = time.perf_counter() - phase
+    merged = merge(database, task, output_dir, run_key)        # what the partitions wrote, even if some failed
+    if failed:
+        exc = RuntimeError(f"partition run(s) did not complete: {'; '.join(failed)} (rows they wrote are "
+                           "merged; run again with the same parameters to finish)")
+        _record_failure(database, run_id, exc, started)
+        raise exc
+    reports = parts.read_manifests(output_dir, run_key)
+    summary = finish(database, ctx, items.items, items.key_columns)
+    if summary["table_failures"]:
+        exc = RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
+        _record_failure(database, run_id, exc, started)
+        raise exc
+    tokens = [r.get("tokens") for r in reports]
+    written = merged["results"]
+    result = {
+        "run_id": run_id, "run_key": run_key, "task": task, "status": "completed",
+        "input_rows": len(items.items), "skipped_rows": len(items.items) - len(fresh), "written_rows": written,
+        "valid_rows": summary["valid_rows"], "quarantined_rows": summary["quarantined_rows"],
+        "rows_per_s": written / phase if written and phase > 0 else None,
+        "tokens_per_s": sum(tokens) / phase if tokens and None not in tokens and phase > 0 else None,
+        "seconds": time.perf_counter() - started, "metrics": summary["metrics"],
+    }
+    with tables.connect(database) as con:
+        store.finish_run(con, run_id, finished_at=store.utcnow(),
+                         **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")})
+    parts.clear_manifests(output_dir, run_key)
+    log.info("run %s completed over %d partition(s): %d written, %d valid, metrics %s", run_key,
+             partitions, written, result["valid_rows"], result["metrics"])
+    return result | {"partitions": reports, "shares": shares}
+
+
+def _run_partitions(deployment: str, launch: list[int], child: dict, n: int, run_key: str, run_id: str,
+                    output_dir: str, poll_seconds: float) -> list[str]:
+    """Start one flow run per partition on the pool (all at once), wait for all; the failures."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    runs = {}
+    for i in launch:
+        runs[i] = run_deployment(
+            deployment, timeout=0, flow_run_name=f"wrangle-partition-{i}-of-{n}-{run_key[:8]}",
+            parameters={"params": child, "partition": i, "partitions": n, "run_key": run_key,
+                        "run_id": run_id, "output_dir": output_dir})
+    failed = []
+    with get_client(sync_client=True) as client:
+        pending = dict(runs)
+        while pending:
+            time.sleep(poll_seconds)
+            for i, run in list(pending.items()):
+                state = client.read_flow_run(run.id).state
+                if state is not None and state.type.value in FINAL:
+                    pending.pop(i)
+                    if state.type.value != "COMPLETED":
+                        failed.append(f"partition {i} ({run.name}): {state.type.value} {state.message or ''}")
+    return failed
+
+
+def _check_deployment(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(f"deployment {name!r} not found: deploy flows/scale_out.py:wrangle_partition "
+                             "on the workers' pool (docs/distributed.md), or pass deployment=None") from None
+
+
+def _salvage(database: str, task: str, output_dir: str, run_key: str, log) -> None:
+    """On an interruption, keep what the partitions finished (merged now, or left for the next run)."""
+    try:
+        parts.merge(database, task, output_dir, run_key)
+    except Exception as exc:  # the files stay; the next run with the same parameters merges them
+        log.warning("could not merge the partitions' files now (they are kept): %s", exc)
+
+
+def _record_failure(database: str, run_id: str, exc: BaseException, started: float) -> None:
+    status = "failed" if isinstance(exc, Exception) else "cancelled"
+    try:
+        with tables.connect(database, lock_timeout_s=5) as con:
+            store.finish_run(con, run_id, status=status, error=f"{type(exc).__name__}: {exc}",
+                             finished_at=store.utcnow(), seconds=time.perf_counter() - started)
+    except Exception as record_exc:
+        get_run_logger().warning("could not record the failure of run %s: %s", run_id, record_exc)
