@@ -13,9 +13,9 @@ mlp_i, ..., head; the weights of the next layer are loaded while this one comput
 A slot takes the max of these (the sum with overlap off). Decode attention layers also wait for
 the next layer's weights before their first cache load is served (FIFO order). Memory peaks
 mirror the engine's trackers: weights homed per tier in that tier's format, the block's KV cache,
-the hidden states, and on the compute device the working copies of two layers and two
-micro-batches of cache; the engine's own pre-flight check (`LLM._check_block_memory`) is a
-constraint too, so a chosen policy never fails it.
+the hidden states, and on the compute device the buffer pool's working copies (two neighbouring
+layers' weights, two micro-batches' cache); the engine's own pre-flight check
+(`LLM._check_block_memory`) is a constraint too, so a chosen policy never fails it.
 
 The program is exact about the engine's rounding: weights go to tiers tensor by tensor
 (`weights.choose_tiers`: a tensor's midpoint against the percentages) and the cache by whole
@@ -134,6 +134,7 @@ class _Setup:
     kinds: dict              # name -> _Kind
     plan: tuple              # kind names in schedule order
     caps: dict               # tier -> bytes
+    cache_config: CompressionConfig = Policy().comp_cache_config
 
     @property
     def cuda(self) -> bool:
@@ -162,10 +163,10 @@ class _Setup:
         return out
 
 
-def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes: int,
-           sep_layer: bool) -> tuple[dict, tuple]:
+def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes: int, sep_layer: bool,
+           wcfg: CompressionConfig) -> tuple[dict, tuple]:
+    """Each layer kind's tensors as the engine places them, and the schedule's sequence of kinds."""
     fam = model_family(cfg.family)
-    wcfg = Policy().comp_weight_config
     itemsize = 2 if hw.compute_device == "cuda" else 4
 
     def specs(kind):
@@ -194,13 +195,22 @@ def _align(n: int) -> int:
 
 
 def _thresholds(kinds: dict) -> list[float]:
-    """The cumulative percentages that give every distinct tensor placement: 0, between midpoints, 100."""
+    """The cumulative percentages that give every distinct tensor placement: 0, a round number
+    between each pair of neighbouring tensor midpoints, 100."""
     mids = sorted({round(t.mid, 9) for k in kinds.values() for t in k.tensors})
-    out = [0.0]
-    for lo, hi in zip(mids, mids[1:]):
-        g = round((lo + hi) / 2, 2)
-        out.append(g if lo < g < hi else (lo + hi) / 2)
-    return out + [100.0]
+    return [0.0] + [_round_between(lo, hi) for lo, hi in zip(mids, mids[1:])] + [100.0]
+
+
+def _round_between(lo: float, hi: float) -> float:
+    """The roundest number strictly between lo and hi (fewest decimals, then nearest the middle)."""
+    mid = (lo + hi) / 2
+    for decimals in range(0, 7):
+        step = 10.0 ** -decimals
+        first, last = math.floor(lo / step) + 1, math.ceil(hi / step) - 1
+        if first <= last:
+            best = min(range(first, last + 1), key=lambda k: abs(k * step - mid))
+            return round(best * step, decimals)
+    return mid
 
 
 # ---- linear expressions that work for floats and for pulp selectors ------------------------------
@@ -264,7 +274,7 @@ def _cache_row_bytes(st: _Setup, tier: str, n: int) -> int:
         return 0
     shape = (2, n, st.cfg.num_kv_heads, st.cfg.head_dim)
     if st.compress_cache:
-        raw = compressed_nbytes(shape, Policy().comp_cache_config)
+        raw = compressed_nbytes(shape, st.cache_config)
     else:
         raw = math.prod(shape) * (st.itemsize if tier == "gpu" else st.storage_bytes)
     return _align(raw) if tier == "disk" else raw
@@ -431,7 +441,8 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
     """The cost model's throughput, times and peaks for `policy` on this hardware and workload."""
     st = _setup(config, hardware, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches,
                 policy.compress_weight, policy.compress_cache, policy.cpu_cache_compute, policy.overlap,
-                storage_bytes, policy.sep_layer, _caps(hardware, gpu_mem, cpu_mem, disk_mem))
+                storage_bytes, policy.sep_layer, _caps(hardware, gpu_mem, cpu_mem, disk_mem),
+                policy.comp_weight_config, policy.comp_cache_config)
     p = _const_placement(policy)
     breakdown, prefill, step = {}, 0.0, 0.0
     for (kind, nxt), count in st.slots.items():
@@ -584,9 +595,11 @@ def _caps(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:
     return caps
 
 
-def _setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_layer, caps) -> _Setup:
-    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer)
-    return _Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps)
+def _setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_layer, caps,
+           wcfg: CompressionConfig = Policy().comp_weight_config,
+           ccfg: CompressionConfig = Policy().comp_cache_config) -> _Setup:
+    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg)
+    return _Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg)
 
 
 def _lower_bound_seconds(st: _Setup) -> float:
