@@ -61,17 +61,26 @@ def bench(model: str, prompt_len: int, gen_len: int, caps: dict, offload_dir: Pa
         cmd += ["--gpu-batch-size", str(batch), "--num-gpu-batches", str(micro)]
     for tier, cap in caps.items():
         cmd += [f"--{tier.replace('_', '-')}", cap]
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
     shown = " ".join(c if c != str(out) else "FILE" for c in cmd[1:])
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         out.unlink(missing_ok=True)
-        return {"error": last[:300], "command": shown, "wall_s": wall}
+        return {"error": last[:300], "command": shown, "wall_s": wall, "load": load}
     result = json.loads(out.read_text())
     out.unlink(missing_ok=True)
-    return dict(result, command=shown, wall_s=wall)
+    return dict(result, command=shown, wall_s=wall, load=load)
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Sleep until the 1-minute load average drops below threshold (other jobs share the cores)."""
+    started = time.perf_counter()
+    while os.getloadavg()[0] >= threshold and time.perf_counter() - started < max_wait:
+        time.sleep(10)
+    return time.perf_counter() - started
 
 
 def run_workload(label, model, prompt_len, gen_len, caps, grid, hw, offload_dir) -> dict:
@@ -118,30 +127,36 @@ def report(results: dict) -> str:
         f"Machine: {results['machine']}. Load average before / after: {results['load_before']} / "
         f"{results['load_after']} (other jobs shared the 2 cores; timings carry that noise).",
         "",
-        "Probe (`python -m engine.hardware --refresh`), measured just before the runs:",
+        "The hardware is probed (`python -m engine.hardware --refresh`, cached in .cache/hardware.json, which "
+        "the auto runs then read) again before each workload, because the load drifts; the first probe:",
         "",
         *[f"- {k}: {v}" for k, v in hw.items()],
         "",
         f"Command: `{results['command']}` ({results['wall_s'] / 60:.1f} min). Each row is one "
         "`python -m engine.bench --dummy ... --json` run (dummy weights, one block, end-to-end "
         "throughput = generated tokens / (prefill + decode)); the prediction is `predict()` for the policy "
-        "that ran, with the same caps. Peaks are the engine's tracked peaks gpu / cpu / disk.",
+        "that ran, with the same caps. Peaks are the engine's tracked peaks gpu / cpu / disk; load is the "
+        "1-minute load average at the start and end of the run (2 cores: above 2 means other jobs ran).",
         "",
     ]
     errors, ratios, searches = [], [], []
     for w in results["workloads"]:
         caps = ", ".join(f"{k.replace('_mem', '')} {v}" for k, v in w["caps"].items()) or "none"
+        probe = w.get("probe", {})
         lines += [f"### {w['label']} (prompt {w['prompt_len']}, generate {w['gen_len']}; caps: {caps})", "",
+                  f"Probe for this workload: matmul {probe.get('matmul', '?')}; {probe.get('memory', '?')}; "
+                  f"disk {probe.get('disk', '?')}" + (f" (waited {w['waited_s']:.0f} s for a quieter machine)"
+                                                       if w.get("waited_s", 0) > 1 else ""), "",
                   "| policy | measured tok/s | predicted tok/s | error | prefill s meas / pred | "
-                  "decode s meas / pred | peaks measured | peaks predicted |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "decode s meas / pred | peaks measured | peaks predicted | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         grid_best = 0.0
         auto_rate = None
         for r in w["runs"]:
             name = ("**auto** " if r["auto"] else "") + (_policy_text(r["policy"]) if "policy" in r else
                                                            f"{r['percent']} b={r['batch']}x{r['micro']}")
             if "error" in r:
-                lines.append(f"| {name} | does not run: {r['error'][:120]} | | | | | | |")
+                lines.append(f"| {name} | does not run: {r['error'][:120]} | | | | | | | {r['load']} |")
                 continue
             pred, meas = r["predicted"], r["total_tokens_per_s"]
             err = pred["tokens_per_s"] / meas - 1
@@ -153,7 +168,7 @@ def report(results: dict) -> str:
             lines.append(
                 f"| {name} | {meas:.2f} | {pred['tokens_per_s']:.2f} | {err:+.0%} | "
                 f"{r['prefill_s']:.2f} / {pred['prefill_s']:.2f} | {r['decode_s']:.2f} / {pred['decode_s']:.2f} | "
-                f"{_peaks_text(r['peak_bytes'])} | {_peaks_text(pred['peaks'])} |")
+                f"{_peaks_text(r['peak_bytes'])} | {_peaks_text(pred['peaks'])} | {r['load']} |")
         searches.append(w["search_s"])
         lines.append("")
         if auto_rate and grid_best:
@@ -187,24 +202,30 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help=f"also run the slow workloads ({', '.join(sorted(FULL_ONLY))})")
     ap.add_argument("--reuse-probe", action="store_true", help="use the cached probe instead of measuring again")
     ap.add_argument("--only", help="run only the workloads whose label contains this text")
+    ap.add_argument("--quiet-load", type=float, default=1.5,
+                    help="before each workload wait until the 1-minute load average is below this")
+    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet at most")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print("probing the hardware ...", flush=True)
-    hw = load_hardware(refresh=not args.reuse_probe, disk_dir=args.offload_dir)
-    workloads = []
+    workloads, probes = [], []
     for label, model, s, g, caps, grid in WORKLOADS:
         if model in FULL_ONLY and not args.full or args.only and args.only not in label:
             continue
-        print(f"{label}:", flush=True)
-        workloads.append(run_workload(label, model, s, g, caps, grid, hw, Path(args.offload_dir)))
+        waited = wait_for_quiet(args.quiet_load, args.max_wait)
+        print(f"{label}: probing the hardware ...", flush=True)   # again per workload: the load drifts
+        hw = load_hardware(refresh=not args.reuse_probe, disk_dir=args.offload_dir)
+        probes.append(hw)
+        w = run_workload(label, model, s, g, caps, grid, hw, Path(args.offload_dir))
+        w.update(waited_s=waited, probe=hw.summary())
+        workloads.append(w)
     import torch
     results = {
         "machine": f"{socket.gethostname()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"{fmt_bytes(hw.ram_available)} RAM available",
+                   f"{fmt_bytes(probes[0].ram_available) if probes else '?'} RAM available",
         "load_before": load_before, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "hardware": hw.summary(), "command": "python benchmarks/policy_validation.py"
+        "hardware": probes[0].summary() if probes else {}, "command": "python benchmarks/policy_validation.py"
         + (" --full" if args.full else "") + (" --reuse-probe" if args.reuse_probe else ""),
         "wall_s": time.perf_counter() - started, "workloads": workloads,
     }
