@@ -1,0 +1,1 @@
+"""Benchmark scripts: each measures against a baseline in one run and writes a section of docs/benchmarks.md."""

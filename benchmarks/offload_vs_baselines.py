@@ -1,0 +1,422 @@
+"""Offloading against the baselines in one run: transformers in RAM, Accelerate disk offload, the engine.
+
+    python benchmarks/offload_vs_baselines.py            # full: random OPT-1.3b, about 1.5-2 h
+    python benchmarks/offload_vs_baselines.py --quick    # random OPT-125m, one tiny shape, 2-3 min
+    python benchmarks/offload_vs_baselines.py --resume --only eng-p32g64   # rerun one group
+
+One random-weight fp16 checkpoint is written with `save_pretrained` (benchmarks/_checkpoint.py) and
+every system reads it. Every run is a fresh subprocess whose peak RSS is the kernel's high-water
+mark for that process (os.wait4), split by /proc polling into anonymous and file-backed pages.
+
+Rows:
+  1. Equal memory: the same cap on peak RSS for Accelerate disk offload (`device_map="auto"`,
+     `max_memory`, `offload_folder`) and the engine (weights 100% on disk, KV cache in CPU RAM),
+     on FlexGen's shape and a decode-heavy shape. Each system climbs its list of batch sizes and
+     stops at the first run that passes the cap (the run is killed there); its best feasible row
+     is the fastest one under the cap.
+  2. Everything in memory: the engine (weights and cache on the compute tier) against
+     transformers `generate` at the same batch.
+  3. Disk-bound: the engine with overlap on and off (small batch, decode only matters).
+
+For every row, the roofline floor T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT
+read bandwidth), with both rates probed right before and after that row (the machine is shared,
+so rates move); FLOPs come from the model shape (2 * matmul params per token, causal attention,
+the LM head at each generated position). Writes the section `offload_vs_baselines` of
+docs/benchmarks.md (full mode; --quick only prints unless --write-doc) and docs/offload_throughput.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _doc  # noqa: E402
+from benchmarks._harness import PY, REPO, gib, probe, run_json  # noqa: E402
+
+SECTION = "offload_vs_baselines"
+PLOT = REPO / "docs" / "offload_throughput.png"
+
+MODES = {
+    "full": dict(
+        model="opt-1.3b", cap_gib=5.0,
+        shapes=[(512, 32), (32, 64)],
+        accelerate_max_memory="1GiB",
+        accelerate_batches={(512, 32): [4, 8], (32, 64): [16, 32, 64]},
+        engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(32, 1), (64, 1)]},
+        in_memory_batch={(512, 32): 4, (32, 64): 16},
+        overlap=dict(shape=(32, 16), block=(16, 1)),
+    ),
+    "quick": dict(
+        model="opt-125m", cap_gib=1.6,
+        shapes=[(32, 8)],
+        accelerate_max_memory="200MiB",
+        accelerate_batches={(32, 8): [4]},
+        engine_blocks={(32, 8): [(8, 1)]},
+        in_memory_batch={(32, 8): 4},
+        overlap=dict(shape=(16, 8), block=(8, 1)),
+    ),
+}
+
+
+@dataclass
+class Row:
+    key: str                   # the plan group it belongs to (e.g. "acc-p512g32")
+    group: str                 # "capped", "in_memory", "overlap"
+    system: str                # transformers | accelerate | engine
+    label: str
+    shape: tuple[int, int]     # (prompt_len, gen_len)
+    batch: int                 # effective batch (block size)
+    cmd: list[str]
+    json_path: Path
+    capped: bool = False
+    run: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)
+
+    @property
+    def result(self) -> dict:
+        return self.run.get("result") or {}
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.result)
+
+    def feasible(self, cap: int) -> bool:
+        return self.ok and self.run["peak_rss_bytes"] <= cap
+
+
+# ---- model arithmetic ------------------------------------------------------------------------------
+def model_shape(ckpt: Path) -> dict:
+    c = json.loads((ckpt / "config.json").read_text())
+    return dict(h=c["hidden_size"], layers=c["num_hidden_layers"], ffn=c["ffn_dim"], vocab=c["vocab_size"])
+
+
+def flops(m: dict, batch: int, prompt: int, gen: int) -> float:
+    """Matmul + attention FLOPs of prefill (prompt tokens) and gen - 1 decode steps, LM head per new token."""
+    h, L, f, v = m["h"], m["layers"], m["ffn"], m["vocab"]
+    per_token = 2 * L * (4 * h * h + 2 * h * f)                # q, k, v, out, fc1, fc2
+    attn_prefill = 4 * h * L * prompt * (prompt + 1) / 2      # QK^T and AV over causal keys
+    attn_decode = sum(4 * h * L * (prompt + j + 1) for j in range(1, gen))
+    head = 2 * h * v * gen                                   # one position per generated token
+    return batch * (per_token * (prompt + gen - 1) + attn_prefill + attn_decode + head)
+
+
+def disk_bytes(row: Row) -> int:
+    """Bytes one run must read from disk: weights homed on disk, once per forward pass (gen passes)."""
+    r = row.result
+    passes = row.shape[1]
+    if row.system == "engine":
+        return (r.get("held_weight_bytes") or {}).get("disk", 0) * passes
+    return r.get("disk_weight_bytes", 0) * passes
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def hf_cmd(ckpt, batch, shape, out, max_memory=None, offload=None) -> list[str]:
+    cmd = [PY, "benchmarks/_hf_generate.py", "--model", str(ckpt), "--batch", str(batch),
+           "--prompt-len", str(shape[0]), "--gen-len", str(shape[1]), "--json", str(out)]
+    if max_memory:
+        cmd += ["--max-memory", max_memory, "--offload-folder", str(offload)]
+    return cmd
+
+
+def engine_cmd(ckpt, block, shape, out, percent, offload, overlap=1) -> list[str]:
+    return [PY, "-m", "engine.bench", "--model", str(ckpt), "--percent", *map(str, percent),
+            "--gpu-batch-size", str(block[0]), "--num-gpu-batches", str(block[1]),
+            "--prompt-len", str(shape[0]), "--gen-len", str(shape[1]), "--overlap", str(overlap),
+            "--offload-dir", str(offload), "--no-progress", "--json", str(out)]
+
+
+W_DISK_CACHE_CPU = (0, 0, 0, 100, 100, 0)
+ALL_IN_MEMORY = (100, 0, 100, 0, 100, 0)
+
+
+# ---- running ----------------------------------------------------------------------------------------
+def run_row(row: Row, work: Path, ckpt: Path, cap: int | None, quick: bool) -> Row:
+    probe_file = ckpt / "model.safetensors"
+    row.probes.append(probe(probe_file, quick))
+    log = work / "logs" / f"{row.label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {row.label}: {shlex.join(row.cmd[1:])}", flush=True)
+    row.run = run_json(row.cmd, row.json_path, log=log, rss_cap=cap)
+    row.probes.append(probe(probe_file, quick))
+    r = row.run
+    status = (f"{row.result['total_tokens_per_s']:.2f} tok/s" if row.ok else r.get("error", "failed"))
+    print(f"    -> {status}; peak RSS {gib(r['peak_rss_bytes'])} GiB (anon {gib(r['peak_anon_bytes'])}, "
+          f"file {gib(r['peak_file_bytes'])}); wall {r['wall_s']:.0f} s; load {_doc.load_now()}", flush=True)
+    for d in (work / "accelerate_offload", work / "engine_offload"):
+        shutil.rmtree(d, ignore_errors=True)
+    return row
+
+
+def climb(rows: list[Row], work, ckpt, cap, quick) -> list[Row]:
+    """Run rows in order of batch; stop after the first one that does not fit the cap."""
+    done = []
+    for row in rows:
+        done.append(run_row(row, work, ckpt, cap, quick))
+        if not row.feasible(cap):
+            break
+    return done
+
+
+def best(rows: list[Row], system: str, shape, cap: int) -> Row | None:
+    cands = [r for r in rows if r.group == "capped" and r.system == system and r.shape == shape
+             and r.feasible(cap)]
+    return max(cands, key=lambda r: r.result["total_tokens_per_s"], default=None)
+
+
+def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
+    acc_off, eng_off = work / "accelerate_offload", work / "engine_offload"
+    j = lambda name: work / "json" / f"{name}.json"
+    groups: dict[str, list[Row]] = {}
+    for shape in mode["shapes"]:
+        tag = f"p{shape[0]}g{shape[1]}"
+        groups[f"acc-{tag}"] = [
+            Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
+                hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
+                j(f"acc-{tag}-b{b}"), capped=True)
+            for b in mode["accelerate_batches"][shape]]
+        groups[f"eng-{tag}"] = [
+            Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}", shape, g * k,
+                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off),
+                j(f"eng-{tag}-b{g}x{k}"), capped=True)
+            for g, k in mode["engine_blocks"][shape]]
+        b = mode["in_memory_batch"][shape]
+        groups[f"mem-{tag}"] = [
+            Row(f"mem-{tag}", "in_memory", "transformers", f"transformers-{tag}-b{b}", shape, b,
+                hf_cmd(ckpt, b, shape, j(f"hf-{tag}-b{b}")), j(f"hf-{tag}-b{b}")),
+            Row(f"mem-{tag}", "in_memory", "engine", f"engine-mem-{tag}-b{b}", shape, b,
+                engine_cmd(ckpt, (b, 1), shape, j(f"engmem-{tag}-b{b}"), ALL_IN_MEMORY, eng_off),
+                j(f"engmem-{tag}-b{b}"))]
+    ov = mode["overlap"]
+    shape, (g, k) = ov["shape"], ov["block"]
+    tag = f"p{shape[0]}g{shape[1]}"
+    groups["overlap"] = [
+        Row("overlap", "overlap", "engine", f"engine-overlap{o}-{tag}-b{g}x{k}", shape, g * k,
+            engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}"), W_DISK_CACHE_CPU, eng_off, overlap=o),
+            j(f"ov{o}-{tag}"))
+        for o in (1, 0)]
+    return groups
+
+
+# ---- reporting --------------------------------------------------------------------------------------
+def roofline(row: Row, m: dict) -> dict:
+    mm = sum(p["matmul_flops"] for p in row.probes) / len(row.probes)
+    bw = sum(p["disk_read_bytes_per_s"] for p in row.probes) / len(row.probes)
+    fl = flops(m, row.batch, *row.shape)
+    db = disk_bytes(row) if row.ok else 0
+    t_min = max(fl / mm, db / bw)
+    out = {"matmul_flops": mm, "disk_bw": bw, "flops": fl, "disk_bytes": db, "t_min": t_min,
+           "bound": "disk" if db / bw > fl / mm else "compute"}
+    if row.ok:
+        t = row.result["prefill_s"] + row.result["decode_s"]
+        out["t"] = t
+        out["frac"] = t_min / t
+    return out
+
+
+def fmt_row(row: Row, m: dict, cap: int | None) -> list:
+    r, run = row.result, row.run
+    rf = roofline(row, m)
+    if row.system == "engine":
+        p = r.get("policy", {})
+        conf = (f"w {p.get('w_gpu_percent', 0):g}/{p.get('w_cpu_percent', 0):g}/disk, cache "
+                f"{p.get('cache_gpu_percent', 0):g}/{p.get('cache_cpu_percent', 0):g}, "
+                f"{p.get('gpu_batch_size', '?')}x{p.get('num_gpu_batches', '?')}, overlap {int(p.get('overlap', 0))}"
+                if r else "")
+    elif row.system == "accelerate":
+        conf = f"max_memory {r.get('max_memory')}, {r.get('placement')}" if r else ""
+    else:
+        conf = "fp32 in RAM"
+    fits = "" if cap is None else ("yes" if row.feasible(cap) else "**no**")
+    if not row.ok:
+        return [row.system, row.batch, conf, "-", "-", "-", "-", f"{gib(run['peak_rss_bytes'])}",
+                f"{gib(run['peak_anon_bytes'])} / {gib(run['peak_file_bytes'])}", fits,
+                f"{rf['t_min']:.0f} ({rf['bound']})", run.get("error", "failed")]
+    return [row.system, row.batch, conf, f"{r['total_tokens_per_s']:.2f}", f"{r['prefill_s']:.1f}",
+            f"{r['decode_s'] / max(1, row.shape[1] - 1):.2f}", f"{r['prefill_tokens_per_s']:.1f}",
+            gib(run["peak_rss_bytes"]), f"{gib(run['peak_anon_bytes'])} / {gib(run['peak_file_bytes'])}",
+            fits, f"{rf['t_min']:.0f} ({rf['bound']})", f"{100 * rf['frac']:.0f}%"]
+
+
+HEAD = ["system", "batch", "configuration", "tok/s", "prefill s", "decode s/step", "prefill tok/s",
+        "peak RSS GiB", "anon / file GiB", "fits cap", "T_min s (bound)", "of roofline"]
+
+
+def ratio(a: Row | None, b: Row | None) -> str:
+    if not a or not b or not a.ok or not b.ok:
+        return "n/a"
+    return f"{a.result['total_tokens_per_s'] / b.result['total_tokens_per_s']:.2f}x"
+
+
+def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, started: str,
+           loads: tuple, argv: list[str], wall: float) -> str:
+    out = [f"## Offloading vs baselines (`benchmarks/offload_vs_baselines.py`)", ""]
+    out.append(f"Run {started}, {wall / 60:.0f} min, engine at commit {_doc.engine_commit()}; mode `{mode_name}`. "
+               f"Load average at start {loads[0]}, at end {loads[1]} (2 cores shared with other jobs: "
+               "absolute rates move with the load; each row's roofline uses rates probed just before and after it).")
+    out.append("")
+    out.append(f"Command: `python {' '.join(['benchmarks/offload_vs_baselines.py', *argv])}`")
+    out.append("")
+    out.append(f"Model: random-weight {mode['model']} written once with `save_pretrained` as fp16 safetensors "
+               f"({gib(m['ckpt_bytes'])} GiB); every system reads that file. Prompts: random ids, the same "
+               "for every system (seed 0); every sequence generates exactly gen tokens. transformers and "
+               "Accelerate compute in fp32 (fp16 matmuls crawl on this CPU); the engine stores fp16 and "
+               "computes in fp32.")
+    out.append("")
+    out.append(f"**Memory cap: {mode['cap_gib']:g} GiB of peak RSS** (kernel high-water mark of the process, "
+               "file-backed pages included), below the fp16 model plus the KV cache of a large batch; a run "
+               "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
+               f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
+               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16), one micro-batch per "
+               "block unless shown. `anon / file` splits the peak: file = pages of the memory-mapped "
+               "safetensors checkpoint, which both systems keep mapped.")
+    out.append("")
+    out.append("Roofline: T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT read rate); disk bytes = "
+               "weights homed on disk x gen forward passes (for Accelerate: the bytes of its offloaded "
+               "modules, which it actually re-reads from the page cache, not the disk). `of roofline` = "
+               "T_min / measured time.")
+    for shape in mode["shapes"]:
+        tag = f"prompt {shape[0]}, gen {shape[1]}"
+        out += ["", f"### {tag}", ""]
+        srows = [r for r in rows if r.shape == shape and r.group in ("capped", "in_memory")]
+        table = [fmt_row(r, m, cap if r.group == "capped" else None) for r in srows]
+        out.append(_doc.md_table(HEAD, table))
+        ea, aa = best(rows, "engine", shape, cap), best(rows, "accelerate", shape, cap)
+        mem = [r for r in rows if r.shape == shape and r.group == "in_memory"]
+        hf = next((r for r in mem if r.system == "transformers"), None)
+        em = next((r for r in mem if r.system == "engine"), None)
+        out.append("")
+        out.append(f"- Equal memory ({mode['cap_gib']:g} GiB): best feasible engine "
+                   f"{_desc(ea)} vs best feasible Accelerate {_desc(aa)}: **{ratio(ea, aa)}**.")
+        out.append(f"- Everything in memory, batch {hf.batch if hf else '?'}: engine vs transformers "
+                   f"**{ratio(em, hf)}** (peak RSS {_rss(em)} vs {_rss(hf)} GiB).")
+        rows_probe = [p for r in srows for p in r.probes]
+        if rows_probe:
+            mms = [p["matmul_flops"] / 1e9 for p in rows_probe]
+            bws = [p["disk_read_bytes_per_s"] / 1e9 for p in rows_probe]
+            out.append(f"- Probes during these rows: fp32 matmul {min(mms):.0f}-{max(mms):.0f} GFLOP/s, "
+                       f"O_DIRECT read {min(bws):.2f}-{max(bws):.2f} GB/s.")
+    ov = [r for r in rows if r.group == "overlap"]
+    if ov:
+        shape = ov[0].shape
+        out += ["", f"### Disk-bound: overlap on vs off (prompt {shape[0]}, gen {shape[1]}, "
+                    f"batch {ov[0].batch}, weights 100% on disk)", ""]
+        out.append(_doc.md_table(HEAD, [fmt_row(r, m, None) for r in ov]))
+        on = next((r for r in ov if "overlap1" in r.label), None)
+        off = next((r for r in ov if "overlap0" in r.label), None)
+        out += ["", f"- Overlap on vs off: **{ratio(on, off)}**."]
+    out += ["", f"![throughput vs effective batch]({PLOT.name})", ""]
+    out.append("Raw per-run logs and JSON: the `--work` folder (default /tmp/flexwrangle-bench).")
+    return "\n".join(out)
+
+
+def _desc(r: Row | None) -> str:
+    if not r:
+        return "(none fits)"
+    return f"(batch {r.batch}, {r.result['total_tokens_per_s']:.2f} tok/s, peak RSS {_rss(r)} GiB)"
+
+
+def _rss(r: Row | None) -> str:
+    return gib(r.run["peak_rss_bytes"]) if r and r.run else "?"
+
+
+def plot(rows: list[Row], mode: dict, cap: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = mode["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2))
+    axes = list(axes) if len(shapes) > 1 else [axes]
+    style = {"engine": ("tab:blue", "o"), "accelerate": ("tab:red", "s"), "transformers": ("tab:gray", "^")}
+    for ax, shape in zip(axes, shapes):
+        for system, (color, marker) in style.items():
+            for group, fill in (("capped", True), ("in_memory", False)):
+                rs = sorted((r for r in rows if r.system == system and r.shape == shape and r.group == group
+                             and r.ok), key=lambda r: r.batch)
+                if not rs:
+                    continue
+                xs = [r.batch for r in rs]
+                ys = [r.result["total_tokens_per_s"] for r in rs]
+                name = f"{system} ({'RSS cap' if group == 'capped' else 'in RAM'})"
+                ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if fill else ":",
+                        markerfacecolor=color if fill else "white", label=name)
+                for r in rs:
+                    if group == "capped" and not r.feasible(cap):
+                        ax.annotate("over cap", (r.batch, r.result["total_tokens_per_s"]), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("effective batch size")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title(f"{mode['model']}, prompt {shape[0]}, gen {shape[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Throughput vs batch (cap {mode['cap_gib']:g} GiB peak RSS for capped runs)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="OPT-125m, one tiny shape (2-3 minutes)")
+    p.add_argument("--work", default="/tmp/flexwrangle-bench", help="checkpoints, offload files, logs")
+    p.add_argument("--only", nargs="*", help="run only these groups (e.g. acc-p32g64 eng-p32g64 overlap)")
+    p.add_argument("--write-doc", action="store_true", help="write docs/ also in --quick mode")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the groups a previous run of this mode finished (rows.json) and run the rest")
+    args = p.parse_args(argv)
+    mode_name = "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    work = Path(args.work) / mode_name
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "json").mkdir(exist_ok=True)
+    started, t0, load0 = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter(), _doc.load_now()
+    from benchmarks._checkpoint import ensure
+    ckpt = Path(args.work) / f"{mode['model']}-fp16"
+    print(f"checkpoint {ckpt} ...", flush=True)
+    from benchmarks._harness import run_measured
+    r = run_measured([PY, "benchmarks/_checkpoint.py", "--model", mode["model"], "--out", str(ckpt)])
+    if r["rc"] != 0:
+        raise SystemExit(f"writing the checkpoint failed: {r}")
+    m = model_shape(ckpt)
+    m["ckpt_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    cap = int(mode["cap_gib"] * 2 ** 30)
+    rows: list[Row] = []
+    groups = plan(mode, ckpt, work)
+    if args.resume and (work / "rows.json").exists():
+        for d in json.loads((work / "rows.json").read_text()):
+            row = next((x for x in groups.get(d["key"], []) if x.label == d["label"]), None)
+            if row is not None and d["key"] not in (args.only or []):
+                row.run, row.probes = d["run"], d["probes"]
+                rows.append(row)
+    finished = {x.key for x in rows}
+    for name, group in groups.items():
+        if args.only and name not in args.only or name in finished:
+            continue
+        if name.startswith(("acc-", "eng-")):
+            rows += climb(group, work, ckpt, cap, args.quick)
+        else:
+            rows += [run_row(row, work, ckpt, None, args.quick) for row in group]
+        (work / "rows.json").write_text(json.dumps(
+            [dict(key=x.key, label=x.label, group=x.group, system=x.system, shape=x.shape, batch=x.batch, run=x.run,
+                  probes=x.probes) for x in rows], indent=1, default=str))
+    md = render(mode_name, mode, rows, m, cap, started, (load0, _doc.load_now()), argv,
+                time.perf_counter() - t0)
+    print(md)
+    plot(rows, mode, cap, PLOT if not args.quick or args.write_doc else work / PLOT.name)
+    if not args.quick or args.write_doc:
+        _doc.write_section(SECTION, md)
+        print(f"wrote {_doc.DOC} and {PLOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
