@@ -26,6 +26,7 @@ import os
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .tiers import DiskFile, MemoryTracker, fmt_bytes, parse_bytes
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "hardware.json"
 SMALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+IO_THREADS = 1      # torch threads of the engine's I/O thread (schedule.BlockRunner)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class Hardware:
     d2h_bytes_per_s: float             # CUDA -> CPU copy (0 without CUDA)
     dequant_elems_per_s: float         # 4-bit group-wise dequantization into the compute dtype
     quant_elems_per_s: float           # 4-bit group-wise quantization
+    io_memcpy_bytes_per_s: float       # the same five rates on the engine's I/O thread (io_threads torch threads)
+    io_convert_elems_per_s: float
+    io_narrow_elems_per_s: float
+    io_dequant_elems_per_s: float
+    io_quant_elems_per_s: float
+    io_threads: int
     disk_read_bytes_per_s: float       # O_DIRECT, large reads
     disk_write_bytes_per_s: float      # O_DIRECT, large writes
     disk_read_latency_s: float         # one 4 KiB O_DIRECT read
@@ -123,6 +131,9 @@ class Hardware:
                       + (f", H2D {g(self.h2d_bytes_per_s)} GB/s, D2H {g(self.d2h_bytes_per_s)} GB/s"
                          if self.compute_device == "cuda" else ""),
             "4-bit": f"dequantize {g(self.dequant_elems_per_s)} Gelem/s, quantize {g(self.quant_elems_per_s)} Gelem/s",
+            "I/O thread": f"{self.io_threads} torch thread: memcpy {g(self.io_memcpy_bytes_per_s)} GB/s, fp16->compute "
+                          f"{g(self.io_convert_elems_per_s)} Gelem/s, compute->fp16 {g(self.io_narrow_elems_per_s)}, "
+                          f"dequantize {g(self.io_dequant_elems_per_s)}, quantize {g(self.io_quant_elems_per_s)} Gelem/s",
             "disk": f"read {g(self.disk_read_bytes_per_s)} GB/s, write {g(self.disk_write_bytes_per_s)} GB/s, "
                     f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, write {self.disk_write_latency_s * 1e6:.0f} us"
                     f" ({'O_DIRECT' if self.disk_direct else 'buffered + fadvise'})",
@@ -195,30 +206,11 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         return ops.attend(qd, kk, vv, dbias, None)
     attn_decode = 2 * bsz * nh * t * d * 4 / _timeit(decode_attn, reps * 3, sync)
 
-    # memory: copy, conversions, 4-bit
+    # memory: copy, conversions, 4-bit; on the calling thread and on an I/O-like thread (one torch thread)
     elems = (8 if quick else 16) << 20
-    src32 = torch.randn(elems, device=dev, dtype=dtype)
-    dst32 = torch.empty_like(src32)
-    memcpy = elems * dtype.itemsize / _timeit(lambda: dst32.copy_(src32), reps, sync)
-    half_cpu = src32.to("cpu", torch.float16)
-    if cuda:
-        pinned = half_cpu.pin_memory()
-        h2d = half_cpu.numel() * 2 / _timeit(lambda: pinned.to(dev, non_blocking=True), reps, sync)
-        dev_half = pinned.to(dev)
-        d2h = dev_half.numel() * 2 / _timeit(lambda: dev_half.to("cpu"), reps, sync)
-        convert = h2d / 2
-        narrow = d2h / 2
-    else:
-        h2d = d2h = 0.0
-        convert = elems / _timeit(lambda: dst32.copy_(half_cpu), reps)      # into a reused buffer, as the engine does
-        narrow = elems / _timeit(lambda: src32.to(torch.float16), reps)
-    del dst32, src32, half_cpu
-    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
-    w = torch.randn((1 if quick else 2) << 20, device=dev, dtype=dtype).view(-1, 1024).T.contiguous()
-    qt = quantize(w, cfg)
-    dequant = w.numel() / _timeit(lambda: dequantize(qt, dtype), reps, sync)
-    quant = w.numel() / _timeit(lambda: quantize(w, cfg), reps, sync)
-    del w, qt
+    rates = _probe_transfers(dev, dtype, elems, (1 if quick else 2) << 20, reps, sync)
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(IO_THREADS,)) as io:
+        io_rates = io.submit(_probe_transfers, dev, dtype, elems // 2, (1 if quick else 2) << 19, reps, sync).result()
 
     # disk, O_DIRECT through the engine's own file class
     disk = _probe_disk(disk_dir, (32 if quick else 128) << 20, 2)
@@ -235,13 +227,40 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         host=host, cpu_count=os.cpu_count() or 1, torch_threads=torch.get_num_threads(),
         compute_device=dev.type, compute_dtype=str(dtype).replace("torch.", ""),
         matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
-        attn_decode_bytes_per_s=attn_decode, memcpy_bytes_per_s=memcpy, convert_elems_per_s=convert,
-        narrow_elems_per_s=narrow, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, dequant_elems_per_s=dequant,
-        quant_elems_per_s=quant, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available), ram_available=int(vm.available),
+        attn_decode_bytes_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
+                                                         if not k.startswith(("h2d", "d2h"))},
+        io_threads=IO_THREADS, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available), ram_available=int(vm.available),
         disk_mem=int(disk["free"]), disk_read_bytes_per_s=disk["read"], disk_write_bytes_per_s=disk["write"],
         disk_read_latency_s=disk["read_latency"], disk_write_latency_s=disk["write_latency"],
         disk_direct=disk["direct"], quick=quick, probe_seconds=time.perf_counter() - t_start,
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _probe_transfers(dev, dtype, elems: int, quant_elems: int, reps: int, sync) -> dict:
+    """Copy, widen (storage -> compute dtype, into a reused buffer as the engine's pool does), narrow,
+    and 4-bit (de)quantization rates with the calling thread's torch threads."""
+    cuda = dev.type == "cuda"
+    src = torch.randn(elems, device=dev, dtype=dtype)
+    dst = torch.empty_like(src)
+    out = {"memcpy_bytes_per_s": elems * dtype.itemsize / _timeit(lambda: dst.copy_(src), reps, sync)}
+    half = src.to("cpu", torch.float16)
+    if cuda:
+        pinned = half.pin_memory()
+        out["h2d_bytes_per_s"] = half.numel() * 2 / _timeit(lambda: pinned.to(dev, non_blocking=True), reps, sync)
+        dev_half = pinned.to(dev)
+        out["d2h_bytes_per_s"] = dev_half.numel() * 2 / _timeit(lambda: dev_half.to("cpu"), reps, sync)
+        out["convert_elems_per_s"], out["narrow_elems_per_s"] = out["h2d_bytes_per_s"] / 2, out["d2h_bytes_per_s"] / 2
+    else:
+        out["h2d_bytes_per_s"] = out["d2h_bytes_per_s"] = 0.0
+        out["convert_elems_per_s"] = elems / _timeit(lambda: dst.copy_(half), reps)
+        out["narrow_elems_per_s"] = elems / _timeit(lambda: src.to(torch.float16), reps)
+    del src, dst, half
+    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    w = torch.randn(quant_elems, device=dev, dtype=dtype).view(-1, 1024).T.contiguous()
+    qt = quantize(w, cfg)
+    out["dequant_elems_per_s"] = w.numel() / _timeit(lambda: dequantize(qt, dtype), reps, sync)
+    out["quant_elems_per_s"] = w.numel() / _timeit(lambda: quantize(w, cfg), reps, sync)
+    return out
 
 
 def _monotone(table: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -304,14 +304,20 @@ def _compute_mb(st: _Setup, kind: str, phase: str, t: float) -> float:
     return sec
 
 
+def _rate(st: _Setup, name: str) -> float:
+    """A transfer rate as the thread doing it sees it: the I/O thread (one torch thread) with overlap,
+    else the main thread."""
+    return getattr(st.hw, f"io_{name}" if st.overlap else name)
+
+
 def _widen(st: _Setup, elems, quantized: bool = False):
     """Seconds to make stored (not device-resident) elements compute-ready."""
     hw = st.hw
     if quantized:
-        return elems / hw.dequant_elems_per_s
+        return elems / _rate(st, "dequant_elems_per_s")
     if st.cuda:
         return elems * st.storage_bytes / hw.h2d_bytes_per_s
-    return 0.0 if st.storage_bytes == st.itemsize else elems / hw.convert_elems_per_s
+    return 0.0 if st.storage_bytes == st.itemsize else elems / _rate(st, "convert_elems_per_s")
 
 
 def _weight_load(st: _Setup, p: _Placement, kind: _Kind) -> tuple:
@@ -333,9 +339,9 @@ def _cache_load(st: _Setup, p: _Placement, t: float) -> tuple:
     seqs = p.cache("sequences", lambda tier, n: n)
     away = seqs["cpu"] + seqs["disk"]
     if st.compress_cache:
-        cpu_work = st.b * per_seq / hw.dequant_elems_per_s
+        cpu_work = st.b * per_seq / _rate(st, "dequant_elems_per_s")
     elif st.cuda and st.cpu_cache_compute:       # widened on the CPU and attended there: no copy to the device
-        cpu_work = away * per_seq / hw.convert_elems_per_s
+        cpu_work = away * per_seq / _rate(st, "convert_elems_per_s")
     else:
         cpu_work = _widen(st, away * per_seq)
     disk_rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))["disk"]
@@ -351,10 +357,11 @@ def _cache_store(st: _Setup, p: _Placement, phase: str) -> tuple:
     elems = 2 * st.b * q * st.cfg.kv_dim
     on_gpu = p.cache("sequences", lambda tier, n: n)["gpu"] / st.b
     if st.compress_cache:
-        cpu_work = elems / hw.quant_elems_per_s
+        cpu_work = elems / _rate(st, "quant_elems_per_s")
     else:   # rounded through the storage dtype; on a CPU compute device the gpu tier widens it back
-        cpu_work = elems / hw.narrow_elems_per_s + (0 if st.cuda else elems * on_gpu / hw.convert_elems_per_s)
-    cpu_work += elems * st.itemsize * 3 / hw.memcpy_bytes_per_s + OPS_PER_CACHE_STORE * hw.op_overhead_s
+        cpu_work = (elems / _rate(st, "narrow_elems_per_s")
+                    + (0 if st.cuda else elems * on_gpu / _rate(st, "convert_elems_per_s")))
+    cpu_work += elems * st.itemsize * 3 / _rate(st, "memcpy_bytes_per_s") + OPS_PER_CACHE_STORE * hw.op_overhead_s
     disk_rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))["disk"]
     disk_writes = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
     disk_wait = disk_rows * q / hw.disk_write_bytes_per_s + disk_writes * hw.disk_write_latency_s
@@ -386,8 +393,9 @@ def _slot_bounds(st: _Setup, p: _Placement, kind: str, nxt: str, phase: str) -> 
     bounds = {"main_thread": main, "io_thread": io}
     if cache_layer and phase == "decode":   # FIFO: the first cache load queues behind the weight prefetch
         bounds["first_cache_after_weights"] = w_all + c_all + main
-    if not st.cuda:                        # conversions and compute share the same cores
-        bounds["cpu_cores"] = main + w_cpu + st.nb * (c_cpu + s_cpu)
+    if not st.cuda:   # the I/O thread's conversions take cores from compute: CPU-seconds / cores
+        share = st.hw.io_threads / max(st.hw.cpu_count, st.hw.io_threads)
+        bounds["cpu_cores"] = main + share * (w_cpu + st.nb * (c_cpu + s_cpu))
     return bounds
 
 
@@ -615,18 +623,23 @@ def _lower_bound_seconds(st: _Setup) -> float:
     disk_read = max(0.0, elems - room / min_bytes) * min_bytes / hw.disk_read_bytes_per_s
     widen = 0.0
     if not st.cuda:
-        widen = quant / hw.dequant_elems_per_s
+        widen = quant / _rate(st, "dequant_elems_per_s")
         if not st.compress_weight and st.storage_bytes != st.itemsize:
-            widen += max(0.0, elems - st.caps["gpu"] / st.itemsize) / hw.convert_elems_per_s
+            widen += max(0.0, elems - st.caps["gpu"] / st.itemsize) / _rate(st, "convert_elems_per_s")
+    share = hw.io_threads / max(hw.cpu_count, hw.io_threads)
     total = 0.0
     for phase, steps in (("prefill", 1), ("decode", max(0, st.gen - 1))):
         compute = sum(count * st.nb * _compute_mb(st, kind, phase, t) for (kind, _), count in st.slots.items())
-        cache = 0.0
+        work = widen
         if st.compress_cache and not st.cuda:          # every cache row is (de)quantized wherever it lives
             rows = 2 * st.cfg.kv_dim * st.b * st.nb * st.cfg.num_layers
-            cache = rows * (st.s if phase == "prefill" else 1) / hw.quant_elems_per_s
-            cache += rows * t / hw.dequant_elems_per_s if phase == "decode" else 0.0
-        total += steps * max(compute, disk_read, compute + widen + cache)
+            work += rows * (st.s if phase == "prefill" else 1) / _rate(st, "quant_elems_per_s")
+            work += rows * t / _rate(st, "dequant_elems_per_s") if phase == "decode" else 0.0
+        if st.overlap:
+            step = max(compute, disk_read + work, compute + (0.0 if st.cuda else share * work))
+        else:
+            step = compute + disk_read + work
+        total += steps * step
     return total
 
 

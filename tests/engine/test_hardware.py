@@ -16,7 +16,9 @@ def fake_hardware(**changes) -> Hardware:
         matmul_flops=140e9, matmul_rows=2048, matmul_small_m=((1, 5e9), (8, 30e9), (64, 90e9), (512, 120e9)),
         attn_prefill_flops=60e9, attn_decode_bytes_per_s=4e9, memcpy_bytes_per_s=12e9, convert_elems_per_s=1e9,
         narrow_elems_per_s=1e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0, dequant_elems_per_s=1e8,
-        quant_elems_per_s=1e8, disk_read_bytes_per_s=7e8, disk_write_bytes_per_s=1.2e9,
+        quant_elems_per_s=1e8, io_memcpy_bytes_per_s=8e9, io_convert_elems_per_s=1e9, io_narrow_elems_per_s=1e9,
+        io_dequant_elems_per_s=1e8, io_quant_elems_per_s=1e8, io_threads=1, disk_read_bytes_per_s=7e8,
+        disk_write_bytes_per_s=1.2e9,
         disk_read_latency_s=1e-4, disk_write_latency_s=2e-4, disk_direct=True, op_overhead_s=4e-6,
         gpu_mem=8 * GiB, cpu_mem=8 * GiB, disk_mem=50 * GiB, ram_available=8 * GiB)
     return dataclasses.replace(hw, **changes)

@@ -26,7 +26,9 @@ def hw():
                         (128, 110e9), (256, 120e9), (512, 130e9)),
         attn_prefill_flops=60e9, attn_decode_bytes_per_s=4e9, memcpy_bytes_per_s=12e9,
         convert_elems_per_s=1.2e9, narrow_elems_per_s=1.0e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0,
-        dequant_elems_per_s=0.15e9, quant_elems_per_s=0.1e9, disk_read_bytes_per_s=0.7e9,
+        dequant_elems_per_s=0.15e9, quant_elems_per_s=0.1e9, io_memcpy_bytes_per_s=8e9,
+        io_convert_elems_per_s=1.0e9, io_narrow_elems_per_s=0.8e9, io_dequant_elems_per_s=0.1e9,
+        io_quant_elems_per_s=0.07e9, io_threads=1, disk_read_bytes_per_s=0.7e9,
         disk_write_bytes_per_s=1.2e9, disk_read_latency_s=150e-6, disk_write_latency_s=250e-6,
         disk_direct=True, op_overhead_s=4e-6, gpu_mem=20 * GiB, cpu_mem=20 * GiB, disk_mem=100 * GiB,
         ram_available=20 * GiB)
