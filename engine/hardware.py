@@ -133,12 +133,15 @@ class Hardware:
             "4-bit": f"dequantize {g(self.dequant_elems_per_s)} Gelem/s, quantize {g(self.quant_elems_per_s)} Gelem/s",
             "I/O thread": f"{self.io_threads} torch thread: memcpy {g(self.io_memcpy_bytes_per_s)} GB/s, fp16->compute "
                           f"{g(self.io_convert_elems_per_s)} Gelem/s, compute->fp16 {g(self.io_narrow_elems_per_s)}, "
-                          f"dequantize {g(self.io_dequant_elems_per_s)}, quantize {g(self.io_quant_elems_per_s)} Gelem/s",
+                          f"dequantize {g(self.io_dequant_elems_per_s)}, "
+                          f"quantize {g(self.io_quant_elems_per_s)} Gelem/s",
             "disk": f"read {g(self.disk_read_bytes_per_s)} GB/s, write {g(self.disk_write_bytes_per_s)} GB/s, "
-                    f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, write {self.disk_write_latency_s * 1e6:.0f} us"
+                    f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, "
+                    f"write {self.disk_write_latency_s * 1e6:.0f} us"
                     f" ({'O_DIRECT' if self.disk_direct else 'buffered + fadvise'})",
             "overhead": f"{self.op_overhead_s * 1e6:.1f} us per tiny torch op",
-            "capacity": f"gpu {fmt_bytes(self.gpu_mem)}, cpu {fmt_bytes(self.cpu_mem)}, disk {fmt_bytes(self.disk_mem)}",
+            "capacity": f"gpu {fmt_bytes(self.gpu_mem)}, cpu {fmt_bytes(self.cpu_mem)}, "
+                        f"disk {fmt_bytes(self.disk_mem)}",
             "probe": f"{self.probe_seconds:.1f} s{' (quick)' if self.quick else ''} at {self.measured_at}",
         }
 
@@ -229,7 +232,8 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
         attn_decode_bytes_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
                                                          if not k.startswith(("h2d", "d2h"))},
-        io_threads=IO_THREADS, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available), ram_available=int(vm.available),
+        io_threads=IO_THREADS, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available),
+        ram_available=int(vm.available),
         disk_mem=int(disk["free"]), disk_read_bytes_per_s=disk["read"], disk_write_bytes_per_s=disk["write"],
         disk_read_latency_s=disk["read_latency"], disk_write_latency_s=disk["write_latency"],
         disk_direct=disk["direct"], quick=quick, probe_seconds=time.perf_counter() - t_start,

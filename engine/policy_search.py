@@ -416,7 +416,8 @@ def _memory(st: _Setup, p: _Placement) -> dict:
     rows = p.cache("row_bytes", lambda tier, n: _cache_row_bytes(st, tier, n))
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
     working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
-    copied = b if st.compress_cache else b - p.cache("sequences", lambda tier, n: n)["gpu"]   # sequences loaded as copies
+    # sequences whose cache is loaded into pool buffers (all of them when 4-bit)
+    copied = b if st.compress_cache else b - p.cache("sequences", lambda tier, n: n)["gpu"]
     shapes = {x.shape for k in st.kinds.values() for x in k.tensors}
     pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
     for shape in shapes:
@@ -427,7 +428,8 @@ def _memory(st: _Setup, p: _Placement) -> dict:
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
-        "act_prefill": {t: p.act[t] * nb * (_align(hidden(st.s, t)) if t == "disk" else hidden(st.s, t)) for t in TIERS},
+        "act_prefill": {t: p.act[t] * nb * (_align(hidden(st.s, t)) if t == "disk" else hidden(st.s, t))
+                        for t in TIERS},
         "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
         "working_pairs": {pair: working[pair[0]] + working[pair[1]] for pair in st.slots},
         "working_each": working,
@@ -704,7 +706,8 @@ def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_
         pred = predict(config, hardware, policy, prompt_len, gen_len, storage_bytes=storage_bytes, **_cap_kwargs(caps))
         if pred.fits and pred.tokens_per_s > state["rate"]:
             binding = tuple(c.name for c in prob.constraints() if not c.name.endswith("definition")
-                            and not c.name.startswith("one_") and abs(c.slack or 0.0) <= 1e-6 * max(1.0, abs(c.constant)))
+                            and not c.name.startswith("one_")
+                            and abs(c.slack or 0.0) <= 1e-6 * max(1.0, abs(c.constant)))
             placement = {k: {t: info[k][t].value() for t in TIERS} for k in ("weight_frac", "cache_frac")}
             state["best"], state["rate"] = (pred, placement, binding), pred.tokens_per_s
 

@@ -121,7 +121,8 @@ def test_quick_probe_measures_positive_rates(tmp_path):
 
     for f in dataclasses.fields(Hardware):
         value = getattr(hw, f.name)
-        if f.name.endswith(("_per_s", "_flops", "_latency_s", "_s")) and f.name not in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
+        rate = f.name.endswith(("_per_s", "_flops", "_latency_s", "_s"))
+        if rate and f.name not in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
             assert value > 0, f.name
     assert [m for m, _ in hw.matmul_small_m] == list(hardware.SMALL_M)
     assert not list(tmp_path.glob("probe-*"))                  # the probe's disk files are gone
