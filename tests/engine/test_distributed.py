@@ -24,6 +24,7 @@ SHARED = [[1, 30, 31, 32] + p[1:] for p in
 MIXED = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16, 17, 18], [1, 3], [1, 40, 41, 42],
          [1, 50, 51, 52, 53, 54], [1, 60, 61], [4, 70, 71, 72, 73, 74, 75]]
 
+TEXTS = ["hello world", "ab", "the quick brown fox"]
 POLICIES = {
     "all in memory, 2x3": dict(gpu_batch_size=2, num_gpu_batches=3),
     "weights cpu/disk, cache on three tiers, overlap, 2x2": dict(
@@ -96,6 +97,11 @@ def test_two_ranks_give_the_single_process_tokens_for_two_policies(tiny_opt, tmp
     # the second policy really offloaded: rank 1 held weights on disk, and removed its files
     assert ranks[1]["weight_bytes"]["weights cpu/disk, cache on three tiers, overlap, 2x2"]["disk"] > 0
     assert not any((tmp_path / "offload").iterdir())
+    # generate_text: prompts on rank 0, the single-process texts on every rank
+    from engine import LLM, Policy
+    llm = LLM.from_pretrained(tiny_opt[0], policy=Policy(**POLICIES["all in memory, 2x3"]), progress=False)
+    want = llm.generate_text(TEXTS, max_new_tokens=6, stop="e")
+    assert ranks[0]["text"] == ranks[1]["text"] == want
     # a bad call on rank 0 raises on every rank (no rank is left waiting)
     assert ranks[0]["bad_call"].startswith("ValueError")
     assert ranks[1]["bad_call"].startswith("PipelineError: rank 0 rejected the call: ValueError")
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
         for case, (prompts, opts) in CASES.items():
             report["results"][name][case] = pipe.generate(prompts if pipe.rank == 0 else None, **opts)
             report["stats"][name][case] = pipe.last_stats
+        if "text" not in report:                      # text in on rank 0, the same text out everywhere
+            report["text"] = pipe.generate_text(TEXTS if pipe.rank == 0 else None, max_new_tokens=6, stop="e")
         if "bad_call" not in report:
             try:
                 pipe.generate([[1, 2], []] if pipe.rank == 0 else None, max_new_tokens=2)
