@@ -21,8 +21,7 @@ def layer_norm(x, weight, bias, eps: float):
 
 
 def rms_norm(x, weight, eps: float):
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

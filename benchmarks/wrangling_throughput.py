@@ -1,0 +1,149 @@
+"""Rows/s for entity matching with k demonstrations: transformers vs the engine, feature by feature.
+
+Systems, on the same prompts in one run (SmolLM2-135M, float32 compute):
+  (a) transformers `generate`, one row at a time
+  (b) transformers `generate`, left-padded batches
+  (c) the engine without the workload features (no prefix reuse, no bucketing, no early exit)
+  (d) the engine adding, in turn: length bucketing, shared-prefix KV reuse, per-sequence early exit;
+      and choice scoring (Yes/No from one pass) as a separate row, with its effect on quality.
+The greedy answers of (c) and every (d) row are compared and must be identical.
+
+    .venv/bin/python benchmarks/wrangling_throughput.py [--datasets Beer Fodors-Zagats] [--k 5] [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._doc import load_now, write_section  # noqa: E402
+
+MAX_NEW = 3
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def hf_rows(model, tok, prompts: list[str], batch: int) -> tuple[list[str], float]:
+    """transformers greedy generate with a newline stop; (answers, seconds)."""
+    tok.padding_side = "left"
+    out: list[str] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i: i + batch], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, stop_strings=["\n"],
+                                 tokenizer=tok, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        out += [first_line(tok.decode(row, skip_special_tokens=True)) for row in new]
+    return out, time.perf_counter() - t0
+
+
+def engine_rows(llm, prompts, *, bucket: bool, share_prefix: bool, early_exit: bool) -> tuple[list[str], float]:
+    t0 = time.perf_counter()
+    kw = dict(stop="\n") if early_exit else dict(ignore_eos=True)
+    texts = llm.generate_text(prompts, max_new_tokens=MAX_NEW, bucket=bucket, share_prefix=share_prefix, **kw)
+    return [first_line(t) for t in texts], time.perf_counter() - t0
+
+
+def choice_rows(llm, prompts) -> tuple[list[str], float]:
+    t0 = time.perf_counter()
+    scores = llm.score_choices(prompts, [" Yes", " No"])
+    return [" Yes" if s[0] >= s[1] else " No" for s in scores], time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=["Beer", "Fodors-Zagats"])
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=None, help="first N test pairs (default: all)")
+    ap.add_argument("--hf-single-limit", type=int, default=48,
+                    help="rows for (a), the slowest system; its rows/s is measured on this many")
+    ap.add_argument("--batch", type=int, default=16, help="batch of (b) and gpu_batch_size of the engine")
+    ap.add_argument("--quick", action="store_true", help="30 rows per dataset")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.limit, args.hf_single_limit = 30, 8
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine import LLM, Policy
+    from engine.registry import resolve_model
+    from wrangling_tasks import get_task, load_benchmark, prepare
+
+    path = resolve_model("smollm2-135m")
+    llm = LLM.from_pretrained("smollm2-135m", dtype="float32", progress=False,
+                              policy=Policy(gpu_batch_size=args.batch))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    parse = get_task("entity-matching").parse
+    score = get_task("entity-matching").score
+
+    sections = []
+    for name in args.datasets:
+        inputs = load_benchmark("entity-matching", name, "test")
+        prep = prepare("entity-matching", inputs, llm, k=args.k, limit=args.limit)
+        prompts, labels = list(prep.items["prompt"]), list(prep.items["label"])
+        n = len(prompts)
+        ntok = [len(llm.encode(p)) for p in prompts]
+        rows = []
+
+        def add(system, answers, seconds, n_rows=n, compare=None):
+            f1 = score([parse(a) for a in answers], labels[: n_rows])["f1"] if n_rows == n else float("nan")
+            same = "—" if compare is None else ("yes" if answers == compare else
+                                                f"no ({sum(a != b for a, b in zip(answers, compare))} differ)")
+            rows.append((system, n_rows, seconds, n_rows / seconds, f1, same))
+            print(f"{name}: {system}: {n_rows / seconds:.2f} rows/s, F1 {f1:.3f}, identical to (c): {same}",
+                  flush=True)
+
+        single = prompts[: args.hf_single_limit]
+        a_ans, a_s = hf_rows(hf, tok, single, 1)
+        add("(a) transformers, one row at a time", a_ans, a_s, n_rows=len(single))
+        b_ans, b_s = hf_rows(hf, tok, prompts, args.batch)
+        add(f"(b) transformers, batch {args.batch}", b_ans, b_s)
+        base, c_s = engine_rows(llm, prompts, bucket=False, share_prefix=False, early_exit=False)
+        add("(c) engine, no workload features", base, c_s, compare=base)
+        ans, s = engine_rows(llm, prompts, bucket=True, share_prefix=False, early_exit=False)
+        add("(d1) + length bucketing", ans, s, compare=base)
+        ans, s = engine_rows(llm, prompts, bucket=True, share_prefix=True, early_exit=False)
+        add("(d2) + shared-prefix KV reuse", ans, s, compare=base)
+        prefix_len = llm.last_stats.get("prefix_len", 0)
+        ans, s = engine_rows(llm, prompts, bucket=True, share_prefix=True, early_exit=True)
+        add("(d3) + per-sequence early exit (newline stop)", ans, s, compare=base)
+        d3_s = s
+        ans, s = choice_rows(llm, prompts)
+        add("(d4) choice scoring (Yes/No log-probs, one pass)", ans, s, compare=base)
+
+        lines = [f"#### {name} (test, {n} pairs, k = {args.k}; prompts {min(ntok)}–{max(ntok)} tokens, "
+                 f"shared prefix {prefix_len} tokens)", "",
+                 "| system | rows | seconds | rows/s | F1 | answers identical to (c) |",
+                 "|---|---:|---:|---:|---:|---|"]
+        for system, n_rows, seconds, rps, f1, same in rows:
+            lines.append(f"| {system} | {n_rows} | {seconds:.1f} | {rps:.2f} | "
+                         f"{'—' if f1 != f1 else f'{100 * f1:.1f}'} | {same} |")
+        rate = {r[0][:4]: r[3] for r in rows}
+        d3 = n / d3_s
+        lines += ["", f"Ratios of (d3), all generation features on: {d3 / rate['(c) ']:.1f}× (c), "
+                  f"{d3 / rate['(a) ']:.1f}× (a), {d3 / rate['(b) ']:.1f}× (b). "
+                  f"Prefix reuse + bucketing alone, (d2) / (c): {rate['(d2)'] / rate['(c) ']:.1f}×.", ""]
+        sections.append("\n".join(lines))
+
+    md = "\n".join([
+        "### Wrangling throughput: entity matching with few-shot prompts (issue 9)", "",
+        f"SmolLM2-135M-Instruct, float32 compute, greedy, at most {MAX_NEW} new tokens. (a) is measured on the "
+        f"first {args.hf_single_limit} pairs (its rows/s is the figure compared). Load average at the end: "
+        f"{load_now()}. Command: `.venv/bin/python benchmarks/wrangling_throughput.py"
+        f"{' --limit ' + str(args.limit) if args.limit else ''}`.", "",
+        *sections,
+        "Targets: ≥ 3× rows/s from prefix reuse plus bucketing over (c); ≥ 10× over (a); ≥ 3× over (b).", ""])
+    write_section("wrangling_throughput", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
