@@ -475,7 +475,9 @@ def _peaks(st: _Setup, m: dict, biggest) -> tuple[dict, dict]:
     """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement.
 
     On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
-    copies as two neighbouring layers ever borrow at once, and trims them when the budget is hit."""
+    copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
+    before this one is done, as without overlap; fewer when the I/O thread runs late, so with overlap
+    this is an upper bound), and trims idle ones when the budget is hit."""
     itemsize = st.itemsize
     pooled = sum(math.prod(shape) * itemsize * max(counts[a] + counts[c] for a, c in st.slots)
                  for shape, counts in m["pool_counts"].items())

@@ -57,7 +57,7 @@ def _fits(choice, caps):
     {"gpu_mem": 350 * MiB, "cpu_mem": 100 * MiB, "disk_mem": 10 * GiB},
 ])
 def test_chosen_policy_fits_the_caps(hw, caps):
-    choice = search_policy(opt_config("opt-125m"), hw, 128, 16, **caps)
+    choice = search_policy(opt_config("opt-125m"), hw, 128, 16, max_block_size=32, **caps)
 
     _fits(choice, {t: caps[f"{t}_mem"] for t in ("gpu", "cpu", "disk")})
     assert choice.predicted_tokens_per_s > 0
@@ -98,21 +98,27 @@ def test_engine_runs_the_chosen_policy_within_its_caps(hw, small_opt, tmp_path):
     assert all(len(o) == gen_len for o in out)
     for tier in ("gpu", "cpu", "disk"):
         assert peaks[tier] <= caps[f"{tier}_mem"]
-        assert peaks[tier] == choice.predicted_peaks[tier]       # the model mirrors the engine's trackers
+        assert peaks[tier] <= choice.predicted_peaks[tier]       # the model bounds the engine's trackers
+    assert (peaks["cpu"], peaks["disk"]) == (choice.predicted_peaks["cpu"], choice.predicted_peaks["disk"])
 
 
-@pytest.mark.parametrize("policy", [
-    Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=40,
-           cache_gpu_percent=25, cache_cpu_percent=50),
-    Policy(gpu_batch_size=3, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
-           act_gpu_percent=0, act_cpu_percent=0),
-    Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=60, cache_gpu_percent=50, act_gpu_percent=0,
-           act_cpu_percent=100, compress_weight=True, compress_cache=True),
-    Policy(gpu_batch_size=4, w_gpu_percent=50, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=100,
-           overlap=False, sep_layer=False),
-])
-def test_predicted_peaks_equal_the_engines_trackers(hw, small_opt, tmp_path, policy):
+PLACEMENTS = [
+    dict(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=40, cache_gpu_percent=25,
+         cache_cpu_percent=50),
+    dict(gpu_batch_size=3, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
+         act_gpu_percent=0, act_cpu_percent=0),
+    dict(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=60, cache_gpu_percent=50, act_gpu_percent=0,
+         act_cpu_percent=100, compress_weight=True, compress_cache=True),
+    dict(gpu_batch_size=4, w_gpu_percent=50, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=100,
+         sep_layer=False),
+]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_predicted_peaks_match_the_engines_trackers(hw, small_opt, tmp_path, placement, overlap):
     cfg = read_hf_config(small_opt)
+    policy = Policy(overlap=overlap, **placement)
     llm = LLM.from_pretrained(small_opt, policy=policy, dummy=True, offload_dir=tmp_path / "off", progress=False)
     try:
         prompts = torch.randint(3, 90, (policy.block_size, 10), generator=torch.Generator().manual_seed(1))
@@ -121,7 +127,12 @@ def test_predicted_peaks_equal_the_engines_trackers(hw, small_opt, tmp_path, pol
     finally:
         llm.close()
 
-    assert predict(cfg, hw, policy, 10, 5).peaks == measured
+    predicted = predict(cfg, hw, policy, 10, 5).peaks
+    assert measured["cpu"] == predicted["cpu"] and measured["disk"] == predicted["disk"]
+    if overlap:   # how many pool buffers two neighbouring layers hold at once depends on the I/O thread's timing
+        assert measured["gpu"] <= predicted["gpu"]
+    else:         # without the I/O thread the next layer is always loaded before this one computes
+        assert measured["gpu"] == predicted["gpu"]
 
 
 @pytest.mark.parametrize("tier", ["gpu", "cpu"])
@@ -129,9 +140,9 @@ def test_more_memory_never_predicts_less_throughput(hw, tier):
     cfg = opt_config("opt-350m")
     fixed = {"gpu_mem": 300 * MiB, "cpu_mem": 300 * MiB, "disk_mem": 20 * GiB}
     rates = []
-    for cap in (250, 400, 700, 1200, 2400):
+    for cap in (250, 500, 1000, 2400):
         caps = dict(fixed, **{f"{tier}_mem": cap * MiB})
-        rates.append(search_policy(cfg, hw, 64, 8, max_block_size=32, **caps).predicted_tokens_per_s)
+        rates.append(search_policy(cfg, hw, 64, 8, max_block_size=16, **caps).predicted_tokens_per_s)
 
     assert all(b >= a * (1 - 1e-6) for a, b in zip(rates, rates[1:])), rates
     assert rates[-1] > rates[0]
@@ -189,6 +200,8 @@ def test_search_reports_binding_constraints_and_placement(hw):
 
 def test_auto_policy_uses_the_tiers_caps(hw, small_opt, tmp_path, monkeypatch):
     monkeypatch.setattr(ps, "load_hardware", lambda: hw)
+    search = ps.auto_choice
+    monkeypatch.setattr(ps, "auto_choice", lambda *args: search(*args[:5], max_block_size=8))   # a faster search
     caps = {"gpu_mem": 400_000, "cpu_mem": 60_000, "disk_mem": 50 * MiB}
 
     llm = LLM.from_pretrained(small_opt, policy="auto", dummy=True, offload_dir=tmp_path / "off", progress=False,
@@ -219,3 +232,28 @@ def test_bad_workloads_are_rejected(hw):
         search_policy(opt_config("opt-125m"), hw, 2040, 32)
     with pytest.raises(ValueError, match="at least 1"):
         search_policy(opt_config("opt-125m"), hw, 64, 0)
+
+
+@pytest.mark.parametrize("options", [dict(sep_layer=False), dict(compress_weight=True, compress_cache=True),
+                                     dict(overlap=False), dict(storage_bytes=4)])
+def test_search_options_are_honoured_and_the_engine_runs_them(hw, small_opt, tmp_path, options):
+    cfg = read_hf_config(small_opt)
+    caps = {"gpu_mem": 500_000, "cpu_mem": 100_000, "disk_mem": 50 * MiB}
+    choice = search_policy(cfg, hw, 10, 3, max_block_size=4, **caps, **options)
+    policy = choice.policy
+    for key in ("sep_layer", "compress_weight", "compress_cache", "overlap"):
+        if key in options:
+            assert getattr(policy, key) == options[key]
+
+    dtype = "float32" if options.get("storage_bytes") == 4 else "float16"
+    llm = LLM.from_pretrained(small_opt, policy=policy, dummy=True, offload_dir=tmp_path / "off", progress=False,
+                              dtype=dtype, **caps)
+    try:
+        prompts = torch.randint(3, 90, (policy.block_size, 10), generator=torch.Generator().manual_seed(2))
+        llm.generate(prompts.tolist(), max_new_tokens=3, ignore_eos=True)
+        peaks = llm.last_stats["peak_bytes"]
+    finally:
+        llm.close()
+    for tier in ("gpu", "cpu", "disk"):
+        assert peaks[tier] <= caps[f"{tier}_mem"]
+        assert peaks[tier] <= choice.predicted_peaks[tier]
