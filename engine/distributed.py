@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .generate import LLM, _argmax, _common_prefix_len
+from .generate import LLM, _argmax, _common_prefix_len, _cut_text
 from .schedule import ActStore, BlockRunner, MicroBatch
 
 TAG_HIDDEN, TAG_TOKENS = 1, 2
@@ -143,7 +143,28 @@ class PipelineLLM:
         """LLM.generate across the pipeline; every rank returns the results, in input order."""
         opts = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                     stop=stop, seed=seed, ignore_eos=ignore_eos, bucket=bucket, share_prefix=share_prefix)
-        prompts, opts = self._broadcast_call(prompt_ids, opts)
+        return self._generate(lambda: prompt_ids, opts)
+
+    def generate_text(self, prompts: list[str] | None = None, max_new_tokens: int = 32, chat: bool = False,
+                      stop=None, **kwargs) -> list[str]:
+        """Text in (on rank 0), new text out (on every rank), cut before the first stop string."""
+        opts = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, stop=stop,
+                    seed=None, ignore_eos=False, bucket=True, share_prefix=True)
+        unknown = set(kwargs) - set(opts)
+        if unknown:
+            raise TypeError(f"generate_text() got unexpected keyword arguments {sorted(unknown)}")
+
+        def encode():
+            if isinstance(prompts, str):
+                raise TypeError("generate_text takes a list of strings; wrap a single prompt in a list")
+            return [self.llm.encode(p, chat=chat) for p in prompts]
+        new = self._generate(encode, opts | kwargs)
+        tok = self.llm._need_tokenizer()
+        _, stop_strings = self.llm._stop_sets(stop, True)
+        return [_cut_text(tok.decode(t, skip_special_tokens=True), stop_strings) for t in new]
+
+    def _generate(self, make_prompts, opts: dict) -> list[list[int]]:
+        prompts, opts = self._broadcast_call(make_prompts, opts)
         if opts["max_new_tokens"] == 0 or not prompts:
             return [[] for _ in prompts]
         llm, max_new = self.llm, opts["max_new_tokens"]
@@ -207,23 +228,13 @@ class PipelineLLM:
         self.last_stats = stats
         return results
 
-    def generate_text(self, prompts: list[str] | None = None, max_new_tokens: int = 32, chat: bool = False,
-                      stop=None, **kwargs) -> list[str]:
-        """Text in (on rank 0), new text out (on every rank), cut before the first stop string."""
-        ids = [self.llm.encode(p, chat=chat) for p in prompts] if self.is_first else None
-        new = self.generate(ids, max_new_tokens=max_new_tokens, stop=stop, **kwargs)
-        tok = self.llm._need_tokenizer()
-        _, stop_strings = self.llm._stop_sets(stop, True)
-        from .generate import _cut_text
-        return [_cut_text(tok.decode(t, skip_special_tokens=True), stop_strings) for t in new]
-
-    def _broadcast_call(self, prompt_ids, opts) -> tuple[list[list[int]], dict]:
-        """Rank 0 checks its arguments and sends them to every rank (or the error that they raise)."""
+    def _broadcast_call(self, make_prompts, opts) -> tuple[list[list[int]], dict]:
+        """Rank 0 makes and checks the prompts and options and sends them to every rank (or the error)."""
         payload: list = [None]
         error = None
         if self.is_first:
             try:
-                prompts = self.llm._check_prompts(prompt_ids, opts["max_new_tokens"])
+                prompts = self.llm._check_prompts(make_prompts(), opts["max_new_tokens"])
                 self.llm._stop_sets(opts["stop"], opts["ignore_eos"])
                 payload = [(prompts, opts)]
             except Exception as exc:

@@ -105,6 +105,7 @@ def test_two_ranks_give_the_single_process_tokens_for_two_policies(tiny_opt, tmp
     # a bad call on rank 0 raises on every rank (no rank is left waiting)
     assert ranks[0]["bad_call"].startswith("ValueError")
     assert ranks[1]["bad_call"].startswith("PipelineError: rank 0 rejected the call: ValueError")
+    assert ranks[0]["bad_text"].startswith("TypeError") and ranks[1]["bad_text"].startswith("PipelineError")
 
 
 @pytest.mark.slow
@@ -163,6 +164,10 @@ def main(argv=None) -> int:
                 pipe.generate([[1, 2], []] if pipe.rank == 0 else None, max_new_tokens=2)
             except Exception as exc:
                 report["bad_call"] = f"{type(exc).__name__}: {exc}"
+            try:                                      # rank 0 fails while encoding: every rank raises
+                pipe.generate_text("not a list" if pipe.rank == 0 else None, max_new_tokens=2)
+            except Exception as exc:
+                report["bad_text"] = f"{type(exc).__name__}: {exc}"
         pipe.llm.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
