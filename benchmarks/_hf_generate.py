@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-len", type=int, required=True)
     p.add_argument("--max-memory", help="Accelerate: CPU memory cap for weights, e.g. 1GiB")
     p.add_argument("--offload-folder")
+    p.add_argument("--ids", help="JSON file of prompts (lists of token ids, equal lengths) instead of random ids")
+    p.add_argument("--save-tokens", action="store_true", help="put the new token ids in the JSON")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
@@ -65,8 +67,14 @@ def main(argv=None) -> int:
     disk_params = sum(p.numel() for name, where in device_map.items() if where == "disk"
                       for p in (model.get_submodule(name) if name else model).parameters())
     vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, vocab, (args.batch, args.prompt_len), generator=g)
+    if args.ids:
+        with open(args.ids) as f:
+            ids = torch.tensor(json.load(f), dtype=torch.long)
+        if ids.shape != (args.batch, args.prompt_len):
+            raise SystemExit(f"{args.ids}: shape {tuple(ids.shape)}, expected ({args.batch}, {args.prompt_len})")
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, vocab, (args.batch, args.prompt_len), generator=g)
     streamer = _FirstToken()
     with torch.inference_mode():
         t = time.perf_counter()
@@ -88,9 +96,11 @@ def main(argv=None) -> int:
         "placement": placement, "disk_weight_bytes": disk_params * ckpt_itemsize, "max_memory": args.max_memory, "threads": torch.get_num_threads(),
         "peak_rss_bytes_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    if args.save_tokens:
+        result["tokens"] = out[:, args.prompt_len:].tolist()
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "tokens"}))
     return 0
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/offload_vs_baselines.py            # full: random OPT-1.3b, about 1.5-2 h
     python benchmarks/offload_vs_baselines.py --quick    # random OPT-125m, one tiny shape, 2-3 min
-    python benchmarks/offload_vs_baselines.py --resume --only eng-p32g64   # rerun one group
+    python benchmarks/offload_vs_baselines.py --resume                     # finish an interrupted run
+    python benchmarks/offload_vs_baselines.py --resume --rerun eng-p32g64  # measure one group again
 
 One random-weight fp16 checkpoint is written with `save_pretrained` (benchmarks/_checkpoint.py) and
 every system reads it. Every run is a fresh subprocess whose peak RSS is the kernel's high-water
@@ -46,7 +47,7 @@ PLOT = REPO / "docs" / "offload_throughput.png"
 
 MODES = {
     "full": dict(
-        model="opt-1.3b", cap_gib=5.0,
+        model="opt-1.3b", cap_gib=5.0, extra_doublings=2,   # climb past the list while runs still fit
         shapes=[(512, 32), (32, 64)],
         accelerate_max_memory="1GiB",
         accelerate_batches={(512, 32): [4, 8], (32, 64): [16, 32, 64]},
@@ -144,7 +145,9 @@ def run_row(row: Row, work: Path, ckpt: Path, cap: int | None, quick: bool) -> R
     log = work / "logs" / f"{row.label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {row.label}: {shlex.join(row.cmd[1:])}", flush=True)
+    started, commit = time.strftime("%Y-%m-%d %H:%M"), _doc.engine_commit()
     row.run = run_json(row.cmd, row.json_path, log=log, rss_cap=cap)
+    row.run.update(started=started, engine_commit=commit, load_after=_doc.load_now())
     row.probes.append(probe(probe_file, quick))
     r = row.run
     status = (f"{row.result['total_tokens_per_s']:.2f} tok/s" if row.ok else r.get("error", "failed"))
@@ -156,13 +159,29 @@ def run_row(row: Row, work: Path, ckpt: Path, cap: int | None, quick: bool) -> R
 
 
 def climb(rows: list[Row], work, ckpt, cap, quick) -> list[Row]:
-    """Run rows in order of batch; stop after the first one that does not fit the cap."""
+    """Run rows in order of batch; stop after the first one that does not fit the cap.
+
+    Rows that already hold a run (from --resume) are kept, not rerun."""
     done = []
     for row in rows:
-        done.append(run_row(row, work, ckpt, cap, quick))
+        done.append(row if row.run else run_row(row, work, ckpt, cap, quick))
         if not row.feasible(cap):
             break
     return done
+
+
+def doubled(batches: list, extra: int) -> list:
+    """The candidate list continued by `extra` doublings of its last entry (a batch, or a
+    (gpu_batch_size, num_gpu_batches) block whose growing member is doubled)."""
+    out = list(batches)
+    for _ in range(extra):
+        last = out[-1]
+        if isinstance(last, tuple):
+            grow_k = len(out) > 1 and out[-2][0] == last[0]
+            out.append((last[0], last[1] * 2) if grow_k else (last[0] * 2, last[1]))
+        else:
+            out.append(last * 2)
+    return out
 
 
 def best(rows: list[Row], system: str, shape, cap: int) -> Row | None:
@@ -181,12 +200,12 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
             Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
                 j(f"acc-{tag}-b{b}"), capped=True)
-            for b in mode["accelerate_batches"][shape]]
+            for b in doubled(mode["accelerate_batches"][shape], mode.get("extra_doublings", 0))]
         groups[f"eng-{tag}"] = [
             Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}", shape, g * k,
                 engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off),
                 j(f"eng-{tag}-b{g}x{k}"), capped=True)
-            for g, k in mode["engine_blocks"][shape]]
+            for g, k in doubled(mode["engine_blocks"][shape], mode.get("extra_doublings", 0))]
         b = mode["in_memory_batch"][shape]
         groups[f"mem-{tag}"] = [
             Row(f"mem-{tag}", "in_memory", "transformers", f"transformers-{tag}-b{b}", shape, b,
@@ -258,9 +277,13 @@ def ratio(a: Row | None, b: Row | None) -> str:
 def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, started: str,
            loads: tuple, argv: list[str], wall: float) -> str:
     out = [f"## Offloading vs baselines (`benchmarks/offload_vs_baselines.py`)", ""]
-    out.append(f"Run {started}, {wall / 60:.0f} min, engine at commit {_doc.engine_commit()}; mode `{mode_name}`. "
-               f"Load average at start {loads[0]}, at end {loads[1]} (2 cores shared with other jobs: "
-               "absolute rates move with the load; each row's roofline uses rates probed just before and after it).")
+    times = sorted(r.run["started"] for r in rows if r.run.get("started"))
+    commits = sorted({r.run["engine_commit"] for r in rows if r.run.get("engine_commit")})
+    span = f"rows measured {times[0]} to {times[-1]}" if times else f"run {started}"
+    out.append(f"Mode `{mode_name}`; {span} (this invocation {wall / 60:.0f} min); engine at commit "
+               f"{', '.join(commits) or _doc.engine_commit()}. Load average at start {loads[0]}, at end {loads[1]}; "
+               "each row's load is in its log and the probes (2 cores shared with other jobs: absolute "
+               "rates move with the load; each row's roofline uses rates probed just before and after it).")
     out.append("")
     out.append(f"Command: `python {' '.join(['benchmarks/offload_vs_baselines.py', *argv])}`")
     out.append("")
@@ -371,7 +394,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="run only these groups (e.g. acc-p32g64 eng-p32g64 overlap)")
     p.add_argument("--write-doc", action="store_true", help="write docs/ also in --quick mode")
     p.add_argument("--resume", action="store_true",
-                   help="keep the groups a previous run of this mode finished (rows.json) and run the rest")
+                   help="keep the rows a previous run of this mode measured (rows.json) and run the rest")
+    p.add_argument("--rerun", nargs="*", default=[], help="with --resume: groups to measure again")
     args = p.parse_args(argv)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
@@ -394,17 +418,16 @@ def main(argv=None) -> int:
     if args.resume and (work / "rows.json").exists():
         for d in json.loads((work / "rows.json").read_text()):
             row = next((x for x in groups.get(d["key"], []) if x.label == d["label"]), None)
-            if row is not None and d["key"] not in (args.only or []):
+            if row is not None and d["key"] not in args.rerun:
                 row.run, row.probes = d["run"], d["probes"]
-                rows.append(row)
-    finished = {x.key for x in rows}
     for name, group in groups.items():
-        if args.only and name not in args.only or name in finished:
+        if args.only and name not in args.only:
+            rows += [x for x in group if x.run]          # keep what --resume loaded
             continue
         if name.startswith(("acc-", "eng-")):
             rows += climb(group, work, ckpt, cap, args.quick)
         else:
-            rows += [run_row(row, work, ckpt, None, args.quick) for row in group]
+            rows += [x if x.run else run_row(x, work, ckpt, None, args.quick) for x in group]
         (work / "rows.json").write_text(json.dumps(
             [dict(key=x.key, label=x.label, group=x.group, system=x.system, shape=x.shape, batch=x.batch, run=x.run,
                   probes=x.probes) for x in rows], indent=1, default=str))
