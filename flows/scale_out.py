@@ -163,7 +163,9 @@ def wrangle_scale_out(
     log.info("run %s: %d item(s), %d to do, shares %s", run_key, len(items.items), len(todo), shares)
 
     parts.clear_manifests(output_dir, run_key)
-    child = {**asdict(params), "columns": list(params.columns) if params.columns else None}
+    # paths as this process sees them: a worker resolves relative paths in its own directory
+    child = {**asdict(params), "columns": list(params.columns) if params.columns else None,
+             "database": os.path.abspath(database)}
     failed: list[str] = []
     phase = time.perf_counter()
     try:
