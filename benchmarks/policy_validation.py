@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if "--omp-passive" in sys.argv:   # must precede the first torch import (the probe here, the runs inherit it)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from engine.config import opt_config                                     # noqa: E402
 from engine.hardware import load_hardware                                # noqa: E402
@@ -124,8 +126,9 @@ def report(results: dict) -> str:
     lines = [
         "## Automatic policy: predicted vs measured, and auto vs a hand-written grid",
         "",
-        f"Machine: {results['machine']}. Load average before / after: {results['load_before']} / "
-        f"{results['load_after']} (other jobs shared the 2 cores; timings carry that noise).",
+        f"Machine: {results['machine']}; OpenMP wait policy {results.get('omp_wait_policy', 'default')}. "
+        f"Load average before / after: {results['load_before']} / {results['load_after']} (other jobs "
+        "shared the 2 cores; timings carry that noise).",
         "",
         "The hardware is probed (`python -m engine.hardware --refresh`, cached in .cache/hardware.json, which "
         "the auto runs then read) again before each workload, because the load drifts; the first probe:",
@@ -205,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-load", type=float, default=1.5,
                     help="before each workload wait until the 1-minute load average is below this")
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet at most")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for the probe and every run (OpenMP threads sleep instead of "
+                         "spinning: on a shared, oversubscribed machine runs are several times faster and steadier)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -226,7 +232,9 @@ def main(argv=None) -> int:
                    f"{fmt_bytes(probes[0].ram_available) if probes else '?'} RAM available",
         "load_before": load_before, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "hardware": probes[0].summary() if probes else {}, "command": "python benchmarks/policy_validation.py"
-        + (" --full" if args.full else "") + (" --reuse-probe" if args.reuse_probe else ""),
+        + (" --full" if args.full else "") + (" --reuse-probe" if args.reuse_probe else "")
+        + (" --omp-passive" if args.omp_passive else ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active spin)"),
         "wall_s": time.perf_counter() - started, "workloads": workloads,
     }
     text = report(results)

@@ -304,7 +304,10 @@ def _probe_disk(disk_dir, nbytes: int, reps: int) -> dict:
 
 # ---- the cache -----------------------------------------------------------------------------------
 def cache_key() -> str:
-    return f"{socket.gethostname()}-{os.cpu_count()}cpu-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    """Host, CPU count, compute device, and the OpenMP wait policy (it changes CPU rates under load)."""
+    omp = os.environ.get("OMP_WAIT_POLICY", "").lower()
+    return (f"{socket.gethostname()}-{os.cpu_count()}cpu-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+            + (f"-omp-{omp}" if omp else ""))
 
 
 def load_hardware(path: str | Path | None = None, refresh: bool = False, quick: bool = False,
