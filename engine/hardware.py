@@ -34,8 +34,8 @@ import psutil
 import torch
 
 from . import ops
-from .compression import CompressionConfig, dequantize, quantize
-from .tiers import DiskFile, MemoryTracker, fmt_bytes, parse_bytes
+from .compression import CompressionConfig
+from .tiers import DiskFile, Format, MemoryTracker, fmt_bytes, parse_bytes
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "hardware.json"
 SMALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -61,12 +61,14 @@ class Hardware:
     narrow_elems_per_s: float          # compute dtype -> storage dtype (cache stores)
     h2d_bytes_per_s: float             # CPU -> CUDA copy (0 without CUDA)
     d2h_bytes_per_s: float             # CUDA -> CPU copy (0 without CUDA)
-    dequant_elems_per_s: float         # 4-bit group-wise dequantization into the compute dtype
-    quant_elems_per_s: float           # 4-bit group-wise quantization
-    io_memcpy_bytes_per_s: float       # the same five rates on the engine's I/O thread (io_threads torch threads)
+    dequant_elems_per_s: float         # 4-bit weights (grouped along the output dim) -> compute dtype
+    cache_dequant_elems_per_s: float   # 4-bit KV cache (grouped along the head dim) -> compute dtype
+    quant_elems_per_s: float           # KV cache rows -> 4-bit (what a cache store does)
+    io_memcpy_bytes_per_s: float       # the same six rates on the engine's I/O thread (io_threads torch threads)
     io_convert_elems_per_s: float
     io_narrow_elems_per_s: float
     io_dequant_elems_per_s: float
+    io_cache_dequant_elems_per_s: float
     io_quant_elems_per_s: float
     io_threads: int
     disk_read_bytes_per_s: float       # O_DIRECT, large reads
@@ -130,11 +132,13 @@ class Hardware:
                       f"Gelem/s, compute->fp16 {g(self.narrow_elems_per_s)} Gelem/s"
                       + (f", H2D {g(self.h2d_bytes_per_s)} GB/s, D2H {g(self.d2h_bytes_per_s)} GB/s"
                          if self.compute_device == "cuda" else ""),
-            "4-bit": f"dequantize {g(self.dequant_elems_per_s)} Gelem/s, quantize {g(self.quant_elems_per_s)} Gelem/s",
+            "4-bit": f"dequantize weights {g(self.dequant_elems_per_s)}, cache {g(self.cache_dequant_elems_per_s)}, "
+                     f"quantize cache {g(self.quant_elems_per_s)} Gelem/s",
             "I/O thread": f"{self.io_threads} torch thread: memcpy {g(self.io_memcpy_bytes_per_s)} GB/s, fp16->compute "
                           f"{g(self.io_convert_elems_per_s)} Gelem/s, compute->fp16 {g(self.io_narrow_elems_per_s)}, "
-                          f"dequantize {g(self.io_dequant_elems_per_s)}, "
-                          f"quantize {g(self.io_quant_elems_per_s)} Gelem/s",
+                          f"dequantize weights {g(self.io_dequant_elems_per_s)}, cache "
+                          f"{g(self.io_cache_dequant_elems_per_s)}, quantize cache "
+                          f"{g(self.io_quant_elems_per_s)} Gelem/s",
             "disk": f"read {g(self.disk_read_bytes_per_s)} GB/s, write {g(self.disk_write_bytes_per_s)} GB/s, "
                     f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, "
                     f"write {self.disk_write_latency_s * 1e6:.0f} us"
@@ -242,7 +246,8 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
 
 def _probe_transfers(dev, dtype, elems: int, quant_elems: int, reps: int, sync) -> dict:
     """Copy, widen (storage -> compute dtype, into a reused buffer as the engine's pool does), narrow,
-    and 4-bit (de)quantization rates with the calling thread's torch threads."""
+    and 4-bit (de)quantization rates with the calling thread's torch threads (CPU data for the 4-bit
+    formats; on CUDA only the copies are device-side)."""
     cuda = dev.type == "cuda"
     src = torch.randn(elems, device=dev, dtype=dtype)
     dst = torch.empty_like(src)
@@ -259,11 +264,20 @@ def _probe_transfers(dev, dtype, elems: int, quant_elems: int, reps: int, sync) 
         out["convert_elems_per_s"] = elems / _timeit(lambda: dst.copy_(half), reps)
         out["narrow_elems_per_s"] = elems / _timeit(lambda: src.to(torch.float16), reps)
     del src, dst, half
-    cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
-    w = torch.randn(quant_elems, device=dev, dtype=dtype).view(-1, 1024).T.contiguous()
-    qt = quantize(w, cfg)
-    out["dequant_elems_per_s"] = w.numel() / _timeit(lambda: dequantize(qt, dtype), reps, sync)
-    out["quant_elems_per_s"] = w.numel() / _timeit(lambda: quantize(w, cfg), reps, sync)
+    # 4-bit through the engine's own formats: weights grouped along the output dimension, the cache
+    # along the head dimension (rows of (2, n, heads, 64)), decoded into reused buffers
+    w_fmt = Format(torch.float16, quant=CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+    w = torch.randn(1, quant_elems // 1024, 1024, dtype=torch.float32)
+    w_raw, w_buf = w_fmt.encode(w).to(dev), torch.empty(w.shape, device=dev, dtype=dtype)
+    out["dequant_elems_per_s"] = w.numel() / _timeit(
+        lambda: w_fmt.decode(w_raw, w.shape[1:], dtype, out=w_buf), reps, sync)
+    c_fmt = Format(torch.float16, quant=CompressionConfig(num_bits=4, group_size=64, group_dim=-1))
+    c = torch.randn(quant_elems // (2 * 8 * 16 * 64), 2, 8, 16, 64, dtype=torch.float32)
+    c_raw, c_buf = c_fmt.encode(c).to(dev), torch.empty(c.shape, device=dev, dtype=dtype)
+    out["cache_dequant_elems_per_s"] = c.numel() / _timeit(
+        lambda: c_fmt.decode(c_raw, c.shape[1:], dtype, out=c_buf), reps, sync)
+    c = c.to(dev, dtype)
+    out["quant_elems_per_s"] = c.numel() / _timeit(lambda: c_fmt.encode(c), reps, sync)
     return out
 
 

@@ -7,8 +7,9 @@ mlp_i, ..., head; the weights of the next layer are loaded while this one comput
                 attention, elementwise passes, per-op overhead) and activation I/O when on disk;
   I/O thread    (FIFO) the next layer's weights, each micro-batch's KV cache load and store:
                 disk reads/writes, storage -> compute conversion, 4-bit (de)quantization;
-  CPU cores     on a CPU-only machine every conversion competes with compute for the same cores,
-                so only disk waits truly overlap: slot time >= compute + all CPU-side transfer work.
+  CPU cores     on a CPU-only machine every conversion competes with compute for the same cores
+                and memory bus, so only disk waits truly overlap: slot time >= compute + all
+                CPU-side transfer work (measured: the two add up on 2 cores).
 
 A slot takes the max of these (the sum with overlap off). Decode attention layers also wait for
 the next layer's weights before their first cache load is served (FIFO order). Memory peaks
@@ -339,7 +340,7 @@ def _cache_load(st: _Setup, p: _Placement, t: float) -> tuple:
     seqs = p.cache("sequences", lambda tier, n: n)
     away = seqs["cpu"] + seqs["disk"]
     if st.compress_cache:
-        cpu_work = st.b * per_seq / _rate(st, "dequant_elems_per_s")
+        cpu_work = st.b * per_seq / _rate(st, "cache_dequant_elems_per_s")
     elif st.cuda and st.cpu_cache_compute:       # widened on the CPU and attended there: no copy to the device
         cpu_work = away * per_seq / _rate(st, "convert_elems_per_s")
     else:
@@ -393,9 +394,9 @@ def _slot_bounds(st: _Setup, p: _Placement, kind: str, nxt: str, phase: str) -> 
     bounds = {"main_thread": main, "io_thread": io}
     if cache_layer and phase == "decode":   # FIFO: the first cache load queues behind the weight prefetch
         bounds["first_cache_after_weights"] = w_all + c_all + main
-    if not st.cuda:   # the I/O thread's conversions take cores from compute: CPU-seconds / cores
-        share = st.hw.io_threads / max(st.hw.cpu_count, st.hw.io_threads)
-        bounds["cpu_cores"] = main + share * (w_cpu + st.nb * (c_cpu + s_cpu))
+    if not st.cuda:   # the I/O thread's conversions and compute share the cores and the memory bus:
+        # measured on 2 cores, they add up (compute slows by about what the conversions take)
+        bounds["cpu_cores"] = main + w_cpu + st.nb * (c_cpu + s_cpu)
     return bounds
 
 
@@ -630,7 +631,6 @@ def _lower_bound_seconds(st: _Setup) -> float:
         widen = quant / _rate(st, "dequant_elems_per_s")
         if not st.compress_weight and st.storage_bytes != st.itemsize:
             widen += max(0.0, elems - st.caps["gpu"] / st.itemsize) / _rate(st, "convert_elems_per_s")
-    share = hw.io_threads / max(hw.cpu_count, hw.io_threads)
     total = 0.0
     for phase, steps in (("prefill", 1), ("decode", max(0, st.gen - 1))):
         compute = sum(count * st.nb * _compute_mb(st, kind, phase, t) for (kind, _), count in st.slots.items())
@@ -638,9 +638,9 @@ def _lower_bound_seconds(st: _Setup) -> float:
         if st.compress_cache and not st.cuda:          # every cache row is (de)quantized wherever it lives
             rows = 2 * st.cfg.kv_dim * st.b * st.nb * st.cfg.num_layers
             work += rows * (st.s if phase == "prefill" else 1) / _rate(st, "quant_elems_per_s")
-            work += rows * t / _rate(st, "dequant_elems_per_s") if phase == "decode" else 0.0
+            work += rows * t / _rate(st, "cache_dequant_elems_per_s") if phase == "decode" else 0.0
         if st.overlap:
-            step = max(compute, disk_read + work, compute + (0.0 if st.cuda else share * work))
+            step = max(compute, disk_read + work, compute + (0.0 if st.cuda else work))
         else:
             step = compute + disk_read + work
         total += steps * step
