@@ -142,7 +142,16 @@ def report(results: dict) -> str:
         "1-minute load average at the start and end of the run (2 cores: above 2 means other jobs ran).",
         "",
     ]
-    errors, ratios, searches = [], [], []
+    if results.get("omp_wait_policy") == "PASSIVE":
+        lines += [
+            "Why OMP_WAIT_POLICY=PASSIVE: other jobs kept the 2 cores oversubscribed (load 4-9) for hours. With "
+            "OpenMP's default spin-waiting, a compute thread whose team-mate is descheduled spins away its time "
+            "slice, and the same run swung 3-10x between repeats (opt-125m, batch 16, prompt 32, 8 new tokens, "
+            "back to back: 4.0-6.3 tok/s by default against 16.5-24.7 tok/s with PASSIVE; an earlier default-mode "
+            "pass of the first workload measured 3.7 to 40.7 tok/s for policies predicted at 4.8 to 12.4). No "
+            "cost model can predict that, so these runs use PASSIVE throughout (probe and engine alike).",
+            ""]
+    errors, ratios, searches, peaks_equal, runs = [], [], [], 0, 0
     for w in results["workloads"]:
         caps = ", ".join(f"{k.replace('_mem', '')} {v}" for k, v in w["caps"].items()) or "none"
         probe = w.get("probe", {})
@@ -163,6 +172,8 @@ def report(results: dict) -> str:
                 continue
             pred, meas = r["predicted"], r["total_tokens_per_s"]
             err = pred["tokens_per_s"] / meas - 1
+            runs += 1
+            peaks_equal += all(abs(r["peak_bytes"][t] - pred["peaks"][t]) < 1 for t in ("gpu", "cpu", "disk"))
             errors.append(abs(err))
             if r["auto"]:
                 auto_rate = meas
@@ -187,6 +198,8 @@ def report(results: dict) -> str:
         f"{_median(errors):.0%}, largest {max(errors, default=0):.0%}.",
         f"- Auto >= 90% of the best grid policy: " + ", ".join(f"{r:.0%}" for r in ratios) + ".",
         f"- Search time: " + ", ".join(f"{s:.2f} s" for s in searches) + " (target < 10 s).",
+        f"- Peaks: predicted = measured on every tier in {peaks_equal} of {runs} runs (the others: the gpu tier "
+        "at its cap, where the engine's buffer pool trims idle buffers, so the measured peak is a little lower).",
         "",
     ]
     return "\n".join(lines)
