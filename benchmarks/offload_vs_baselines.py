@@ -47,7 +47,7 @@ PLOT = REPO / "docs" / "offload_throughput.png"
 
 MODES = {
     "full": dict(
-        model="opt-1.3b", cap_gib=5.0, extra_doublings=2,   # climb past the list while runs still fit
+        model="opt-1.3b", cap_gib=5.0, extra_doublings=1,   # climb one step past the list while runs still fit
         shapes=[(512, 32), (32, 64)],
         accelerate_max_memory="1GiB",
         accelerate_batches={(512, 32): [4, 8], (32, 64): [16, 32, 64]},
@@ -396,6 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows a previous run of this mode measured (rows.json) and run the rest")
     p.add_argument("--rerun", nargs="*", default=[], help="with --resume: groups to measure again")
+    p.add_argument("--render-only", action="store_true",
+                   help="render (and with --write-doc write) what rows.json holds; run nothing")
     args = p.parse_args(argv)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
@@ -415,6 +417,8 @@ def main(argv=None) -> int:
     cap = int(mode["cap_gib"] * 2 ** 30)
     rows: list[Row] = []
     groups = plan(mode, ckpt, work)
+    if args.render_only:
+        args.resume, args.only = True, ["-"]
     if args.resume and (work / "rows.json").exists():
         for d in json.loads((work / "rows.json").read_text()):
             row = next((x for x in groups.get(d["key"], []) if x.label == d["label"]), None)
@@ -434,8 +438,9 @@ def main(argv=None) -> int:
     md = render(mode_name, mode, rows, m, cap, started, (load0, _doc.load_now()), argv,
                 time.perf_counter() - t0)
     print(md)
-    plot(rows, mode, cap, PLOT if not args.quick or args.write_doc else work / PLOT.name)
-    if not args.quick or args.write_doc:
+    write = args.write_doc or not (args.quick or args.render_only)
+    plot(rows, mode, cap, PLOT if write else work / PLOT.name)
+    if write:
         _doc.write_section(SECTION, md)
         print(f"wrote {_doc.DOC} and {PLOT}")
     return 0
