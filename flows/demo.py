@@ -59,9 +59,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({k: result[k] for k in ("run_key", "status", "input_rows", "written_rows",
                                              "skipped_rows", "quarantined_rows", "rows_per_s",
                                              "tokens_per_s", "metrics")}, indent=2))
+    _show_answers(args.database, result["run_key"])
     print(f"\nRead the outputs with SQL, e.g. duckdb {args.database}:\n")
     print(SQL.format(run_key=result["run_key"]))
     return result
+
+
+def _show_answers(database: str, run_key: str, n: int = 5) -> None:
+    """A few of the model's answers next to the records it compared."""
+    import duckdb
+
+    with duckdb.connect(database, read_only=True) as con:
+        rows = con.execute(
+            "SELECT a.Beer_Name, b.Beer_Name, r.raw_output, r.answer, r.label "
+            "FROM wrangle_entity_matching r "
+            "JOIN beer_table_a a ON a.id = CAST(r.ltable_id AS BIGINT) "
+            "JOIN beer_table_b b ON b.id = CAST(r.rtable_id AS BIGINT) "
+            "WHERE r.run_key = ? ORDER BY r.label DESC, r.row_key LIMIT ?", [run_key, n]).fetchall()
+    print("\nSome answers (left beer | right beer -> model says; gold label):")
+    for left, right, raw, answer, label in rows:
+        print(f"  {left} | {right} -> {raw.strip()!r} ({answer}); gold {label}")
 
 
 if __name__ == "__main__":
