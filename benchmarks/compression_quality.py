@@ -40,18 +40,21 @@ CONTEXT, SCORED = 192, 64          # tokens per perplexity window: context (cach
 PROMPT, GEN = 48, 32               # greedy agreement: prompt tokens per paragraph, new tokens
 
 
-def configs(groups) -> list[tuple[str, int | None, bool, bool]]:
-    out = [("none", None, False, False)]
+def configs(groups) -> list[tuple[str, int | None, bool, bool, int]]:
+    """(name, group size, compress weights, compress cache, weight group dim)."""
+    out = [("none", None, False, False, 0)]
     for g in groups:
-        out += [("weights", g, True, False), ("cache", g, False, True), ("both", g, True, True)]
+        out += [("weights", g, True, False, 0), ("cache", g, False, True, 0), ("both", g, True, True, 0)]
+    # diagnostic: weights grouped along the input dimension (llama.cpp's Q4 blocks run that way)
+    out += [("weights, input dim", g, True, False, 1) for g in groups]
     return out
 
 
-def policy(g: int | None, cw: bool, cc: bool, batch: int):
+def policy(g: int | None, cw: bool, cc: bool, batch: int, wdim: int = 0):
     from engine import CompressionConfig, Policy
     g = g or 64
     return Policy(gpu_batch_size=batch, num_gpu_batches=1, compress_weight=cw, compress_cache=cc,
-                  comp_weight_config=CompressionConfig(4, g, 0), comp_cache_config=CompressionConfig(4, g, -1))
+                  comp_weight_config=CompressionConfig(4, g, wdim), comp_cache_config=CompressionConfig(4, g, -1))
 
 
 def windows(ids: list[int], n_max: int | None) -> list[tuple[list[int], list[int]]]:
@@ -105,8 +108,8 @@ def quality(groups, n_windows) -> tuple[list[dict], dict]:
                          seconds=time.perf_counter() - t))
         llm.close()
         meta.update(text_tokens=len(ids), windows=len(wins), prompts=len(prompts))
-    for name, g, cw, cc in configs(groups):
-        llm = LLM.from_pretrained(MODEL, policy=policy(g, cw, cc, 16), progress=False)
+    for name, g, cw, cc, wdim in configs(groups):
+        llm = LLM.from_pretrained(MODEL, policy=policy(g, cw, cc, 16, wdim), progress=False)
         t = time.perf_counter()
         ppl = perplexity(llm, wins)
         toks = llm.generate(prompts, max_new_tokens=GEN, ignore_eos=True)
@@ -164,7 +167,7 @@ def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups)
         table.append([r["name"], r["group"] or "-", f"{r['ppl']:.3f}", f"{d:+.2f}%", f"{100 * r['same']:.0f}%",
                       f"{100 * r['prefix']:.0f}%"])
     verdict = []
-    for kind, limit in (("weights", 10.0), ("cache", 3.0)):
+    for kind, limit in (("weights", 10.0), ("cache", 3.0), ("weights, input dim", 10.0)):
         ok = [r["group"] for r in rows if r["name"] == kind and 100 * (r["ppl"] / base["ppl"] - 1) <= limit]
         verdict.append(f"4-bit {kind}: perplexity increase <= {limit:g}% at group sizes "
                        f"{', '.join(map(str, ok)) if ok else 'none of ' + ', '.join(map(str, groups))}")
@@ -183,7 +186,9 @@ def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups)
         f"{meta['windows'] * SCORED} scored tokens. Greedy agreement: {meta['prompts']} prompts (first {PROMPT} "
         f"tokens of each paragraph), {GEN} new tokens, against the uncompressed engine (`none`, fp16 storage). "
         "Weights: groups along the output dimension; cache: along the head dimension; 4 bits, asymmetric "
-        "min-max, fp16 scale and minimum per group.",
+        "min-max, fp16 scale and minimum per group. `weights, input dim`: a diagnostic row with weight groups "
+        "along the input dimension instead (`CompressionConfig(4, g, 1)`), the direction of the GGUF's own "
+        "Q4_1 blocks (32 values of a row) that this checkpoint was dequantized from.",
         "",
         _doc.md_table(["compressed", "group", "perplexity", "vs none", "identical sequences",
                        "positions before first difference"], table),
