@@ -432,7 +432,6 @@ def _memory(st: _Setup, p: _Placement) -> dict:
         "act_prefill": {t: p.act[t] * nb * (_align(hidden(st.s, t)) if t == "disk" else hidden(st.s, t))
                         for t in TIERS},
         "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
-        "working_pairs": {pair: working[pair[0]] + working[pair[1]] for pair in st.slots},
         "working_each": working,
         "pool_counts": pooled,
         "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len * st.itemsize,   # full-length buffers
@@ -549,17 +548,23 @@ def placement_lp(st: _Setup, elastic: bool = False) -> tuple[pulp.LpProblem, _Pl
 
     m = _memory(st, p)
     short = {t: prob.add_variable(f"short_{t}", 0) if elastic else 0 for t in (*TIERS, "ram")}
-    work_peak = prob.add_variable("gpu_working_weights_peak", 0)
-    for (a, c), expr in m["working_pairs"].items():
-        prob += work_peak >= expr, f"gpu_working_weights_{a}_then_{c}"
+    # the buffer pool keeps per tensor shape as many working copies as two neighbouring layers borrow;
+    # counting them against the cap keeps the pool from trimming and re-faulting buffers every layer
+    pooled = 0
+    for shape, counts in m["pool_counts"].items():
+        label = "x".join(map(str, shape))
+        copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
+        for a, c in st.slots:
+            prob += copies >= counts[a] + counts[c], f"gpu_pool_copies_{label}_{a}_then_{c}"
+        pooled += math.prod(shape) * st.itemsize * copies
     work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():
         prob += work_max >= expr, f"gpu_working_copy_{k}"
     peak = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]
-        peak[("prefill", t)] = base + m["act_prefill"][t] + (work_peak if t == "gpu" else 0)
-        peak[("decode", t)] = base + m["act_decode"][t] + (work_peak + m["cache_copies"] if t == "gpu" else 0)
+        peak[("prefill", t)] = base + m["act_prefill"][t] + (pooled if t == "gpu" else 0)
+        peak[("decode", t)] = base + m["act_decode"][t] + (pooled + m["cache_copies"] if t == "gpu" else 0)
         for phase in ("prefill", "decode"):
             prob += peak[(phase, t)] <= st.caps[t] + short[t], f"{t}_peak_{phase}"
         pre = base + m["preflight_act"][t] + (2 * work_max + m["preflight_cache_copies"] if t == "gpu" else 0)

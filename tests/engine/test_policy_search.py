@@ -141,7 +141,7 @@ def test_more_memory_never_predicts_less_throughput(hw, tier):
     cfg = opt_config("opt-350m")
     fixed = {"gpu_mem": 300 * MiB, "cpu_mem": 300 * MiB, "disk_mem": 20 * GiB}
     rates = []
-    for cap in (250, 500, 1000, 2400):
+    for cap in (300, 500, 1000, 2400):
         caps = dict(fixed, **{f"{tier}_mem": cap * MiB})
         rates.append(search_policy(cfg, hw, 64, 8, max_block_size=16, **caps).predicted_tokens_per_s)
 
