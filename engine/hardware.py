@@ -185,15 +185,18 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     pool_bytes = (96 if quick else 192) << 20
     pool = [torch.randn(n_out, k_in, device=dev, dtype=dtype)
             for _ in range(max(2, pool_bytes // (n_out * k_in * dtype.itemsize)))]
-    small = []
-    for m in SMALL_M:
-        x = torch.randn(m, k_in, device=dev, dtype=dtype)
-        # stream the whole pool while memory-bound (small M); a few weights suffice once compute-bound
-        use = pool[: max(2, min(len(pool), int(1.5e9 // (2 * m * k_in * n_out))))]
-        dt = _timeit(lambda: [ops.linear(x, w) for w in use], 1 if quick else 2, sync)
-        small.append((m, 2 * m * k_in * n_out * len(use) / dt))
-    small = _monotone(small)
-    del pool
+    # stream the whole pool while memory-bound (small M); a few weights suffice once compute-bound.
+    # Rounds interleave the row counts, so a burst of load elsewhere spoils one sample of each M
+    # rather than every sample of one M (the search would otherwise chase a lucky row count).
+    shapes = {m: (torch.randn(m, k_in, device=dev, dtype=dtype),
+                  pool[: max(2, min(len(pool), int(1.5e9 // (2 * m * k_in * n_out))))]) for m in SMALL_M}
+    samples = {m: [] for m in SMALL_M}
+    for _ in range(2 if quick else 3):
+        for m, (x, use) in shapes.items():
+            dt = _timeit(lambda: [ops.linear(x, w) for w in use], 1, sync)
+            samples[m].append(2 * m * k_in * n_out * len(use) / dt)
+    small = _monotone([(m, sorted(r)[(len(r) - 1) // 2]) for m, r in samples.items()])   # lower median
+    del pool, shapes
 
     # attention: prefill (causal mask) and decode (concat of the cache + attend), as the engine runs them
     s, nh, d = (256, 12, 64) if quick else (512, 16, 64)
