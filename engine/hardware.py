@@ -77,6 +77,8 @@ class Hardware:
     disk_write_latency_s: float        # one 4 KiB O_DIRECT write
     disk_direct: bool                  # O_DIRECT worked where the probe wrote (else buffered + fadvise)
     op_overhead_s: float               # one tiny torch op (Python call + dispatch)
+    attn_layer_overhead_s: float       # one decode step of one attention layer at toy sizes (all overhead)
+    mlp_layer_overhead_s: float        # ... of one MLP layer
     gpu_mem: int                       # compute-device memory budget: CUDA memory, or RAM available on CPU
     cpu_mem: int                       # RAM available
     disk_mem: int                      # free bytes where offload files go
@@ -143,7 +145,9 @@ class Hardware:
                     f"4 KiB read {self.disk_read_latency_s * 1e6:.0f} us, "
                     f"write {self.disk_write_latency_s * 1e6:.0f} us"
                     f" ({'O_DIRECT' if self.disk_direct else 'buffered + fadvise'})",
-            "overhead": f"{self.op_overhead_s * 1e6:.1f} us per tiny torch op",
+            "overhead": f"{self.op_overhead_s * 1e6:.1f} us per tiny torch op; per decode layer at toy size: "
+                        f"attention {self.attn_layer_overhead_s * 1e6:.0f} us, "
+                        f"MLP {self.mlp_layer_overhead_s * 1e6:.0f} us",
             "capacity": f"gpu {fmt_bytes(self.gpu_mem)}, cpu {fmt_bytes(self.cpu_mem)}, "
                         f"disk {fmt_bytes(self.disk_mem)}",
             "probe": f"{self.probe_seconds:.1f} s{' (quick)' if self.quick else ''} at {self.measured_at}",
@@ -225,10 +229,12 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     # disk, O_DIRECT through the engine's own file class
     disk = _probe_disk(disk_dir, (32 if quick else 128) << 20, 2)
 
-    # overhead of one tiny op
+    # overhead of one tiny op, and of one decode step of an attention / MLP layer whose math costs
+    # nothing (the model's own functions at toy sizes): dispatch, allocation, thread wake-ups
     tiny = torch.randn(16, device=dev, dtype=dtype)
     calls = 2000
     overhead = _timeit(lambda: [tiny.add(tiny) for _ in range(calls)], reps, sync) / calls
+    attn_overhead, mlp_overhead = _layer_overheads(dev, dtype, reps, sync)
 
     host = socket.gethostname()
     vm = psutil.virtual_memory()
@@ -239,12 +245,40 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
         attn_decode_bytes_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
                                                          if not k.startswith(("h2d", "d2h"))},
-        io_threads=IO_THREADS, op_overhead_s=overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available),
+        io_threads=IO_THREADS, op_overhead_s=overhead, attn_layer_overhead_s=attn_overhead,
+        mlp_layer_overhead_s=mlp_overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available),
         ram_available=int(vm.available),
         disk_mem=int(disk["free"]), disk_read_bytes_per_s=disk["read"], disk_write_bytes_per_s=disk["write"],
         disk_read_latency_s=disk["read_latency"], disk_write_latency_s=disk["write_latency"],
         disk_direct=disk["direct"], quick=quick, probe_seconds=time.perf_counter() - t_start,
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _layer_overheads(dev, dtype, reps: int, sync) -> tuple[float, float]:
+    """Seconds of one decode step through an OPT attention layer (with its cache concat) and an MLP
+    layer at toy sizes, where the arithmetic is negligible: what every layer pays regardless of size."""
+    from .config import ModelConfig
+    from .models import opt
+    cfg = ModelConfig(family="opt", name="probe", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4,
+                      ffn_dim=256, max_positions=64)
+    weights = lambda kind: {s.name: torch.randn(s.shape, device=dev, dtype=dtype) * 0.02
+                            for s in opt.layer_weights(cfg, kind)}
+    wa, wm = weights("attn"), weights("mlp")
+    b, t = 4, 16
+    h = torch.randn(b, 1, cfg.hidden_size, device=dev, dtype=dtype)
+    positions = torch.full((b, 1), t, device=dev)
+    past = torch.randn(t, 2, b, cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype).permute(1, 2, 3, 0, 4)
+    mask = torch.ones(b, t + 1, dtype=torch.long, device=dev)
+
+    def attn():
+        q, k, v = opt.attn_qkv(wa, h, positions, cfg)
+        bias = ops.attention_mask_bias(mask, 1, dtype)
+        o = ops.attend(q, torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2), bias, opt.ATTN_SCALE)
+        return opt.attn_out(wa, h, o, cfg)
+    calls = 50
+    attn_s = _timeit(lambda: [attn() for _ in range(calls)], reps, sync) / calls
+    mlp_s = _timeit(lambda: [opt.mlp(wm, h, cfg) for _ in range(calls)], reps, sync) / calls
+    return attn_s, mlp_s
 
 
 def _probe_transfers(dev, dtype, elems: int, quant_elems: int, reps: int, sync) -> dict:

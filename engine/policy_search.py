@@ -46,7 +46,7 @@ from .tiers import ALIGN, MemoryBudgetError, fmt_bytes
 TIERS = ("gpu", "cpu", "disk")
 PROCESS_BASE_BYTES = 600 << 20       # torch + Python resident before any tensor (RAM check only)
 # torch calls per (layer, micro-batch) on the main thread, including the schedule's own bookkeeping
-MAIN_OPS = {"embed": 14, "attn": 48, "mlp": 18, "decoder": 64, "head": 16}
+MAIN_OPS = {"embed": 14, "attn": 12, "mlp": 12, "decoder": 16, "head": 16}   # (attn/mlp: the schedule's share)
 OPS_PER_TENSOR_LOAD, OPS_PER_CACHE_PART, OPS_PER_CACHE_STORE = 5, 8, 14
 
 
@@ -289,6 +289,8 @@ def _compute_mb(st: _Setup, kind: str, phase: str, t: float) -> float:
     mm = lambda flops, m: flops / hw.matmul_rate(m)
     ew = lambda elems: elems * st.itemsize * 3 / hw.memcpy_bytes_per_s       # read twice, write once
     sec = MAIN_OPS[kind] * hw.op_overhead_s
+    sec += hw.attn_layer_overhead_s if kind in ("attn", "decoder") else 0.0    # the layer's own ops, measured
+    sec += hw.mlp_layer_overhead_s if kind in ("mlp", "decoder") else 0.0
     if kind in ("attn", "decoder"):
         sec += mm(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
         if phase == "prefill":

@@ -20,7 +20,7 @@ def fake_hardware(**changes) -> Hardware:
         io_memcpy_bytes_per_s=8e9, io_convert_elems_per_s=1e9, io_narrow_elems_per_s=1e9,
         io_dequant_elems_per_s=1e8, io_quant_elems_per_s=1e8, io_threads=1, disk_read_bytes_per_s=7e8,
         disk_write_bytes_per_s=1.2e9,
-        disk_read_latency_s=1e-4, disk_write_latency_s=2e-4, disk_direct=True, op_overhead_s=4e-6,
+        disk_read_latency_s=1e-4, disk_write_latency_s=2e-4, disk_direct=True, op_overhead_s=4e-6, attn_layer_overhead_s=3e-4, mlp_layer_overhead_s=1e-4,
         gpu_mem=8 * GiB, cpu_mem=8 * GiB, disk_mem=50 * GiB, ram_available=8 * GiB)
     return dataclasses.replace(hw, **changes)
 

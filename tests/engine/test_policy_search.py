@@ -31,7 +31,7 @@ def hw():
         io_convert_elems_per_s=1.0e9, io_narrow_elems_per_s=0.8e9, io_dequant_elems_per_s=0.1e9,
         io_quant_elems_per_s=0.07e9, io_threads=1, disk_read_bytes_per_s=0.7e9,
         disk_write_bytes_per_s=1.2e9, disk_read_latency_s=150e-6, disk_write_latency_s=250e-6,
-        disk_direct=True, op_overhead_s=4e-6, gpu_mem=20 * GiB, cpu_mem=20 * GiB, disk_mem=100 * GiB,
+        disk_direct=True, op_overhead_s=4e-6, attn_layer_overhead_s=3e-4, mlp_layer_overhead_s=1e-4, gpu_mem=20 * GiB, cpu_mem=20 * GiB, disk_mem=100 * GiB,
         ram_available=20 * GiB)
 
 
