@@ -20,12 +20,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+ENV_EXTRA: dict[str, str] = {}     # set by a script's flags (e.g. OMP_WAIT_POLICY), for every system alike
+
+
+def omp_passive(on: bool) -> str:
+    """With `on`, every measured process gets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep
+    instead of spinning; on this shared 2-core machine spinning threads of a 2-thread pool wait for
+    each other at every small op). Returns a phrase for the report."""
+    if on:
+        ENV_EXTRA["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"     # this process's probes too (read when torch loads)
+        return "OMP_WAIT_POLICY=PASSIVE for every system and probe"
+    ENV_EXTRA.pop("OMP_WAIT_POLICY", None)
+    return f"OpenMP defaults (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})"
 
 
 def bench_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(ENV_EXTRA)
     return env
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _doc  # noqa: E402
-from benchmarks._harness import PY, REPO, gib, run_json  # noqa: E402
+from benchmarks._harness import PY, REPO, gib, omp_passive, run_json  # noqa: E402
 
 SECTION = "compression_quality"
 TEXT = REPO / "benchmarks" / "data" / "plain_english.txt"
@@ -159,7 +159,7 @@ def throughput(model: str, dummy: bool, shape, block: int, work: Path, g: int) -
     return rows
 
 
-def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups) -> str:
+def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups, omp="") -> str:
     base = next(r for r in rows if r["name"] == "none")
     table = []
     for r in rows:
@@ -202,7 +202,7 @@ def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups)
                      "target >= 3.5x).")
     if tps:
         lines += ["", "Weights 100% on disk (O_DIRECT), KV cache and activations on the compute tier, "
-                  "compressed vs uncompressed, same policy, fresh process each:", ""]
+                  f"compressed vs uncompressed, same policy, fresh process each ({omp}):", ""]
         trows = []
         for r in tps:
             trows.append([r["model"], "4-bit" if r["compressed"] else "fp16", f"{r['shape'][0]}/{r['shape'][1]}",
@@ -225,8 +225,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", default="/tmp/flexwrangle-bench/compression")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for the throughput runs")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args(argv)
+    omp = omp_passive(args.omp_passive)
     groups = (64,) if args.quick else (32, 64, 128)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
             tps += throughput(MODEL, False, (128, 32), 8, work, 64)
             tps += throughput("opt-1.3b", True, (32, 16), 16, work, 64)
     (work / "results.json").write_text(json.dumps(dict(rows=rows, meta=meta, wb=wb, tps=tps), default=str))
-    md = render(rows, meta, wb, tps, argv, started, load0, time.perf_counter() - t0, commit, groups)
+    md = render(rows, meta, wb, tps, argv, started, load0, time.perf_counter() - t0, commit, groups, omp)
     print(md)
     if not args.quick or args.write_doc:
         _doc.write_section(SECTION, md)

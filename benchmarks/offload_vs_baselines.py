@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _doc  # noqa: E402
-from benchmarks._harness import PY, REPO, gib, probe, run_json  # noqa: E402
+from benchmarks._harness import PY, REPO, gib, omp_passive, probe, run_json  # noqa: E402
 
 SECTION = "offload_vs_baselines"
 PLOT = REPO / "docs" / "offload_throughput.png"
@@ -275,15 +275,17 @@ def ratio(a: Row | None, b: Row | None) -> str:
 
 
 def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, started: str,
-           loads: tuple, argv: list[str], wall: float) -> str:
-    out = [f"## Offloading vs baselines (`benchmarks/offload_vs_baselines.py`)", ""]
+           loads: tuple, argv: list[str], wall: float, omp: str = "", suffix: str = "") -> str:
+    title = "Offloading vs baselines" + (", OpenMP threads passive" if suffix else "")
+    out = [f"## {title} (`benchmarks/offload_vs_baselines.py`)", ""]
     times = sorted(r.run["started"] for r in rows if r.run.get("started"))
     commits = sorted({r.run["engine_commit"] for r in rows if r.run.get("engine_commit")})
     span = f"rows measured {times[0]} to {times[-1]}" if times else f"run {started}"
-    out.append(f"Mode `{mode_name}`; {span} (this invocation {wall / 60:.0f} min); engine at commit "
-               f"{', '.join(commits) or _doc.engine_commit()}. Load average at start {loads[0]}, at end {loads[1]}; "
+    inv = (f" (this invocation {wall / 60:.0f} min; load average at start {loads[0]}, at end {loads[1]})"
+           if loads else "")
+    out.append(f"Mode `{mode_name}`; {span}{inv}; engine commit(s) {', '.join(commits) or _doc.engine_commit()}; "
                "each row's load is in its log and the probes (2 cores shared with other jobs: absolute "
-               "rates move with the load; each row's roofline uses rates probed just before and after it).")
+               f"rates move with the load; each row's roofline uses rates probed just before and after it). {omp}.")
     out.append("")
     out.append(f"Command: `python {' '.join(['benchmarks/offload_vs_baselines.py', *argv])}`")
     out.append("")
@@ -298,8 +300,10 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
                "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16), one micro-batch per "
-               "block unless shown. `anon / file` splits the peak: file = pages of the memory-mapped "
-               "safetensors checkpoint, which both systems keep mapped.")
+               "block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
+               "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it) and "
+               "the engine maps only while loading (so the engine's peak RSS is set at load time).")
     out.append("")
     out.append("Roofline: T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT read rate); disk bytes = "
                "weights homed on disk x gen forward passes (for Accelerate: the bytes of its offloaded "
@@ -318,6 +322,11 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
         out.append("")
         out.append(f"- Equal memory ({mode['cap_gib']:g} GiB): best feasible engine "
                    f"{_desc(ea)} vs best feasible Accelerate {_desc(aa)}: **{ratio(ea, aa)}**.")
+        for system in ("engine", "accelerate"):
+            tried = [r for r in rows if r.group == "capped" and r.system == system and r.shape == shape]
+            if tried and tried[-1].feasible(cap):
+                out.append(f"- {system}: the largest batch tried ({tried[-1].batch}) still fits the cap; its best "
+                           "feasible batch may be larger (not measured in this run).")
         out.append(f"- Everything in memory, batch {hf.batch if hf else '?'}: engine vs transformers "
                    f"**{ratio(em, hf)}** (peak RSS {_rss(em)} vs {_rss(hf)} GiB).")
         rows_probe = [p for r in srows for p in r.probes]
@@ -335,7 +344,7 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
         on = next((r for r in ov if "overlap1" in r.label), None)
         off = next((r for r in ov if "overlap0" in r.label), None)
         out += ["", f"- Overlap on vs off: **{ratio(on, off)}**."]
-    out += ["", f"![throughput vs effective batch]({PLOT.name})", ""]
+    out += ["", f"![throughput vs effective batch]({PLOT.stem}{suffix}.png)", ""]
     out.append("Raw per-run logs and JSON: the `--work` folder (default /tmp/flexwrangle-bench).")
     return "\n".join(out)
 
@@ -373,6 +382,12 @@ def plot(rows: list[Row], mode: dict, cap: int, path: Path) -> None:
                 for r in rs:
                     if group == "capped" and not r.feasible(cap):
                         ax.annotate("over cap", (r.batch, r.result["total_tokens_per_s"]), fontsize=7)
+            killed = [r for r in rows if r.system == system and r.shape == shape and r.group == "capped"
+                      and not r.feasible(cap)]
+            if killed:
+                ax.scatter([r.batch for r in killed], [0] * len(killed), marker="x", color=color, s=60,
+                           label=f"{system}: over the cap")
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("effective batch size")
         ax.set_ylabel("generated tokens / s")
@@ -396,12 +411,16 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows a previous run of this mode measured (rows.json) and run the rest")
     p.add_argument("--rerun", nargs="*", default=[], help="with --resume: groups to measure again")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for every system (own work folder, section and plot)")
     p.add_argument("--render-only", action="store_true",
                    help="render (and with --write-doc write) what rows.json holds; run nothing")
     args = p.parse_args(argv)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
-    work = Path(args.work) / mode_name
+    omp = omp_passive(args.omp_passive)
+    suffix = "_omp_passive" if args.omp_passive else ""
+    work = Path(args.work) / (mode_name + suffix.replace("_", "-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "json").mkdir(exist_ok=True)
     started, t0, load0 = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter(), _doc.load_now()
@@ -432,17 +451,18 @@ def main(argv=None) -> int:
             rows += climb(group, work, ckpt, cap, args.quick)
         else:
             rows += [x if x.run else run_row(x, work, ckpt, None, args.quick) for x in group]
-        (work / "rows.json").write_text(json.dumps(
+        (work / "rows.json").write_text(json.dumps(     # every measured row, resumed ones included
             [dict(key=x.key, label=x.label, group=x.group, system=x.system, shape=x.shape, batch=x.batch, run=x.run,
-                  probes=x.probes) for x in rows], indent=1, default=str))
-    md = render(mode_name, mode, rows, m, cap, started, (load0, _doc.load_now()), argv,
-                time.perf_counter() - t0)
+                  probes=x.probes) for g in groups.values() for x in g if x.run], indent=1, default=str))
+    md = render(mode_name, mode, rows, m, cap, started, None if args.render_only else (load0, _doc.load_now()), argv,
+                time.perf_counter() - t0, omp, suffix)
     print(md)
     write = args.write_doc or not (args.quick or args.render_only)
-    plot(rows, mode, cap, PLOT if write else work / PLOT.name)
+    png = PLOT.with_name(PLOT.stem + suffix + ".png")
+    plot(rows, mode, cap, png if write else work / png.name)
     if write:
-        _doc.write_section(SECTION, md)
-        print(f"wrote {_doc.DOC} and {PLOT}")
+        _doc.write_section(SECTION + suffix, md)
+        print(f"wrote {_doc.DOC} and {png}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _doc  # noqa: E402
+from benchmarks import _harness  # noqa: E402
 from benchmarks._harness import PY, REPO, gib, run_json  # noqa: E402
 
 SECTION = "smollm2_vs_transformers"
@@ -43,9 +44,10 @@ def make_prompts(tok, batch: int, prompt_len: int) -> list[list[int]]:
     return [ids[i * stride: i * stride + prompt_len] for i in range(batch)]
 
 
-def run_system(system: str, mdir: Path, ids_file: Path, shape, work: Path, rnd: int) -> dict:
+def run_system(system: str, mdir: Path, ids_file: Path, shape, work: Path, rnd: int, omp: str) -> dict:
     batch, prompt_len, gen_len = shape
-    out = work / f"{system}-r{rnd}.json"
+    _harness.omp_passive(omp == "passive")
+    out = work / f"{system}-{omp}-r{rnd}.json"
     if system == "transformers":
         cmd = [PY, "benchmarks/_hf_generate.py", "--model", str(mdir), "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--ids", str(ids_file),
@@ -53,12 +55,12 @@ def run_system(system: str, mdir: Path, ids_file: Path, shape, work: Path, rnd: 
     else:
         cmd = [PY, "benchmarks/_engine_generate.py", "--model", "smollm2-135m", "--ids", str(ids_file),
                "--gen-len", str(gen_len), "--json", str(out)]
-    r = run_json(cmd, out, log=work / f"{system}-r{rnd}.log")
+    r = run_json(cmd, out, log=work / f"{system}-{omp}-r{rnd}.log")
     if "result" not in r:
         raise SystemExit(f"{system} failed: {r.get('error')} (log {r['log']})")
     r["result"]["peak_rss_bytes"] = r["peak_rss_bytes"]
     res = r["result"]
-    print(f"  round {rnd} {system}: {res['total_tokens_per_s']:.2f} tok/s, prefill {res['prefill_s']:.2f} s, "
+    print(f"  round {rnd} {system} (OpenMP {omp}): {res['total_tokens_per_s']:.2f} tok/s, prefill {res['prefill_s']:.2f} s, "
           f"decode {res['decode_s']:.2f} s, peak RSS {gib(r['peak_rss_bytes'])} GiB, load {_doc.load_now()}",
           flush=True)
     return res
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 1)")
     p.add_argument("--work", default="/tmp/flexwrangle-bench/smollm2")
+    p.add_argument("--omp", choices=("default", "passive", "both"), default="both",
+                   help="OpenMP wait policy of the measured processes: defaults, OMP_WAIT_POLICY=PASSIVE, or "
+                        "both (each with its own rounds)")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args(argv)
     shape = (4, 64, 8) if args.quick else (16, 256, 16)
@@ -94,24 +99,33 @@ def main(argv=None) -> int:
     prompts = make_prompts(tok, shape[0], shape[1])
     ids_file = work / "prompts.json"
     ids_file.write_text(json.dumps(prompts))
-    results = {"transformers": [], "engine": []}
-    for rnd in range(rounds):
-        order = ("transformers", "engine") if rnd % 2 == 0 else ("engine", "transformers")
-        for system in order:
-            results[system].append(run_system(system, mdir, ids_file, shape, work, rnd))
-    med = {s: statistics.median(r["total_tokens_per_s"] for r in rs) for s, rs in results.items()}
-    ratios = [e["total_tokens_per_s"] / h["total_tokens_per_s"]
-              for e, h in zip(results["engine"], results["transformers"])]
-    same, prefix = agreement(results["engine"][0]["tokens"], results["transformers"][0]["tokens"])
-    rows = []
-    for rnd in range(rounds):
-        for s in ("transformers", "engine"):
-            r = results[s][rnd]
-            rows.append([rnd + 1, s, f"{r['total_tokens_per_s']:.2f}", f"{r['prefill_s']:.2f}",
-                         f"{r['prefill_tokens_per_s']:.0f}", f"{1000 * r['decode_s'] / (shape[2] - 1):.0f}",
-                         gib(r["peak_rss_bytes"])])
+    omps = ("default", "passive") if args.omp == "both" else (args.omp,)
+    results = {(o, s): [] for o in omps for s in ("transformers", "engine")}
+    for omp in omps:
+        for rnd in range(rounds):
+            order = ("transformers", "engine") if rnd % 2 == 0 else ("engine", "transformers")
+            for system in order:
+                results[(omp, system)].append(run_system(system, mdir, ids_file, shape, work, rnd, omp))
+    rows, summary = [], []
+    for omp in omps:
+        for rnd in range(rounds):
+            for s in ("transformers", "engine"):
+                r = results[(omp, s)][rnd]
+                rows.append([omp, rnd + 1, s, f"{r['total_tokens_per_s']:.2f}", f"{r['prefill_s']:.2f}",
+                             f"{r['prefill_tokens_per_s']:.0f}", f"{1000 * r['decode_s'] / (shape[2] - 1):.0f}",
+                             gib(r["peak_rss_bytes"])])
+        med = {s: statistics.median(r["total_tokens_per_s"] for r in results[(omp, s)])
+               for s in ("transformers", "engine")}
+        ratios = [e["total_tokens_per_s"] / h["total_tokens_per_s"]
+                  for e, h in zip(results[(omp, "engine")], results[(omp, "transformers")])]
+        ratio_med = statistics.median(ratios)
+        summary.append(
+            f"- OpenMP {omp}: median engine {med['engine']:.2f} tok/s, transformers {med['transformers']:.2f} "
+            f"tok/s; engine / transformers per round {', '.join(f'{x:.2f}x' for x in ratios)}, median "
+            f"**{ratio_med:.2f}x** (target >= 1.0x: **{'met' if ratio_med >= 1.0 else 'missed'}**).")
+    first = omps[0]
+    same, prefix = agreement(results[(first, "engine")][0]["tokens"], results[(first, "transformers")][0]["tokens"])
     b, pl, g = shape
-    ratio_med = statistics.median(ratios)
     md = "\n".join([
         "## SmolLM2-135M in RAM: engine vs transformers (`benchmarks/smollm2_vs_transformers.py`)",
         "",
@@ -125,15 +139,15 @@ def main(argv=None) -> int:
         "SmolLM2-135M-Instruct checkpoint (fp32 safetensors from the Q4_1 GGUF); transformers computes in "
         "fp32, the engine with its defaults (weights and KV cache on the compute tier, fp16 storage rounded, "
         "fp32 compute, one micro-batch). Each run is a fresh process; systems alternate between rounds. "
-        "tok/s = generated tokens / generate() wall time.",
+        "tok/s = generated tokens / generate() wall time. `OpenMP passive` = OMP_WAIT_POLICY=PASSIVE for "
+        "both systems (idle OpenMP threads sleep instead of spinning, which on this loaded 2-core machine "
+        "otherwise costs about a millisecond per small op).",
         "",
-        _doc.md_table(["round", "system", "tok/s", "prefill s", "prefill tok/s", "decode ms/step",
+        _doc.md_table(["OpenMP", "round", "system", "tok/s", "prefill s", "prefill tok/s", "decode ms/step",
                        "peak RSS GiB"], rows),
         "",
-        f"- Median throughput: engine {med['engine']:.2f} tok/s, transformers {med['transformers']:.2f} tok/s; "
-        f"engine / transformers per round: {', '.join(f'{x:.2f}x' for x in ratios)} (median "
-        f"**{ratio_med:.2f}x**; target >= 1.0x: **{'met' if ratio_med >= 1.0 else 'missed'}**).",
-        f"- Greedy tokens, engine vs transformers (round 1): {100 * same:.0f}% of sequences identical, "
+        *summary,
+        f"- Greedy tokens, engine vs transformers (first round): {100 * same:.0f}% of sequences identical, "
         f"{100 * prefix:.0f}% of positions before the first difference (the engine rounds weights and "
         "cache through fp16 by default, transformers keeps fp32).",
     ])
