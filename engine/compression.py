@@ -2,7 +2,8 @@
 
 A tensor is cut into groups of `group_size` contiguous values along `group_dim`; each group keeps
 its minimum and its step (max - min) / (2^bits - 1) in float16, and each value becomes an integer
-in [0, 2^bits - 1]; 4-bit values are packed two per byte. A constant group has step 0 and comes
+in [0, 2^bits - 1]; 4-bit values are packed two per byte (the first half of a group in the low
+nibbles, the second half in the high ones, so unpacking writes two contiguous runs). A constant group has step 0 and comes
 back exactly. Dimensions that are not a multiple of the group size are padded with the last value
 (so padding never widens a group's range) and cut off again on the way back.
 """
@@ -56,22 +57,46 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
     minimum = lo.to(torch.float16)
     # round the step up so that minimum + levels * step still reaches the group's maximum
     step = ((hi - minimum.float()) / levels * (1 + 2 ** -10)).to(torch.float16)
-    q = ((grouped - minimum.float()) / step.float().clamp_min(1e-30)).round_().clamp_(0, levels)
-    q = q.to(torch.uint8)
+    inv_step = 1.0 / step.float().clamp_min(1e-30)
+    q = (grouped - minimum.float()).mul_(inv_step).round_().clamp_(0, levels).to(torch.uint8)
     if config.num_bits == 4:
-        q = q[:, 0::2] | (q[:, 1::2] << 4)
+        half = config.group_size // 2
+        q = q[:, :half] | (q[:, half:] << 4)
     return QuantizedTensor(q.contiguous(), step, minimum, shape, config)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of `quantize`, in `dtype`, on the device the parts are on."""
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `quantize`, in `dtype`, on the device the parts are on.
+
+    With `out` (a contiguous buffer of the original shape) the values are written into its memory
+    and the result is a view of it; when the groups run along another dimension than the last,
+    that view is the transpose-free layout (`movedim`), not `out`'s own, so use the return value.
+    Every step is one pass over memory in a single dtype: mixed uint8 x float arithmetic and
+    transposing copies run 5-10x slower on CPU."""
     packed, step, minimum, shape, config = qt
-    if config.num_bits == 4:
-        q = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+    dim = config.group_dim % len(shape)
+    moved_shape = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
+    padded = (shape[dim] % config.group_size) != 0
+    if out is not None and not padded and out.is_contiguous() and out.dtype == dtype:
+        grouped = out.view(-1).view(-1, config.group_size)
     else:
-        q = packed
-    grouped = q.to(dtype) * step.to(dtype) + minimum.to(dtype)    # (num_groups, group_size)
-    return _from_groups(grouped, shape, config)
+        grouped = torch.empty(packed.shape[0], config.group_size, dtype=dtype, device=packed.device)
+    if config.num_bits == 4:
+        half = config.group_size // 2
+        grouped[:, :half].copy_(packed & 0x0F)
+        grouped[:, half:].copy_(packed >> 4)
+    else:
+        grouped.copy_(packed)
+    grouped.mul_(step.to(dtype)).add_(minimum.to(dtype))         # (num_groups, group_size)
+    if padded:
+        n = shape[dim]
+        result = grouped.view(*moved_shape[:-1], -1)[..., :n].movedim(-1, dim)
+    else:
+        result = grouped.view(moved_shape).movedim(-1, dim)
+    if out is not None and result.data_ptr() != out.data_ptr():
+        return out.copy_(result)
+    return result if out is not None else result.contiguous()
 
 
 def compressed_nbytes(shape, config: CompressionConfig) -> int:
@@ -94,11 +119,3 @@ def _to_groups(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
         moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
     return moved.reshape(-1, config.group_size)
 
-
-def _from_groups(grouped: torch.Tensor, shape: tuple, config: CompressionConfig) -> torch.Tensor:
-    dim = config.group_dim % len(shape)
-    moved_shape = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
-    n = shape[dim]
-    padded = n + (-n) % config.group_size
-    moved = grouped.reshape(*moved_shape[:-1], padded)[..., :n]
-    return moved.movedim(-1, dim).contiguous()

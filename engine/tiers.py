@@ -98,7 +98,8 @@ class Format:
 
     def decode(self, raw: torch.Tensor, shape: tuple, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (n, row_bytes) -> (n, *shape) in `dtype`: into `out` when given, else a view when no
+        """uint8 (n, row_bytes) -> (n, *shape) in `dtype`: into `out`'s memory when given (use the
+        return value: a quantized format may hand back a transposed view of it), else a view when no
         conversion is needed."""
         n = raw.shape[0]
         if self.quant is None:
@@ -115,8 +116,7 @@ class Format:
                              step.contiguous().view(torch.float16).reshape(n * groups, 1),
                              minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
                              (n, *shape), cfg)
-        vals = dequantize(qt, dtype)
-        return out.copy_(vals) if out is not None else vals
+        return dequantize(qt, dtype, out)
 
     def _row_config(self) -> CompressionConfig:
         # the row dimension n comes first, so a group_dim counted from the front moves by one
