@@ -60,6 +60,43 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.T
     return out.reshape(b, nh, s, d)
 
 
+def attend_segments(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]],
+                    mask_bias: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention over keys held in pieces, e.g. [shared prefix | own past | new tokens], without
+    concatenating them: scores per piece, one softmax over all, then the pieces' weighted values summed.
+
+    q (b, n_head, s, d); each segment k, v (b or 1, n_kv, t_i, d) -- batch 1 means shared by every
+    sequence (a common prefix), multiplied once for the whole batch; mask_bias (b, 1, s, sum t_i).
+    A single segment goes to `attend` (SDPA). Copying the past into one tensor every layer and
+    step costs as much memory traffic as the attention itself; this reads each piece once.
+    """
+    b, nh, s, d = q.shape
+    if len(segments) == 1:
+        k, v = segments[0]
+        return attend(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), mask_bias, scale)
+    nkv = segments[0][0].shape[1]
+    g = nh // nkv
+    rows = g * s                                                     # query rows per kv head
+    qg = q.reshape(b, nkv, rows, d) * (1.0 / math.sqrt(d) if scale is None else scale)
+
+    def per_batch(x, y):                                             # x (b, nkv, rows, .), y (1|b, nkv, ., .)
+        if y.shape[0] == b:
+            return x @ y
+        flat = x.transpose(0, 1).reshape(nkv, b * rows, x.shape[-1])  # every sequence against the one y
+        return (flat @ y[0]).view(nkv, b, rows, -1).transpose(0, 1)
+
+    scores = torch.cat([per_batch(qg, k.transpose(-1, -2)) for k, _ in segments], dim=-1)
+    bias = mask_bias.repeat(1, 1, g, 1) if g > 1 else mask_bias       # (b, 1, rows, t)
+    probs = torch.softmax(scores.add_(bias), dim=-1, dtype=torch.float32).to(q.dtype)
+    out, lo = None, 0
+    for _, v in segments:
+        t = v.shape[2]
+        part = per_batch(probs[..., lo: lo + t], v)
+        out = part if out is None else out.add_(part)
+        lo += t
+    return out.reshape(b, nh, s, d)
+
+
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None,
                   dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (b, 1, s, head_dim) for the rotate-half convention."""

@@ -253,18 +253,14 @@ class BlockRunner:
         o = torch.empty_like(q) if len(parts) > 1 else None
         for p in parts:                                           # per cache part, where it lives
             dev, lo, hi = p.device, p.lo, p.hi
-            keys, values = [], []
-            if prefix is not None:
-                keys.append(prefix.k.to(dev, p.dtype).expand(hi - lo, -1, -1, -1))
-                values.append(prefix.v.to(dev, p.dtype).expand(hi - lo, -1, -1, -1))
+            segments = []
+            if prefix is not None:                                # shared by every sequence: batch 1
+                segments.append((prefix.k.to(dev, p.dtype), prefix.v.to(dev, p.dtype)))
             if p.k is not None:
-                keys.append(p.k)
-                values.append(p.v)
-            keys.append(k[lo:hi].to(dev, p.dtype))
-            values.append(v[lo:hi].to(dev, p.dtype))
-            kk = torch.cat(keys, dim=2) if len(keys) > 1 else keys[0]      # (n, nkv, t, d)
-            vv = torch.cat(values, dim=2) if len(values) > 1 else values[0]
-            out = ops.attend(q[lo:hi].to(dev, p.dtype), kk, vv, bias[lo:hi].to(dev, p.dtype), fam.ATTN_SCALE)
+                segments.append((p.k, p.v))
+            segments.append((k[lo:hi].to(dev, p.dtype), v[lo:hi].to(dev, p.dtype)))
+            out = ops.attend_segments(q[lo:hi].to(dev, p.dtype), segments, bias[lo:hi].to(dev, p.dtype),
+                                      fam.ATTN_SCALE)
             if o is None:
                 o = out.to(q.device, q.dtype)
             else:
