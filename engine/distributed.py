@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .generate import LLM, _argmax, _common_prefix_len, _cut_text
+from .generate import LLM, _argmax
+from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, stop_sets
 from .schedule import ActStore, BlockRunner, MicroBatch
 
 TAG_HIDDEN, TAG_TOKENS = 1, 2
@@ -160,21 +161,21 @@ class PipelineLLM:
             return [self.llm.encode(p, chat=chat) for p in prompts]
         new = self._generate(encode, opts | kwargs)
         tok = self.llm._need_tokenizer()
-        _, stop_strings = self.llm._stop_sets(stop, True)
-        return [_cut_text(tok.decode(t, skip_special_tokens=True), stop_strings) for t in new]
+        _, stop_strings = stop_sets(stop, True, self.llm.config, self.llm.tokenizer)
+        return [cut_text(tok.decode(t, skip_special_tokens=True), stop_strings) for t in new]
 
     def _generate(self, make_prompts, opts: dict) -> list[list[int]]:
         prompts, opts = self._broadcast_call(make_prompts, opts)
         if opts["max_new_tokens"] == 0 or not prompts:
             return [[] for _ in prompts]
         llm, max_new = self.llm, opts["max_new_tokens"]
-        stop_ids, stop_strings = llm._stop_sets(opts["stop"], opts["ignore_eos"])
+        stop_ids, stop_strings = stop_sets(opts["stop"], opts["ignore_eos"], llm.config, llm.tokenizer)
         generator = torch.Generator().manual_seed(opts["seed"]) if opts["seed"] is not None else None
         sampler = lambda logits: ops.sample(logits, opts["do_sample"], opts["temperature"], opts["top_p"],
                                             generator)
         order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if opts["bucket"] \
             else list(range(len(prompts)))
-        prefix_len = _common_prefix_len(prompts) if opts["share_prefix"] and len(prompts) > 1 else 0
+        prefix_len = common_prefix_len(prompts) if opts["share_prefix"] and len(prompts) > 1 else 0
         longest = max(len(p) for p in prompts) - prefix_len
         error = None
         try:
@@ -207,7 +208,7 @@ class PipelineLLM:
                 for g in self._pipeline(groups, max_new, runner, sampler, act, stats):
                     for mb in g.mbs:
                         for r, toks in zip(mb.rows, mb.tokens):
-                            results[r] = llm._cut_at_stop(toks, stop_strings)
+                            results[r] = cut_at_stop(llm.tokenizer, toks, stop_strings)
             finally:
                 runner.close()
         finally:
@@ -234,8 +235,8 @@ class PipelineLLM:
         error = None
         if self.is_first:
             try:
-                prompts = self.llm._check_prompts(make_prompts(), opts["max_new_tokens"])
-                self.llm._stop_sets(opts["stop"], opts["ignore_eos"])
+                prompts = check_prompts(make_prompts(), opts["max_new_tokens"], self.llm.config)
+                stop_sets(opts["stop"], opts["ignore_eos"], self.llm.config, self.llm.tokenizer)
                 payload = [(prompts, opts)]
             except Exception as exc:
                 error, payload = exc, [f"{type(exc).__name__}: {exc}"]

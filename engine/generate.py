@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import ModelConfig, opt_config, read_hf_config
+from .config import ModelConfig
 from .kv_cache import KVCache
 from .models import family as model_family
 from .policy import Policy
+from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, hits_stop, stop_sets
+from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
 from .tiers import BufferPool, MemoryBudgetError, Tiers, fmt_bytes
-from .weights import Checkpoint, DummyWeights, place_layer, resolve_names
+from .weights import place_layer, resolve_names
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -53,7 +55,7 @@ class LLM:
         storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if storage not in (torch.float16, torch.float32, torch.bfloat16):
             raise ValueError(f"dtype {dtype!r}: use float16, bfloat16 or float32")
-        source, tokenizer, config = _open_model(path_or_name, dummy)
+        source, tokenizer, config = open_model(path_or_name, dummy)
         tiers = Tiers(offload_dir, gpu_mem, cpu_mem, disk_mem)
         if isinstance(policy, str) and policy == "auto" or isinstance(policy, dict) and policy.get("auto"):
             from .policy_search import auto_policy
@@ -110,22 +112,22 @@ class LLM:
         (sorted by length when `bucket`); results come back in input order. With `share_prefix`,
         the longest common token prefix of the batch is computed once and its KV cache reused.
         """
-        prompts = self._check_prompts(prompt_ids, max_new_tokens)
+        prompts = check_prompts(prompt_ids, max_new_tokens, self.config)
         if max_new_tokens == 0 or not prompts:
             return [[] for _ in prompts]
-        stop_ids, stop_strings = self._stop_sets(stop, ignore_eos)
+        stop_ids, stop_strings = stop_sets(stop, ignore_eos, self.config, self.tokenizer)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = lambda logits: ops.sample(logits, do_sample, temperature, top_p, generator)
         results: list[list[int]] = [[] for _ in prompts]
         for mb in self._run(prompts, max_new_tokens, sampler, stop_ids, stop_strings, bucket, share_prefix):
             for r, toks in zip(mb.rows, mb.tokens):
-                results[r] = self._cut_at_stop(toks, stop_strings)
+                results[r] = cut_at_stop(self.tokenizer, toks, stop_strings)
         self.last_stats["new_tokens"] = sum(len(r) for r in results)
         return results
 
     def logits(self, prompt_ids, share_prefix: bool = True) -> torch.Tensor:
         """Last-position logits (b, vocab) of each prompt, in float32 (one prefill pass)."""
-        prompts = self._check_prompts(prompt_ids, 1)
+        prompts = check_prompts(prompt_ids, 1, self.config)
         out = torch.empty(len(prompts), self.config.vocab_size)
         for mb in self._run(prompts, 1, _argmax, set(), [], True, share_prefix):
             out[mb.rows] = mb.last_logits.cpu()
@@ -151,7 +153,7 @@ class LLM:
         seqs = [p + c for p, cs in zip(ids, tok_choices) for c in cs]
         owners = [(i, j) for i, cs in enumerate(tok_choices) for j in range(len(cs))]
         score_len = max(len(c) for cs in tok_choices for c in cs) + 1
-        prompts_checked = self._check_prompts(seqs, 1)
+        prompts_checked = check_prompts(seqs, 1, self.config)
         scores = [[0.0] * len(cs) for cs in tok_choices]
         for mb in self._run(prompts_checked, 1, _argmax, set(), [], True, share_prefix, score_len=score_len):
             logp = torch.log_softmax(mb.scored_logits, dim=-1)                                # (b, L, vocab)
@@ -176,7 +178,7 @@ class LLM:
         stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": 0,
                  "prompt_tokens": sum(len(p) for p in prompts)}
         order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
-        prefix_len = _common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
+        prefix_len = common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
         prefix = None
         longest = max(len(p) for p in prompts) - prefix_len
         self._check_block_memory(len(prompts), longest, longest + max_new)
@@ -209,8 +211,8 @@ class LLM:
         ids = [self.encode(p, chat=chat) for p in prompts]
         new = self.generate(ids, max_new_tokens=max_new_tokens, stop=stop, **kwargs)
         texts = [tok.decode(t, skip_special_tokens=True) for t in new]
-        _, stop_strings = self._stop_sets(stop, True)
-        return [_cut_text(t, stop_strings) for t in texts]
+        _, stop_strings = stop_sets(stop, True, self.config, self.tokenizer)
+        return [cut_text(t, stop_strings) for t in texts]
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         tok = self._need_tokenizer()
@@ -292,7 +294,7 @@ class LLM:
                 if mb.done[i]:
                     continue
                 mb.tokens[i].append(t)
-                if t in stop_ids or (stop_strings and self._hits_stop(mb.tokens[i], stop_strings)):
+                if t in stop_ids or (stop_strings and hits_stop(self.tokenizer, mb.tokens[i], stop_strings)):
                     mb.done[i] = True
         return on_tokens
 
@@ -326,60 +328,6 @@ class LLM:
                     f"{fmt_bytes(held + n - tr.capacity)}: lower gpu_batch_size "
                     f"({pol.gpu_batch_size}) or num_gpu_batches ({pol.num_gpu_batches}), move cache to "
                     f"another tier, or raise the {tier} budget")
-
-    # ---- input checks and stops ------------------------------------------------------------------
-    def _check_prompts(self, prompt_ids, max_new_tokens) -> list[list[int]]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if isinstance(prompt_ids, torch.Tensor):
-            prompt_ids = prompt_ids.tolist()
-        if not isinstance(prompt_ids, (list, tuple)) or (prompt_ids and not isinstance(prompt_ids[0], (list, tuple))):
-            raise TypeError("prompt_ids must be a list of token-id lists, e.g. [[2, 100, 200]]; "
-                            "for text use generate_text()")
-        out = []
-        for n, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {n} is empty; every prompt needs at least one token")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                bad = next(t for t in p if not isinstance(t, int) or isinstance(t, bool))
-                raise TypeError(f"prompt {n} holds {bad!r} ({type(bad).__name__}); token ids must be ints")
-            if min(p) < 0 or max(p) >= self.config.vocab_size:
-                raise ValueError(f"prompt {n} has token id {min(p) if min(p) < 0 else max(p)} outside the "
-                                 f"vocabulary [0, {self.config.vocab_size})")
-            if len(p) + max_new_tokens > self.config.max_positions:
-                raise ValueError(f"prompt {n} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
-                                 f"exceeds the context window of {self.config.max_positions}: shorten it "
-                                 "(fewer demonstrations) or generate fewer tokens")
-            out.append(list(p))
-        return out
-
-    def _stop_sets(self, stop, ignore_eos: bool) -> tuple[set[int], list[str]]:
-        ids: set[int] = set()
-        strings: list[str] = []
-        for item in ([] if stop is None else stop if isinstance(stop, (list, tuple)) else [stop]):
-            if isinstance(item, int) and not isinstance(item, bool):
-                ids.add(item)
-            elif isinstance(item, str) and item:
-                strings.append(item)
-            else:
-                raise TypeError(f"stop must be a token id, a non-empty string or a list of them; got {item!r}")
-        if strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none, so pass stop token ids")
-        if not ignore_eos:
-            ids |= {t for t in (self.config.eos_token_id, *self.config.extra_eos_token_ids) if t is not None}
-        return ids, strings
-
-    def _hits_stop(self, tokens: list[int], stop_strings: list[str]) -> bool:
-        text = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
-        return any(s in text for s in stop_strings)
-
-    def _cut_at_stop(self, tokens: list[int], stop_strings: list[str]) -> list[int]:
-        if not stop_strings:
-            return tokens
-        for n in range(1, len(tokens) + 1):
-            if any(s in self.tokenizer.decode(tokens[:n], skip_special_tokens=False) for s in stop_strings):
-                return tokens[:n]
-        return tokens
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -441,62 +389,3 @@ def stage_layers(num_layers: int, rank: int, world: int) -> tuple[int, int]:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
-
-
-def _common_prefix_len(prompts: list[list[int]], keep: int = 1) -> int:
-    """Longest common token prefix, leaving every prompt at least `keep` tokens of its own."""
-    n = min(len(p) for p in prompts) - keep
-    first = prompts[0]
-    for p in prompts[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return max(n, 0)
-
-
-def _cut_text(text: str, stops: list[str]) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
-
-
-def _open_model(path_or_name, dummy: bool):
-    """(weight source, tokenizer or None, ModelConfig) for a name, a directory or a GGUF file."""
-    resolved = path_or_name
-    try:
-        from .registry import resolve_model
-        resolved = resolve_model(path_or_name)
-    except ImportError:
-        pass
-    path = Path(resolved)
-    if path.is_dir():
-        config = read_hf_config(path)
-        if Path(path_or_name) != path:                     # a name the registry resolved: keep the name
-            config = config.replace(name=str(path_or_name))
-        source = DummyWeights() if dummy else Checkpoint(path)
-        return source, _load_tokenizer(path), config
-    if dummy:
-        return DummyWeights(), None, opt_config(str(path_or_name))
-    if _is_opt_name(str(path_or_name)):
-        raise FileNotFoundError(f"{path_or_name}: no checkpoint here (this machine has no model hub); pass "
-                                "dummy=True (--dummy) for random weights of that shape, or a local "
-                                "checkpoint directory")
-    raise FileNotFoundError(f"{path_or_name}: not a checkpoint directory, a .gguf file or a known model "
-                            "name (smollm2-135m, or an OPT size such as opt-1.3b with dummy=True)")
-
-
-def _is_opt_name(name: str) -> bool:
-    try:
-        opt_config(name)
-        return True
-    except ValueError:
-        return False
-
-
-def _load_tokenizer(path: Path):
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -5,6 +5,8 @@
     resolve_model("path/to/hf_checkpoint/")  -> the directory itself
     resolve_model("facebook/opt-1.3b")       -> "facebook/opt-1.3b" (a shape for dummy weights)
 
+`open_model` turns any of these into (weight source, tokenizer, ModelConfig) for LLM.from_pretrained.
+
 <models> is $FLEXWRANGLE_MODELS_DIR, else `models/` in the repository; `make model` fills it.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import OPT_SIZES, opt_config
+from .config import OPT_SIZES, opt_config, read_hf_config
+from .weights import Checkpoint, DummyWeights
 
 # Embedded models: name (lower case) -> file under the models directory.
 EMBEDDED: dict[str, str] = {
@@ -64,3 +67,29 @@ def _is_opt_name(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def open_model(path_or_name, dummy: bool):
+    """(weight source, tokenizer or None, ModelConfig) for a name, a directory or a GGUF file."""
+    path = Path(resolve_model(path_or_name))
+    if path.is_dir():
+        config = read_hf_config(path)
+        if Path(path_or_name) != path:                     # a name the registry resolved: keep the name
+            config = config.replace(name=str(path_or_name))
+        source = DummyWeights() if dummy else Checkpoint(path)
+        return source, _load_tokenizer(path), config
+    if dummy:
+        return DummyWeights(), None, opt_config(str(path_or_name))
+    if _is_opt_name(str(path_or_name)):
+        raise FileNotFoundError(f"{path_or_name}: no checkpoint here (this machine has no model hub); pass "
+                                "dummy=True (--dummy) for random weights of that shape, or a local "
+                                "checkpoint directory")
+    raise FileNotFoundError(f"{path_or_name}: not a checkpoint directory, a .gguf file or a known model "
+                            "name (smollm2-135m, or an OPT size such as opt-1.3b with dummy=True)")
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
