@@ -97,9 +97,26 @@ def attend_segments(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Te
     return out.reshape(b, nh, s, d)
 
 
+_rotary_last: tuple = (None, None, None)   # (positions, arguments, tables) of the last call
+
+
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None,
                   dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (b, 1, s, head_dim) for the rotate-half convention."""
+    """cos and sin tables (b, 1, s, head_dim) for the rotate-half convention.
+
+    Every layer of a step asks with the same positions tensor: the last answer is kept (the tensor
+    itself is held, so the identity check cannot confuse it with a new tensor at the same address)."""
+    global _rotary_last
+    args = (positions._version, head_dim, theta, repr(scaling), dtype)
+    last = _rotary_last                                   # one read: safe if another thread replaces it
+    if last[0] is positions and last[1] == args:
+        return last[2]
+    tables = _rotary_tables(positions, head_dim, theta, scaling, dtype)
+    _rotary_last = (positions, args, tables)
+    return tables
+
+
+def _rotary_tables(positions, head_dim, theta, scaling, dtype):
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     inv_freq = _scale_inv_freq(inv_freq, scaling or {})
     freqs = positions[..., None].float() * inv_freq.to(positions.device)           # (b, s, d/2)

@@ -42,6 +42,7 @@ class MicroBatch:
     score_len: int = 1                    # last positions the head scores (1 = next token only)
     last_logits: torch.Tensor | None = None   # (b, vocab)
     scored_logits: torch.Tensor | None = None  # (b, score_len, vocab) when score_len > 1
+    step_inputs: dict = field(default_factory=dict)  # positions and mask bias of this step, shared by its layers
 
     @property
     def size(self) -> int:
@@ -114,11 +115,19 @@ class BlockRunner:
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
         self.sampler, self.on_tokens = sampler, on_tokens
         # the I/O thread converts on one core so that it never oversubscribes the compute thread's pool
+        # (with everything compute-ready on the compute device there is nothing to overlap, and a third
+        # busy thread on two cores only slows the compute threads down)
         self.io = (ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io", initializer=torch.set_num_threads,
-                                      initargs=(1,)) if self.policy.overlap else _Inline())
+                                      initargs=(1,)) if self.policy.overlap and self._moves_data() else _Inline())
         self.pool = llm.pool
         self._w_next: Future | None = None       # weights of the next layer, loading on the I/O thread
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+
+    def _moves_data(self) -> bool:
+        """Whether any weight, cache or activation lives off the compute device or compressed."""
+        p = self.policy
+        return not (p.w_gpu_percent == p.cache_gpu_percent == p.act_gpu_percent == 100
+                    and not p.compress_weight and not p.compress_cache)
 
     # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
     def _load_weights(self, j: int):
@@ -175,6 +184,7 @@ class BlockRunner:
         """Feed the sampled tokens (b,) to the next step and record them."""
         mb.length += mb.feed.shape[1]
         mb.feed = next_ids.view(-1, 1).cpu()
+        mb.step_inputs = {}
         self.on_tokens(mb, next_ids.cpu())
 
     def record_step(self, step: int, seconds: float) -> None:
@@ -224,7 +234,9 @@ class BlockRunner:
         cfg, fam = self.cfg, self.fam
         q_len = mb.feed.shape[1]
         total = mb.length + q_len
-        positions = ops.position_ids(mb.mask[:, :total])[:, -q_len:].to(self.tiers.compute_device)
+        if "positions" not in mb.step_inputs:                    # the same for every layer of this step
+            mb.step_inputs["positions"] = ops.position_ids(mb.mask[:, :total])[:, -q_len:].to(self.tiers.compute_device)
+        positions = mb.step_inputs["positions"]
         if layer.kind == "embed":
             return fam.embed(w, mb.feed.to(self.tiers.compute_device), positions, cfg)
         if layer.kind == "head":
@@ -247,7 +259,9 @@ class BlockRunner:
         cfg, fam = self.cfg, self.fam
         q, k, v = fam.attn_qkv(w, h, positions, cfg)              # q (b, nh, s, d); k, v (b, nkv, s, d)
         q_len = q.shape[2]
-        bias = ops.attention_mask_bias(mb.mask[:, :total].to(q.device), q_len, q.dtype)   # (b, 1, s, t)
+        if "bias" not in mb.step_inputs:
+            mb.step_inputs["bias"] = ops.attention_mask_bias(mb.mask[:, :total].to(q.device), q_len, q.dtype)
+        bias = mb.step_inputs["bias"]                                                     # (b, 1, s, t)
         cache = mb.caches[layer.index]
         parts = past if past is not None else [_Whole(q.shape[0], q.device, q.dtype)]
         o = torch.empty_like(q) if len(parts) > 1 else None
