@@ -1,6 +1,8 @@
 """Validate the automatic policy: predicted vs measured throughput and peaks, and auto vs a hand-written grid.
 
-    python benchmarks/policy_validation.py [--out docs/benchmarks_policy.md] [--json FILE] [--full]
+    python benchmarks/policy_validation.py [--out FILE] [--json FILE] [--full]
+
+Writes its section `policy_validation` of docs/benchmarks.md (or the whole report to --out).
 
 For each workload (model x memory caps x prompt/gen lengths) it runs the engine for real through
 `python -m engine.bench ... --json`, once with `--percent auto` and once per hand-written policy of a
@@ -212,7 +214,7 @@ def _median(xs):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_policy.md"))
+    ap.add_argument("--out", help="write the report to this file instead of its section of docs/benchmarks.md")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--offload-dir", default=str(ROOT / "offload" / "policy_validation"))
     ap.add_argument("--full", action="store_true", help=f"also run the slow workloads ({', '.join(sorted(FULL_ONLY))})")
@@ -251,8 +253,12 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - started, "workloads": workloads,
     }
     text = report(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    else:
+        from benchmarks._doc import write_section
+        write_section("policy_validation", text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(text)
