@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, MemoryBudgetError, Policy
+from engine import cost_model
 from engine import policy_search as ps
 from engine.config import opt_config, read_hf_config
 from engine.hardware import Hardware
@@ -172,7 +173,7 @@ def test_impossible_caps_without_disk_name_every_short_tier(hw):
 
 
 def test_program_names_variables_and_constraints_by_meaning(hw):
-    st = ps._setup(opt_config("opt-125m"), hw, 64, 8, 4, 2, False, False, False, True, 2, True,
+    st = cost_model.make_setup(opt_config("opt-125m"), hw, 64, 8, 4, 2, False, False, False, True, 2, True,
                    {"gpu": GiB, "cpu": GiB, "disk": 10 * GiB})
     prob, _, _ = ps.placement_lp(st)
     variables = {v.name for v in prob.variables()}

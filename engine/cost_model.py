@@ -1,0 +1,469 @@
+"""The cost model of one block of the schedule: seconds per layer slot and bytes per tier.
+
+It mirrors what `schedule.BlockRunner` does, layer slot by layer slot (embed, attn_i, mlp_i, ...,
+head; the weights of the next layer are loaded while this one computes):
+
+  main thread   compute of each micro-batch (matmuls at the measured rate for their row count,
+                attention, elementwise passes, per-op overhead) and activation I/O when on disk;
+  I/O thread    (FIFO) the next layer's weights, each micro-batch's KV cache load and store:
+                disk reads/writes, storage -> compute conversion, 4-bit (de)quantization;
+  CPU cores     on a CPU-only machine every conversion competes with compute for the same cores
+                and memory bus, so only disk waits truly overlap: slot time >= compute + all
+                CPU-side transfer work (measured: the two add up on 2 cores).
+
+A slot takes the max of these (the sum with overlap off). Decode attention layers also wait for
+the next layer's weights before their first cache load is served (FIFO order). Memory peaks
+mirror the engine's trackers: weights homed per tier in that tier's format, the block's KV cache,
+the hidden states, and on the compute device the buffer pool's working copies (two neighbouring
+layers' weights, two micro-batches' cache); the engine's own pre-flight check
+(`LLM._check_block_memory`) is a term too, so a chosen policy never fails it.
+
+Every expression is written once over `Placement` selectors, so it evaluates to a float for a
+concrete policy (`predict`) and to a pulp expression inside the program (`engine.policy_search`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pulp
+
+from .compression import CompressionConfig, compressed_nbytes
+from .config import ModelConfig
+from .hardware import Hardware
+from .kv_cache import split_counts
+from .models import family as model_family
+from .policy import Policy
+from .tiers import ALIGN
+
+TIERS = ("gpu", "cpu", "disk")
+PROCESS_BASE_BYTES = 600 << 20       # torch + Python resident before any tensor (RAM check only)
+# torch calls per (layer, micro-batch) on the main thread, including the schedule's own bookkeeping
+MAIN_OPS = {"embed": 14, "attn": 12, "mlp": 12, "decoder": 16, "head": 16}   # (attn/mlp: the schedule's share)
+OPS_PER_TENSOR_LOAD, OPS_PER_CACHE_PART, OPS_PER_CACHE_STORE = 5, 8, 14
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's figures for one concrete policy."""
+    policy: Policy
+    tokens_per_s: float
+    prefill_s: float
+    decode_s: float
+    peaks: dict                      # tier -> bytes the engine's trackers will peak at
+    preflight: dict                  # tier -> bytes the engine's pre-flight check will ask for
+    fits: bool                       # weights + pre-flight fit every cap
+    breakdown: dict = field(default_factory=dict)   # (phase, slot) -> seconds per step
+
+
+# ---- the model's shape as the engine places it ------------------------------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    elems: int
+    mid: float               # midpoint of its bytes within its layer, in percent (choose_tiers' rule)
+    nbytes: tuple            # bytes held on (gpu, cpu, disk) in that tier's format
+    quantized: bool
+    shape: tuple             # the engine's buffer pool reuses working copies by shape
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str                # embed | attn | mlp | decoder | head
+    tensors: tuple
+
+    def at_or_below(self, g: float, what) -> float:
+        """Sum of what(tensor) over tensors homed on a tier whose cumulative percentage is g."""
+        return sum(what(t) for t in self.tensors if t.mid < g)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything about one candidate that does not depend on the placement."""
+    cfg: ModelConfig
+    hw: Hardware
+    s: int                   # prompt length
+    gen: int                 # generated tokens
+    b: int                   # gpu_batch_size
+    nb: int                  # num_gpu_batches
+    compress_weight: bool
+    compress_cache: bool
+    cpu_cache_compute: bool
+    overlap: bool
+    storage_bytes: int
+    kinds: dict              # name -> _Kind
+    plan: tuple              # kind names in schedule order
+    caps: dict               # tier -> bytes
+    cache_config: CompressionConfig = Policy().comp_cache_config
+
+    @property
+    def cuda(self) -> bool:
+        return self.hw.compute_device == "cuda"
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.cuda else 4
+
+    @property
+    def max_len(self) -> int:
+        return self.s + self.gen
+
+    @property
+    def counts(self) -> dict:
+        """kind -> how many layers of that kind the schedule runs per step."""
+        return {k: self.plan.count(k) for k in self.kinds}
+
+    @property
+    def slots(self) -> dict:
+        """(kind, next kind) -> how many times that pair occurs per step (the plan wraps around)."""
+        out = {}
+        for j, k in enumerate(self.plan):
+            pair = (k, self.plan[(j + 1) % len(self.plan)])
+            out[pair] = out.get(pair, 0) + 1
+        return out
+
+
+def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes: int, sep_layer: bool,
+           wcfg: CompressionConfig) -> tuple[dict, tuple]:
+    """Each layer kind's tensors as the engine places them, and the schedule's sequence of kinds."""
+    fam = model_family(cfg.family)
+    itemsize = 2 if hw.compute_device == "cuda" else 4
+
+    def specs(kind):
+        if kind != "decoder":
+            return fam.layer_weights(cfg, kind)
+        return fam.layer_weights(cfg, "attn") + fam.layer_weights(cfg, "mlp")
+
+    kinds = {}
+    for kind in ("embed", "attn", "mlp", "head") if sep_layer else ("embed", "decoder", "head"):
+        shapes = [tuple(s.shape) for s in specs(kind)]
+        sizes = [math.prod(sh) for sh in shapes]
+        total, done, tensors = max(1, sum(sizes)), 0, []
+        for shape, n in zip(shapes, sizes):
+            q = compress_weight and len(shape) >= 2
+            stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
+            on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
+            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, shape))
+            done += n
+        kinds[kind] = _Kind(kind, tuple(tensors))
+    middle = ("attn", "mlp") if sep_layer else ("decoder",)
+    return kinds, ("embed",) + middle * cfg.num_layers + ("head",)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def thresholds(kinds: dict) -> list[float]:
+    """The cumulative percentages that give every distinct tensor placement: 0, a round number
+    between each pair of neighbouring tensor midpoints, 100."""
+    mids = sorted({round(t.mid, 9) for k in kinds.values() for t in k.tensors})
+    return [0.0] + [_round_between(lo, hi) for lo, hi in zip(mids, mids[1:])] + [100.0]
+
+
+def _round_between(lo: float, hi: float) -> float:
+    """The roundest number strictly between lo and hi (fewest decimals, then nearest the middle)."""
+    mid = (lo + hi) / 2
+    for decimals in range(0, 7):
+        step = 10.0 ** -decimals
+        first, last = math.floor(lo / step) + 1, math.ceil(hi / step) - 1
+        if first <= last:
+            best = min(range(first, last + 1), key=lambda k: abs(k * step - mid))
+            return round(best * step, decimals)
+    return mid
+
+
+# ---- linear expressions that work for floats and for pulp selectors ------------------------------
+def _dot(sel, values) -> object:
+    """sum(coef * value) over a selector [(key, coef)] and values[key]; floats or a pulp expression."""
+    terms = [(c, values(k)) for k, c in sel]
+    if any(isinstance(c, pulp.LpVariable) for c, _ in terms):
+        return pulp.lpSum(c * v for c, v in terms if v)
+    return sum(c * v for c, v in terms)
+
+
+@dataclass
+class Placement:
+    """Selectors: weights by cumulative-percentage thresholds, cache by sequence counts, act by tier.
+
+    Each selector is [(key, coef)]: one entry with coef 1.0 for a concrete policy, or every possible
+    key with a binary variable as coef inside the program, so one cost model serves both.
+    """
+    b: int
+    w_gpu: list              # tensors whose midpoint < threshold are on gpu
+    w_gpu_cpu: list          # ... on gpu or cpu (the rest on disk)
+    c_gpu: list              # sequences of each micro-batch on gpu
+    c_gpu_cpu: list          # ... on gpu or cpu (the rest on disk)
+    act: dict                # tier -> coef
+    memo: dict = field(default_factory=dict)
+
+    def weights(self, kind: _Kind, key: str, what) -> dict:
+        """tier -> sum of what(tensor, tier) over the kind's tensors homed on that tier (memoized by key)."""
+        if (kind.name, key) not in self.memo:
+            self.memo[(kind.name, key)] = self._weights(kind, what)
+        return self.memo[(kind.name, key)]
+
+    def cache(self, key: str, fn) -> dict:
+        """tier -> fn(tier, sequences there); exact for gpu and disk, fn must be linear in n for cpu."""
+        if key not in self.memo:
+            self.memo[key] = {
+                "gpu": _dot(self.c_gpu, lambda n: fn("gpu", n)),
+                "cpu": _dot(self.c_gpu_cpu, lambda n: fn("cpu", n)) - _dot(self.c_gpu, lambda n: fn("cpu", n)),
+                "disk": _dot(self.c_gpu_cpu, lambda n: fn("disk", self.b - n))}
+        return self.memo[key]
+
+    def _weights(self, kind: _Kind, what) -> dict:
+        below = lambda tier: (lambda g: kind.at_or_below(g, lambda x: what(x, tier)))
+        every = lambda tier: sum(what(x, tier) for x in kind.tensors)
+        return {"gpu": _dot(self.w_gpu, below("gpu")),
+                "cpu": _dot(self.w_gpu_cpu, below("cpu")) - _dot(self.w_gpu, below("cpu")),
+                "disk": _dot(self.w_gpu_cpu, lambda g: every("disk") - below("disk")(g))}
+
+
+def const_placement(policy: Policy) -> Placement:
+    g, c, _ = policy.percents("w")
+    n_g, n_c, _ = split_counts(policy.gpu_batch_size, policy.percents("cache"))
+    return Placement(policy.gpu_batch_size, [(g, 1.0)], [(g + c, 1.0)], [(n_g, 1.0)], [(n_g + n_c, 1.0)],
+                      {t: float(t == policy.act_tier) for t in TIERS})
+
+
+# ---- the cost model ----------------------------------------------------------------------------------
+def cache_row_bytes(st: Setup, tier: str, n: int) -> int:
+    """Bytes of one cache row (one position) of n sequences on a tier, as kv_cache.cache_format holds it."""
+    if n <= 0:
+        return 0
+    shape = (2, n, st.cfg.num_kv_heads, st.cfg.head_dim)
+    if st.compress_cache:
+        raw = compressed_nbytes(shape, st.cache_config)
+    else:
+        raw = math.prod(shape) * (st.itemsize if tier == "gpu" else st.storage_bytes)
+    return _align(raw) if tier == "disk" else raw
+
+
+def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
+    """Main-thread seconds of one micro-batch through one layer (matmuls, attention, elementwise, overhead)."""
+    cfg, hw, b = st.cfg, st.hw, st.b
+    h, f, kv, e = cfg.hidden_size, cfg.ffn_dim, cfg.kv_dim, cfg.word_embed_proj_dim
+    rows = b * (st.s if phase == "prefill" else 1)
+    mm = lambda flops, m: flops / hw.matmul_rate(m)
+    ew = lambda elems: elems * st.itemsize * 3 / hw.memcpy_bytes_per_s       # read twice, write once
+    sec = MAIN_OPS[kind] * hw.op_overhead_s
+    sec += hw.attn_layer_overhead_s if kind in ("attn", "decoder") else 0.0    # the layer's own ops, measured
+    sec += hw.mlp_layer_overhead_s if kind in ("mlp", "decoder") else 0.0
+    if kind in ("attn", "decoder"):
+        sec += mm(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
+        if phase == "prefill":
+            sec += 4 * b * st.s * st.s * h / hw.attn_prefill_flops
+        else:   # [past | new] segments read once each (ops.attend_segments)
+            sec += 2 * b * (t + 1) * kv * 4 / hw.attn_decode_bytes_per_s
+    if kind in ("mlp", "decoder"):
+        mats = 3 if cfg.family == "llama" else 2
+        sec += mm(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
+    if kind == "embed":
+        sec += ew(rows * 3 * h) + (mm(2 * rows * h * e, rows) if e != h else 0.0)
+    if kind == "head":      # the last position only, then sampling
+        sec += mm(2 * b * e * cfg.vocab_size, b) + ew(b * cfg.vocab_size) + b * hw.op_overhead_s
+    return sec
+
+
+def rate(st: Setup, name: str) -> float:
+    """A transfer rate as the thread doing it sees it: the I/O thread (one torch thread) with overlap,
+    else the main thread."""
+    return getattr(st.hw, f"io_{name}" if st.overlap else name)
+
+
+def _widen(st: Setup, elems, quantized: bool = False):
+    """Seconds to make stored (not device-resident) elements compute-ready."""
+    hw = st.hw
+    if quantized:
+        return elems / rate(st, "dequant_elems_per_s")
+    if st.cuda:
+        return elems * st.storage_bytes / hw.h2d_bytes_per_s
+    return 0.0 if st.storage_bytes == st.itemsize else elems / rate(st, "convert_elems_per_s")
+
+
+def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
+    """(I/O-thread seconds, of which CPU work) to make one layer's weights compute-ready."""
+    hw = st.hw
+    plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized else 0)
+    disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
+    n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
+    cpu_work = (_widen(st, plain["cpu"] + plain["disk"]) + _widen(st, quant["gpu"] + quant["cpu"] + quant["disk"], True)
+                + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s)
+    disk_wait = disk / hw.disk_read_bytes_per_s + n_disk * hw.disk_read_latency_s
+    return cpu_work + disk_wait, cpu_work
+
+
+def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
+    """(I/O-thread seconds, of which CPU work) to load one micro-batch's past keys/values of one layer."""
+    hw, per_seq = st.hw, 2 * st.cfg.kv_dim * t
+    seqs = p.cache("sequences", lambda tier, n: n)
+    away = seqs["cpu"] + seqs["disk"]
+    if st.compress_cache:
+        cpu_work = st.b * per_seq / rate(st, "cache_dequant_elems_per_s")
+    elif st.cuda and st.cpu_cache_compute:       # widened on the CPU and attended there: no copy to the device
+        cpu_work = away * per_seq / rate(st, "convert_elems_per_s")
+    else:
+        cpu_work = _widen(st, away * per_seq)
+    disk_rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))["disk"]
+    disk_reads = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
+    cpu_work += 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
+    disk_wait = disk_rows * t / hw.disk_read_bytes_per_s + disk_reads * hw.disk_read_latency_s
+    return cpu_work + disk_wait, cpu_work
+
+
+def _cache_store(st: Setup, p: Placement, phase: str) -> tuple:
+    """(I/O-thread seconds, of which CPU work) to store one micro-batch's new keys/values of one layer."""
+    hw, q = st.hw, (st.s if phase == "prefill" else 1)
+    elems = 2 * st.b * q * st.cfg.kv_dim
+    on_gpu = p.cache("sequences", lambda tier, n: n)["gpu"] / st.b
+    if st.compress_cache:
+        cpu_work = elems / rate(st, "quant_elems_per_s")
+    else:   # rounded through the storage dtype; on a CPU compute device the gpu tier widens it back
+        cpu_work = (elems / rate(st, "narrow_elems_per_s")
+                    + (0 if st.cuda else elems * on_gpu / rate(st, "convert_elems_per_s")))
+    cpu_work += elems * st.itemsize * 3 / rate(st, "memcpy_bytes_per_s") + OPS_PER_CACHE_STORE * hw.op_overhead_s
+    disk_rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))["disk"]
+    disk_writes = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
+    disk_wait = disk_rows * q / hw.disk_write_bytes_per_s + disk_writes * hw.disk_write_latency_s
+    return cpu_work + disk_wait, cpu_work
+
+
+def _act_io(st: Setup, p: Placement, phase: str):
+    """Main-thread seconds per micro-batch and layer to put and get hidden states on their tier."""
+    hw = st.hw
+    nbytes = st.b * (st.s if phase == "prefill" else 1) * st.cfg.hidden_size * 4   # held as float32 on disk
+    disk = (_align(nbytes) / hw.disk_write_bytes_per_s + nbytes / hw.disk_read_bytes_per_s
+            + hw.disk_write_latency_s + hw.disk_read_latency_s + 40 * hw.op_overhead_s)
+    cpu = nbytes / hw.d2h_bytes_per_s + nbytes / hw.h2d_bytes_per_s if st.cuda else 0.0
+    return p.act["disk"] * disk + p.act["cpu"] * cpu
+
+
+def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dict:
+    """Named lower bounds on one slot's time: this layer's work plus the next layer's weight load."""
+    t = st.s + max(0, st.gen - 2) / 2                       # mean cache length over the decode steps
+    cache_layer = kind in ("attn", "decoder")
+    compute = compute_mb(st, kind, phase, t)
+    w_all, w_cpu = _weight_load(st, p, st.kinds[nxt])
+    c_all, c_cpu = _cache_load(st, p, t) if cache_layer and phase == "decode" else (0.0, 0.0)
+    s_all, s_cpu = _cache_store(st, p, phase) if cache_layer else (0.0, 0.0)
+    main = st.nb * compute + st.nb * _act_io(st, p, phase)
+    io = w_all + st.nb * (c_all + s_all)
+    if not st.overlap:
+        return {"serial": main + io}
+    bounds = {"main_thread": main, "io_thread": io}
+    if cache_layer and phase == "decode":   # FIFO: the first cache load queues behind the weight prefetch
+        bounds["first_cache_after_weights"] = w_all + c_all + main
+    if not st.cuda:   # the I/O thread's conversions and compute share the cores and the memory bus:
+        # measured on 2 cores, they add up (compute slows by about what the conversions take)
+        bounds["cpu_cores"] = main + w_cpu + st.nb * (c_cpu + s_cpu)
+    return bounds
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+def _working(st: Setup, p: Placement, kind: _Kind):
+    """Bytes LayerWeights.working_bytes allocates on the compute device for one layer."""
+    on = p.weights(kind, "working", lambda x, tier: x.elems * st.itemsize if tier != "gpu" or x.quantized else 0)
+    return on["gpu"] + on["cpu"] + on["disk"]
+
+
+def memory_terms(st: Setup, p: Placement) -> dict:
+    """Named byte expressions: what each tier holds, and the engine's working copies and pre-flight terms."""
+    cfg, b, nb = st.cfg, st.b, st.nb
+    weights = {t: 0 for t in TIERS}
+    for name, count in st.counts.items():
+        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: x.nbytes[TIERS.index(tier)])
+        weights = {t: weights[t] + count * on[t] for t in TIERS}
+    rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))
+    hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
+    working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
+    # sequences whose cache is loaded into pool buffers (all of them when 4-bit)
+    copied = b if st.compress_cache else b - p.cache("sequences", lambda tier, n: n)["gpu"]
+    shapes = {x.shape for k in st.kinds.values() for x in k.tensors}
+    pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
+    for shape in shapes:
+        for name, kind in st.kinds.items():
+            on = p.weights(kind, f"borrowed_{shape}", lambda x, tier: 1 if x.shape == shape and (
+                tier != "gpu" or x.quantized) else 0)
+            pooled.setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
+    return {
+        "weights": weights,
+        "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
+        "act_prefill": {t: p.act[t] * nb * (_align(hidden(st.s, t)) if t == "disk" else hidden(st.s, t))
+                        for t in TIERS},
+        "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
+        "working_each": working,
+        "pool_counts": pooled,
+        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len * st.itemsize,   # full-length buffers
+        "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
+        "preflight_cache_copies": 4 * b * st.max_len * cfg.kv_dim * st.itemsize,
+        "transient": b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size) * st.itemsize + b * st.s * st.s * st.itemsize,
+    }
+
+
+def weight_elems(st: Setup) -> int:
+    return sum(t.elems for name in st.plan for t in st.kinds[name].tensors)
+
+
+# ---- one concrete policy ---------------------------------------------------------------------------
+def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len: int, gen_len: int, *,
+            storage_bytes: int = 2, gpu_mem=None, cpu_mem=None, disk_mem=None) -> Prediction:
+    """The cost model's throughput, times and peaks for `policy` on this hardware and workload."""
+    st = make_setup(config, hardware, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches,
+                policy.compress_weight, policy.compress_cache, policy.cpu_cache_compute, policy.overlap,
+                storage_bytes, policy.sep_layer, caps_for(hardware, gpu_mem, cpu_mem, disk_mem),
+                policy.comp_weight_config, policy.comp_cache_config)
+    p = const_placement(policy)
+    breakdown, prefill, step = {}, 0.0, 0.0
+    for (kind, nxt), count in st.slots.items():
+        for phase in ("prefill", "decode"):
+            sec = max(slot_bounds(st, p, kind, nxt, phase).values())
+            breakdown[(phase, f"{kind}->{nxt}")] = sec * count
+            if phase == "prefill":
+                prefill += sec * count
+            else:
+                step += sec * count
+    decode = step * max(0, gen_len - 1)
+    m = memory_terms(st, p)
+    peaks, preflight = _peaks(st, m, max)
+    fits = all(preflight[t] <= st.caps[t] and m["weights"][t] <= st.caps[t] for t in TIERS)
+    tokens = policy.block_size * gen_len
+    return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, preflight, fits, breakdown)
+
+
+def _peaks(st: Setup, m: dict, biggest) -> tuple[dict, dict]:
+    """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement.
+
+    On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
+    copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
+    before this one is done, as without overlap; fewer when the I/O thread runs late, so with overlap
+    this is an upper bound), and trims idle ones when the budget is hit."""
+    itemsize = st.itemsize
+    pooled = sum(math.prod(shape) * itemsize * max(counts[a] + counts[c] for a, c in st.slots)
+                 for shape, counts in m["pool_counts"].items())
+    peaks = {}
+    for t in TIERS:
+        base = m["weights"][t] + m["cache"][t]
+        pre = base + m["act_prefill"][t] + (pooled if t == "gpu" else 0)
+        dec = base + m["act_decode"][t] + (pooled + m["cache_copies"] if t == "gpu" else 0)
+        peaks[t] = max(pre, dec)
+    peaks["gpu"] = min(peaks["gpu"], st.caps["gpu"])
+    preflight = {t: m["weights"][t] + m["cache"][t] + m["preflight_act"][t] for t in TIERS}
+    preflight["gpu"] += 2 * biggest(m["working_each"].values()) + m["preflight_cache_copies"]
+    return peaks, preflight
+
+
+def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:
+    from .tiers import parse_bytes
+    caps = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk_mem}
+    for t, v in (("gpu", gpu_mem), ("cpu", cpu_mem), ("disk", disk_mem)):
+        if v is not None:
+            caps[t] = parse_bytes(v)
+    return caps
+
+
+def make_setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_layer, caps,
+           wcfg: CompressionConfig = Policy().comp_weight_config,
+           ccfg: CompressionConfig = Policy().comp_cache_config) -> Setup:
+    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg)
+    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg)
