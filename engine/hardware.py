@@ -4,7 +4,7 @@
   - matmul FLOP/s on the compute device (float32 on CPU, float16 on CUDA), at prefill size and at
     decode shapes (M = 1..512 rows through `ops.linear`, weights cycled through a pool larger than
     the CPU caches, as decode streams them);
-  - prefill attention FLOP/s and decode attention (cache concat + attend) bytes/s, via `ops.attend`;
+  - prefill attention FLOP/s and decode attention ([past | new] segments) bytes/s, via `ops.attend`;
   - the storage -> compute conversion rate (on CPU: float16 -> float32; on CUDA: host -> device),
     memcpy bandwidth, and 4-bit quantize / dequantize rates;
   - disk read and write bandwidth and small-row latency with O_DIRECT through `tiers.DiskFile`;
@@ -55,7 +55,7 @@ class Hardware:
     matmul_rows: int                   # the row count (and size) of that square matmul
     matmul_small_m: tuple              # ((M, FLOP/s), ...): decode-shaped matmuls through ops.linear
     attn_prefill_flops: float          # ops.attend with a causal mask, FLOP/s (4 b nh s t d per call)
-    attn_decode_bytes_per_s: float     # decode attention: fp32 cache bytes (k + v) concatenated and attended
+    attn_decode_bytes_per_s: float     # decode attention: fp32 cache bytes (k + v) attended as [past | new]
     memcpy_bytes_per_s: float          # a large tensor copy (bytes copied)
     convert_elems_per_s: float         # storage dtype -> compute dtype into a reused buffer (fp16 -> fp32 on CPU)
     narrow_elems_per_s: float          # compute dtype -> storage dtype (cache stores)
@@ -202,7 +202,7 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     small = _monotone([(m, sorted(r)[(len(r) - 1) // 2]) for m, r in samples.items()])   # lower median
     del pool, shapes
 
-    # attention: prefill (causal mask) and decode (concat of the cache + attend), as the engine runs them
+    # attention: prefill (causal mask) and decode ([past | new] segments, no concat), as the engine runs them
     s, nh, d = (256, 12, 64) if quick else (512, 16, 64)
     q = torch.randn(1, nh, s, d, device=dev, dtype=dtype)
     mask = torch.ones(1, s, dtype=torch.long, device=dev)
@@ -216,8 +216,7 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     dbias = ops.attention_mask_bias(dmask, 1, dtype)
 
     def decode_attn():
-        kk, vv = torch.cat((kv[0], knew), dim=2), torch.cat((kv[1], knew), dim=2)
-        return ops.attend(qd, kk, vv, dbias, None)
+        return ops.attend_segments(qd, [(kv[0], kv[1]), (knew, knew)], dbias, None)
     attn_decode = 2 * bsz * nh * t * d * 4 / _timeit(decode_attn, reps * 3, sync)
 
     # memory: copy, conversions, 4-bit; on the calling thread and on an I/O-like thread (one torch thread)
@@ -255,7 +254,7 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
 
 
 def _layer_overheads(dev, dtype, reps: int, sync) -> tuple[float, float]:
-    """Seconds of one decode step through an OPT attention layer (with its cache concat) and an MLP
+    """Seconds of one decode step through an OPT attention layer (past and new keys as segments) and an MLP
     layer at toy sizes, where the arithmetic is negligible: what every layer pays regardless of size."""
     from .config import ModelConfig
     from .models import opt
@@ -273,7 +272,7 @@ def _layer_overheads(dev, dtype, reps: int, sync) -> tuple[float, float]:
     def attn():
         q, k, v = opt.attn_qkv(wa, h, positions, cfg)
         bias = ops.attention_mask_bias(mask, 1, dtype)
-        o = ops.attend(q, torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2), bias, opt.ATTN_SCALE)
+        o = ops.attend_segments(q, [(past[0], past[1]), (k, v)], bias, opt.ATTN_SCALE)
         return opt.attn_out(wa, h, o, cfg)
     calls = 50
     attn_s = _timeit(lambda: [attn() for _ in range(calls)], reps, sync) / calls
