@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -426,7 +425,6 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "json").mkdir(exist_ok=True)
     started, t0, load0 = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter(), _doc.load_now()
-    from benchmarks._checkpoint import ensure
     ckpt = Path(args.work) / f"{mode['model']}-fp16"
     print(f"checkpoint {ckpt} ...", flush=True)
     from benchmarks._harness import run_measured

@@ -198,8 +198,8 @@ def report(results: dict) -> str:
         "",
         f"- Prediction within 30% of measured throughput: {within} of {len(errors)} runs; median error "
         f"{_median(errors):.0%}, largest {max(errors, default=0):.0%}.",
-        f"- Auto >= 90% of the best grid policy: " + ", ".join(f"{r:.0%}" for r in ratios) + ".",
-        f"- Search time: " + ", ".join(f"{s:.2f} s" for s in searches) + " (target < 10 s).",
+        "- Auto >= 90% of the best grid policy: " + ", ".join(f"{r:.0%}" for r in ratios) + ".",
+        "- Search time: " + ", ".join(f"{s:.2f} s" for s in searches) + " (target < 10 s).",
         f"- Peaks: predicted = measured on every tier in {peaks_equal} of {runs} runs (the others: the gpu tier "
         "at its cap, where the engine's buffer pool trims idle buffers, so the measured peak is a little lower).",
         "",

@@ -2,7 +2,6 @@
 
 Test modules import from here (not from conftest, whose module name every test folder shares)."""
 
-import pytest
 import torch
 
 

@@ -1,7 +1,6 @@
 """Wrangling-shaped workloads: shared-prefix reuse, bucketing, early exit and choice scoring."""
 import pytest
 import torch
-from enginekit import left_pad
 from enginekit import POLICIES
 
 from engine import LLM, Policy

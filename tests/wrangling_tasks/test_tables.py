@@ -99,7 +99,6 @@ def test_transaction_rolls_back_on_error(db):
 def test_connect_waits_for_another_process_lock_then_gives_up(db):
     import subprocess
     import sys
-    import time
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
