@@ -46,11 +46,15 @@ PLOT = REPO / "docs" / "offload_throughput.png"
 
 MODES = {
     "full": dict(
-        model="opt-1.3b", cap_gib=5.0, extra_doublings=1,   # climb one step past the list while runs still fit
+        model="opt-1.3b", cap_gib=5.0,
+        # climb one step past the engine's list while runs still fit; Accelerate's step past its list
+        # (batch 16 at prompt 512) passed the cap in the run of 2026-11-22 01:51, and each of its
+        # decode-heavy runs takes 10+ minutes here
+        extra_doublings={"engine": 1, "accelerate": 0},
         shapes=[(512, 32), (32, 64)],
         accelerate_max_memory="1GiB",
-        # decode-heavy shape: each system's best feasible batch of the loaded run of 2026-11-22 (Accelerate
-        # 16 < 32 < 64 in tok/s) and the doubling past it; every Accelerate decode step there takes 8-10 s
+        # decode-heavy shape: each system's best feasible batch of the loaded run of 2026-11-22 01:51 (Accelerate
+        # 16 < 32 < 64 in tok/s); every Accelerate decode step there took 8-10 s
         accelerate_batches={(512, 32): [4, 8], (32, 64): [64]},
         engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
@@ -201,12 +205,12 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
             Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
                 j(f"acc-{tag}-b{b}"), capped=True)
-            for b in doubled(mode["accelerate_batches"][shape], mode.get("extra_doublings", 0))]
+            for b in doubled(mode["accelerate_batches"][shape], mode.get("extra_doublings", {}).get("accelerate", 0))]
         groups[f"eng-{tag}"] = [
             Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}", shape, g * k,
                 engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off),
                 j(f"eng-{tag}-b{g}x{k}"), capped=True)
-            for g, k in doubled(mode["engine_blocks"][shape], mode.get("extra_doublings", 0))]
+            for g, k in doubled(mode["engine_blocks"][shape], mode.get("extra_doublings", {}).get("engine", 0))]
         b = mode["in_memory_batch"][shape]
         groups[f"mem-{tag}"] = [
             Row(f"mem-{tag}", "in_memory", "transformers", f"transformers-{tag}-b{b}", shape, b,
