@@ -67,13 +67,18 @@ def attend_segments(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Te
 
     q (b, n_head, s, d); each segment k, v (b or 1, n_kv, t_i, d) -- batch 1 means shared by every
     sequence (a common prefix), multiplied once for the whole batch; mask_bias (b, 1, s, sum t_i).
-    A single segment goes to `attend` (SDPA). Copying the past into one tensor every layer and
-    step costs as much memory traffic as the attention itself; this reads each piece once.
+    For one new token per sequence (decode), copying the past into one tensor every layer and step
+    costs as much memory traffic as the attention itself, and the scores are small: the pieces are
+    read once each. For longer queries (a prefill after a shared prefix) the scores would be the
+    big tensor, so the pieces are concatenated for SDPA, which never materializes them (measured
+    here: 16 x 115 queries over 596 + 115 keys, 250 ms as segments against 98 ms concatenated; one
+    query over 700 keys, 6 ms against 29 ms).
     """
     b, nh, s, d = q.shape
-    if len(segments) == 1:
-        k, v = segments[0]
-        return attend(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), mask_bias, scale)
+    if len(segments) == 1 or s > 1:
+        whole = lambda i: (segments[0][i] if len(segments) == 1 else
+                           torch.cat([seg[i].expand(b, -1, -1, -1) for seg in segments], dim=2))
+        return attend(q, whole(0).expand(b, -1, -1, -1), whole(1).expand(b, -1, -1, -1), mask_bias, scale)
     nkv = segments[0][0].shape[1]
     g = nh // nkv
     rows = g * s                                                     # query rows per kv head
