@@ -69,16 +69,18 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of `quantize`, in `dtype`, on the device the parts are on.
 
-    With `out` (a contiguous buffer of the original shape) the values are written into its memory
-    and the result is a view of it; when the groups run along another dimension than the last,
-    that view is the transpose-free layout (`movedim`), not `out`'s own, so use the return value.
+    With `out` (a contiguous buffer of the original shape, or of `padded_shape` when the group
+    dimension is not a multiple of the group size) the values are written into its memory and the
+    result is a view of it; when the groups run along another dimension than the last, that view is
+    the transpose-free layout (`movedim`), not `out`'s own, so use the return value.
     Every step is one pass over memory in a single dtype: mixed uint8 x float arithmetic and
     transposing copies run 5-10x slower on CPU."""
     packed, step, minimum, shape, config = qt
     dim = config.group_dim % len(shape)
     moved_shape = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
     padded = (shape[dim] % config.group_size) != 0
-    if out is not None and not padded and out.is_contiguous() and out.dtype == dtype:
+    whole = packed.shape[0] * config.group_size                  # values in whole groups
+    if out is not None and out.numel() == whole and out.is_contiguous() and out.dtype == dtype:
         grouped = out.view(-1).view(-1, config.group_size)
     else:
         grouped = torch.empty(packed.shape[0], config.group_size, dtype=dtype, device=packed.device)
@@ -97,6 +99,13 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
     if out is not None and result.data_ptr() != out.data_ptr():
         return out.copy_(result)
     return result if out is not None else result.contiguous()
+
+
+def padded_shape(shape, config: CompressionConfig) -> tuple:
+    """`shape` with the group dimension rounded up to whole groups: the size of a buffer that
+    `dequantize` fills without a copy (it returns a view of the unpadded part)."""
+    dim = config.group_dim % len(shape)
+    return tuple(-(-s // config.group_size) * config.group_size if i == dim else s for i, s in enumerate(shape))
 
 
 def compressed_nbytes(shape, config: CompressionConfig) -> int:

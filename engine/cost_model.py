@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from .compression import CompressionConfig, compressed_nbytes
+from .compression import CompressionConfig, compressed_nbytes, padded_shape
 from .config import ModelConfig
 from .hardware import Hardware
 from .kv_cache import split_counts
@@ -63,7 +63,7 @@ class _Tensor:
     mid: float               # midpoint of its bytes within its layer, in percent (choose_tiers' rule)
     nbytes: tuple            # bytes held on (gpu, cpu, disk) in that tier's format
     quantized: bool
-    shape: tuple             # the engine's buffer pool reuses working copies by shape
+    shape: tuple             # its working copy's shape (4-bit: whole groups); the pool reuses copies by shape
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             q = compress_weight and len(shape) >= 2
             stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
             on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
-            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, shape))
+            work = padded_shape(shape, wcfg) if q else shape      # the pool buffer LayerWeights.load borrows
+            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, work))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -363,7 +364,7 @@ def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dic
 # ---- memory ----------------------------------------------------------------------------------------
 def _working(st: Setup, p: Placement, kind: _Kind):
     """Bytes LayerWeights.working_bytes allocates on the compute device for one layer."""
-    on = p.weights(kind, "working", lambda x, tier: x.elems * st.itemsize if tier != "gpu" or x.quantized else 0)
+    on = p.weights(kind, "working", lambda x, tier: math.prod(x.shape) * st.itemsize if tier != "gpu" or x.quantized else 0)
     return on["gpu"] + on["cpu"] + on["disk"]
 
 

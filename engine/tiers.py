@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, quantize
+from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, padded_shape, quantize
 
 ALIGN = 4096
 
@@ -85,6 +85,10 @@ class Format:
         for s in shape:
             n *= s
         return n * _itemsize(self.dtype)
+
+    def work_shape(self, shape: tuple) -> tuple:
+        """Shape of the compute-form buffer `decode` fills without a copy (4-bit: whole groups)."""
+        return tuple(shape) if self.quant is None else padded_shape(shape, self.quant)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, *shape) float -> uint8 (n, row_bytes)."""

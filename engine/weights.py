@@ -110,8 +110,9 @@ class LayerWeights:
             if self._ready(arr):
                 out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
             else:
-                buf = pool.get(arr.shape, dtype, dev, f"working copy of {arr.what}")
-                out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *arr.shape))[0]
+                shape = arr.fmt.work_shape(arr.shape)
+                buf = pool.get(shape, dtype, dev, f"working copy of {arr.what}")
+                out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape))[0]
                 borrowed.append(buf)
         return out, borrowed
 
@@ -121,7 +122,7 @@ class LayerWeights:
     def working_bytes(self) -> int:
         """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
-        return sum(_numel(a.shape) * itemsize for a in self.arrays.values() if not self._ready(a))
+        return sum(_numel(a.fmt.work_shape(a.shape)) * itemsize for a in self.arrays.values() if not self._ready(a))
 
     def bytes_on(self, tier: str) -> int:
         return sum(a.nbytes for a in self.arrays.values() if a.tier == tier)

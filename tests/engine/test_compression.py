@@ -4,7 +4,7 @@ import torch
 from enginekit import MIXED_PROMPTS
 
 from engine import LLM, CompressionConfig, Policy
-from engine.compression import compressed_nbytes, dequantize, quantize
+from engine.compression import compressed_nbytes, dequantize, padded_shape, quantize
 
 
 def bound(x, cfg):
@@ -33,6 +33,16 @@ def test_odd_sizes_pack_two_values_per_byte_and_unpad():
     q = quantize(x, cfg)
     assert q.packed.shape == (2, 2) and q.packed.dtype == torch.uint8
     assert torch.allclose(dequantize(q), x, atol=2 / 15 / 2 + 1e-2)      # half a step of the widest group
+
+
+@pytest.mark.parametrize("shape, dim", [((96, 40), 0), ((100, 64), 0), ((5, 70), -1)])
+def test_dequantize_into_a_buffer_returns_a_view_of_it(shape, dim):
+    cfg = CompressionConfig(num_bits=4, group_size=32, group_dim=dim)
+    q = quantize(torch.randn(shape), cfg)
+    buf = torch.full(padded_shape(shape, cfg), float("nan"))     # whole groups: no temporary, no copy
+    y = dequantize(q, out=buf)
+    assert y.data_ptr() == buf.data_ptr() and y.shape == shape
+    assert torch.equal(y, dequantize(q))
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
