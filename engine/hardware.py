@@ -4,7 +4,7 @@
   - matmul FLOP/s on the compute device (float32 on CPU, float16 on CUDA), at prefill size and at
     decode shapes (M = 1..512 rows through `ops.linear`, weights cycled through a pool larger than
     the CPU caches, as decode streams them);
-  - prefill attention FLOP/s and decode attention ([past | new] segments) bytes/s, via `ops.attend`;
+  - prefill attention FLOP/s and decode attention ([past | new] segments) bytes/s, via `ops.attend` / `ops.attend_segments`;
   - the storage -> compute conversion rate (on CPU: float16 -> float32; on CUDA: host -> device),
     memcpy bandwidth, and 4-bit quantize / dequantize rates;
   - disk read and write bandwidth and small-row latency with O_DIRECT through `tiers.DiskFile`;

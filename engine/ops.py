@@ -76,9 +76,9 @@ def attend_segments(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Te
     """
     b, nh, s, d = q.shape
     if len(segments) == 1 or s > 1:
-        whole = lambda i: (segments[0][i] if len(segments) == 1 else
-                           torch.cat([seg[i].expand(b, -1, -1, -1) for seg in segments], dim=2))
-        return attend(q, whole(0).expand(b, -1, -1, -1), whole(1).expand(b, -1, -1, -1), mask_bias, scale)
+        k, v = (torch.cat([seg[i].expand(b, -1, -1, -1) for seg in segments], dim=2) if len(segments) > 1
+                else segments[0][i].expand(b, -1, -1, -1) for i in (0, 1))            # (b, nkv, t, d)
+        return attend(q, k, v, mask_bias, scale)
     nkv = segments[0][0].shape[1]
     g = nh // nkv
     rows = g * s                                                     # query rows per kv head
