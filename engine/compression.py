@@ -101,6 +101,34 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
     return result if out is not None else result.contiguous()
 
 
+def gather_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dequantize(qt)[rows]` for a 2-D tensor, touching only the groups that hold those rows: an
+    embedding lookup from a compressed table costs a few rows, not the whole vocabulary."""
+    packed, step, minimum, shape, config = qt
+    if len(shape) != 2:
+        raise ValueError(f"gather_rows takes a 2-D tensor, got shape {shape}")
+    flat = rows.reshape(-1).to(packed.device)
+    n_rows, n_cols = shape
+    gs = config.group_size
+    if config.group_dim % 2 == 1:            # groups run along a row: dequantize that row's groups
+        per_row = packed.shape[0] // n_rows
+        idx = (flat[:, None] * per_row + torch.arange(per_row, device=packed.device)).reshape(-1)
+        part = QuantizedTensor(packed[idx], step[idx], minimum[idx], (flat.numel(), per_row * gs), config)
+        out = dequantize(part, dtype)[:, :n_cols]
+    else:                                    # groups run down the columns: pick one value per group
+        per_col = packed.shape[0] // n_cols
+        idx = torch.arange(n_cols, device=packed.device) * per_col + (flat // gs)[:, None]   # (n, cols)
+        pos = (flat % gs)[:, None]
+        if config.num_bits == 4:
+            half = gs // 2
+            q = (packed[idx, pos % half] >> ((pos >= half) * 4).to(torch.uint8)) & 0x0F
+        else:
+            q = packed[idx, pos]
+        # the same operations in the same order as dequantize, so the values are bit-identical
+        out = q.to(dtype).mul_(step[idx, 0].to(dtype)).add_(minimum[idx, 0].to(dtype))
+    return out.reshape(*rows.shape, n_cols)
+
+
 def padded_shape(shape, config: CompressionConfig) -> tuple:
     """`shape` with the group dimension rounded up to whole groups: the size of a buffer that
     `dequantize` fills without a copy (it returns a view of the unpadded part)."""

@@ -32,7 +32,7 @@ from .compression import CompressionConfig, compressed_nbytes, padded_shape
 from .config import ModelConfig
 from .hardware import Hardware
 from .kv_cache import split_counts
-from .models import family as model_family
+from .models import LOOKUP_TABLES, family as model_family
 from .policy import Policy
 from .tiers import ALIGN
 
@@ -64,6 +64,8 @@ class _Tensor:
     nbytes: tuple            # bytes held on (gpu, cpu, disk) in that tier's format
     quantized: bool
     shape: tuple             # its working copy's shape (4-bit: whole groups); the pool reuses copies by shape
+    work_bytes: int          # bytes of that working copy
+    lookup: bool = False     # a quantized table `embed` gathers rows from: loaded still packed
 
 
 @dataclass(frozen=True)
@@ -135,15 +137,19 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
 
     kinds = {}
     for kind in ("embed", "attn", "mlp", "head") if sep_layer else ("embed", "decoder", "head"):
-        shapes = [tuple(s.shape) for s in specs(kind)]
-        sizes = [math.prod(sh) for sh in shapes]
+        named = [(s.name, tuple(s.shape)) for s in specs(kind)]
+        sizes = [math.prod(sh) for _, sh in named]
         total, done, tensors = max(1, sum(sizes)), 0, []
-        for shape, n in zip(shapes, sizes):
+        for (name, shape), n in zip(named, sizes):
             q = compress_weight and len(shape) >= 2
             stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
             on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
-            work = padded_shape(shape, wcfg) if q else shape      # the pool buffer LayerWeights.load borrows
-            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, work))
+            lookup = q and kind == "embed" and name in LOOKUP_TABLES
+            # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
+            work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
+            work_bytes = stored if lookup else math.prod(work) * itemsize
+            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, work,
+                                   work_bytes, lookup))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -286,7 +292,7 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     """(I/O-thread seconds, of which CPU work) to make one layer's weights compute-ready."""
     hw = st.hw
     plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
-    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized else 0)
+    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
     cpu_work = (_widen(st, plain["cpu"] + plain["disk"]) + _widen(st, quant["gpu"] + quant["cpu"] + quant["disk"], True)
@@ -364,8 +370,13 @@ def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dic
 # ---- memory ----------------------------------------------------------------------------------------
 def _working(st: Setup, p: Placement, kind: _Kind):
     """Bytes LayerWeights.working_bytes allocates on the compute device for one layer."""
-    on = p.weights(kind, "working", lambda x, tier: math.prod(x.shape) * st.itemsize if tier != "gpu" or x.quantized else 0)
+    on = p.weights(kind, "working", lambda x, tier: x.work_bytes if _borrows(x, tier) else 0)
     return on["gpu"] + on["cpu"] + on["disk"]
+
+
+def _borrows(x: _Tensor, tier: str) -> bool:
+    """Whether LayerWeights.load borrows a pool buffer for x homed on `tier`."""
+    return tier != "gpu" or (x.quantized and not x.lookup)
 
 
 def memory_terms(st: Setup, p: Placement) -> dict:
@@ -384,8 +395,7 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
     for shape in shapes:
         for name, kind in st.kinds.items():
-            on = p.weights(kind, f"borrowed_{shape}", lambda x, tier: 1 if x.shape == shape and (
-                tier != "gpu" or x.quantized) else 0)
+            on = p.weights(kind, f"borrowed_{shape}", lambda x, tier: 1 if x.shape == shape and _borrows(x, tier) else 0)
             pooled.setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
     return {
         "weights": weights,
@@ -395,6 +405,7 @@ def memory_terms(st: Setup, p: Placement) -> dict:
         "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
         "working_each": working,
         "pool_counts": pooled,
+        "pool_bytes": {x.shape: x.work_bytes for k in st.kinds.values() for x in k.tensors},
         "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len * st.itemsize,   # full-length buffers
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
         "preflight_cache_copies": 4 * b * st.max_len * cfg.kv_dim * st.itemsize,
@@ -439,8 +450,7 @@ def _peaks(st: Setup, m: dict, biggest) -> tuple[dict, dict]:
     copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
     before this one is done, as without overlap; fewer when the I/O thread runs late, so with overlap
     this is an upper bound), and trims idle ones when the budget is hit."""
-    itemsize = st.itemsize
-    pooled = sum(math.prod(shape) * itemsize * max(counts[a] + counts[c] for a, c in st.slots)
+    pooled = sum(m["pool_bytes"][shape] * max(counts[a] + counts[c] for a, c in st.slots)
                  for shape, counts in m["pool_counts"].items())
     peaks = {}
     for t in TIERS:

@@ -124,7 +124,7 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
         copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
         for a, c in st.slots:
             prob += copies >= counts[a] + counts[c], f"gpu_pool_copies_{label}_{a}_then_{c}"
-        pooled += math.prod(shape) * st.itemsize * copies
+        pooled += m["pool_bytes"][shape] * copies
     work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():
         prob += work_max >= expr, f"gpu_working_copy_{k}"

@@ -16,6 +16,7 @@ import torch
 
 from . import ops
 from .kv_cache import KVCache
+from .models import LOOKUP_TABLES
 from .tiers import Format, TierArray, Tiers
 from .weights import LayerWeights
 
@@ -131,7 +132,9 @@ class BlockRunner:
 
     # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
     def _load_weights(self, j: int):
-        return self.layers[j].weights.load(self.pool)            # (tensors, borrowed buffers)
+        layer = self.layers[j]
+        lookup = LOOKUP_TABLES if layer.kind == "embed" else ()
+        return layer.weights.load(self.pool, lookup)             # (tensors, borrowed buffers)
 
     def _release(self, buffers) -> None:
         for b in buffers:

@@ -111,16 +111,20 @@ class Format:
             if out is not None:
                 return out.copy_(vals)
             return vals if self.dtype == dtype else vals.to(dtype)
-        cfg = self._row_config()
+        return dequantize(self.unpack(raw, shape, self._row_config()), dtype, out)
+
+    def unpack(self, raw: torch.Tensor, shape: tuple, config: CompressionConfig | None = None) -> QuantizedTensor:
+        """uint8 (n, row_bytes) of a quantized format -> its parts (views when `raw` is contiguous);
+        without `config` the rows are one tensor of `shape` (n must be 1)."""
+        n = raw.shape[0]
         groups = compressed_nbytes(shape, self.quant) // (self.quant.group_size * self.quant.num_bits // 8 + 4)
         packed_w = self.quant.group_size * self.quant.num_bits // 8
         sizes = [groups * packed_w, groups * 2, groups * 2]
         packed, step, minimum = torch.split(raw, sizes, dim=1)
-        qt = QuantizedTensor(packed.contiguous().reshape(n * groups, packed_w),
-                             step.contiguous().view(torch.float16).reshape(n * groups, 1),
-                             minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
-                             (n, *shape), cfg)
-        return dequantize(qt, dtype, out)
+        return QuantizedTensor(packed.contiguous().reshape(n * groups, packed_w),
+                               step.contiguous().view(torch.float16).reshape(n * groups, 1),
+                               minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
+                               (n, *shape) if config is not None else tuple(shape), config or self.quant)
 
     def _row_config(self) -> CompressionConfig:
         # the row dimension n comes first, so a group_dim counted from the front moves by one
@@ -363,6 +367,22 @@ class TierArray:
             if staging is not None:
                 del raw
                 STAGING.put(staging)
+
+    def read_quantized(self, device: torch.device, out: torch.Tensor | None = None) -> QuantizedTensor:
+        """Row 0 of a quantized array as its packed parts on `device`, not dequantized (the bytes go
+        into `out`, a uint8 buffer of row_bytes, unless they already sit on `device`)."""
+        if self.file is not None:
+            raw, staging = self.file.read_rows(0, 1)
+            try:
+                out = out.copy_(raw[0]) if out is not None else raw[0].clone()
+            finally:
+                del raw
+                STAGING.put(staging)
+        elif self.data.device != device:
+            out = out.copy_(self.data[0]) if out is not None else self.data[0].to(device)
+        else:
+            out = self.data[0]
+        return self.fmt.unpack(out.view(1, -1), self.shape)
 
     def close(self) -> None:
         if self.file is not None:

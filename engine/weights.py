@@ -102,12 +102,20 @@ class LayerWeights:
     def __init__(self, tiers: Tiers, arrays: dict[str, TierArray]):
         self.tiers, self.arrays = tiers, arrays
 
-    def load(self, pool: BufferPool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Compute-ready tensors, and the pool buffers borrowed for them (give them back after use)."""
+    def load(self, pool: BufferPool, lookup=()) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Compute-ready tensors, and the pool buffers borrowed for them (give them back after use).
+
+        `lookup` names tables the layer only indexes rows of (embeddings): quantized ones come back
+        still packed, as QuantizedTensor, for `ops.embedding` to dequantize just the rows it needs."""
         dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
         out, borrowed = {}, []
         for name, arr in self.arrays.items():
-            if self._ready(arr):
+            if name in lookup and arr.fmt.quant is not None:
+                buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"packed copy of {arr.what}") \
+                    if arr.tier != "gpu" else None
+                out[name] = arr.read_quantized(dev, buf)
+                borrowed += [buf] if buf is not None else []
+            elif self._ready(arr):
                 out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
             else:
                 shape = arr.fmt.work_shape(arr.shape)

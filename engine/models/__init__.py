@@ -8,13 +8,17 @@
     head(w, hidden, config) -> logits                     hidden (b, hidden) -> (b, vocab)
     ATTN_SCALE                                            the scale ops.attend applies (None = 1/sqrt(d))
 
-`w` is a dict from the WeightSpec names to compute-ready tensors. Weight names are per layer;
+`w` is a dict from the WeightSpec names to compute-ready tensors; the tables in LOOKUP_TABLES may
+come as a still-quantized QuantizedTensor, which `embed` reads through `ops.embedding`. Weight names are per layer;
 `hf_name` templates carry `{i}` for the layer index.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+
+
+LOOKUP_TABLES = frozenset({"embed_tokens", "embed_positions"})   # tables `embed` only indexes rows of
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import torch
 from enginekit import MIXED_PROMPTS
 
 from engine import LLM, CompressionConfig, Policy
-from engine.compression import compressed_nbytes, dequantize, padded_shape, quantize
+from engine.compression import compressed_nbytes, dequantize, gather_rows, padded_shape, quantize
 
 
 def bound(x, cfg):
@@ -43,6 +43,14 @@ def test_dequantize_into_a_buffer_returns_a_view_of_it(shape, dim):
     y = dequantize(q, out=buf)
     assert y.data_ptr() == buf.data_ptr() and y.shape == shape
     assert torch.equal(y, dequantize(q))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, dim", [((100, 24), 0), ((96, 40), 0), ((40, 70), -1), ((40, 64), 1)])
+def test_gather_rows_equals_indexing_the_dequantized_table(bits, shape, dim):
+    q = quantize(torch.randn(shape), CompressionConfig(num_bits=bits, group_size=32, group_dim=dim))
+    ids = torch.tensor([[0, shape[0] - 1, 17], [31, 32, 17]])    # both nibbles, repeats, the padded group
+    assert torch.equal(gather_rows(q, ids), dequantize(q)[ids])
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
