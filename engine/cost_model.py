@@ -278,27 +278,30 @@ def rate(st: Setup, name: str) -> float:
     return getattr(st.hw, f"io_{name}" if st.overlap else name)
 
 
-def _widen(st: Setup, elems, quantized: bool = False):
-    """Seconds to make stored (not device-resident) elements compute-ready."""
+def _widen(st: Setup, elems):
+    """Seconds to make stored (not device-resident) plain elements compute-ready."""
     hw = st.hw
-    if quantized:
-        return elems / rate(st, "dequant_elems_per_s")
     if st.cuda:
         return elems * st.storage_bytes / hw.h2d_bytes_per_s
     return 0.0 if st.storage_bytes == st.itemsize else elems / rate(st, "convert_elems_per_s")
 
 
 def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
-    """(I/O-thread seconds, of which CPU work) to make one layer's weights compute-ready."""
+    """(I/O-thread seconds, of which CPU work) to load one layer's weights (LayerWeights.load)."""
     hw = st.hw
     plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
-    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
-    cpu_work = (_widen(st, plain["cpu"] + plain["disk"]) + _widen(st, quant["gpu"] + quant["cpu"] + quant["disk"], True)
-                + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s)
+    cpu_work = _widen(st, plain["cpu"] + plain["disk"]) + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
     disk_wait = disk / hw.disk_read_bytes_per_s + n_disk * hw.disk_read_latency_s
     return cpu_work + disk_wait, cpu_work
+
+
+def _weight_finish(st: Setup, p: Placement, kind: _Kind) -> float:
+    """Main-thread seconds of LayerWeights.finish: dequantizing the layer's 4-bit weights."""
+    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
+    elems = quant["gpu"] + quant["cpu"] + quant["disk"]
+    return elems / st.hw.dequant_elems_per_s if st.compress_weight else 0.0
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
@@ -354,7 +357,7 @@ def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dic
     w_all, w_cpu = _weight_load(st, p, st.kinds[nxt])
     c_all, c_cpu = _cache_load(st, p, t) if cache_layer and phase == "decode" else (0.0, 0.0)
     s_all, s_cpu = _cache_store(st, p, phase) if cache_layer else (0.0, 0.0)
-    main = st.nb * compute + st.nb * _act_io(st, p, phase)
+    main = _weight_finish(st, p, st.kinds[kind]) + st.nb * compute + st.nb * _act_io(st, p, phase)
     io = w_all + st.nb * (c_all + s_all)
     if not st.overlap:
         return {"serial": main + io}

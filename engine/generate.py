@@ -11,7 +11,7 @@ import torch
 from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .models import family as model_family
+from .models import LOOKUP_TABLES, family as model_family
 from .policy import Policy
 from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, hits_stop, stop_sets
 from .registry import open_model
@@ -315,7 +315,8 @@ class LLM:
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize
         # working copies: two layers of weights and two micro-batches of cache in compute form
-        need["gpu"] += 2 * max(layer.weights.working_bytes() for layer in self.layers)
+        need["gpu"] += 2 * max(layer.weights.working_bytes(LOOKUP_TABLES if layer.kind == "embed" else ())
+                               for layer in self.layers)
         need["gpu"] += 2 * cfg.cache_bytes(sizes[0], max_len, itemsize) // cfg.num_layers
         for tier, n in need.items():
             tr = self.tiers.trackers[tier]

@@ -177,6 +177,7 @@ class BlockRunner:
             self._w_next = None
             if j + 1 < n_layers or more_steps:                   # prefetch the next layer's weights
                 self._w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
+            LayerWeights.finish(w_now)                           # dequantize here, between computes
             self._run_layer(j, w_now, mbs, step, act)
             del w_now
             self._release(borrowed)

@@ -215,6 +215,10 @@ class DiskFile:
             self.tracker.free(self.stride * self.rows)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _remove_file(fd: int, path: Path) -> None:
     os.close(fd)
     path.unlink(missing_ok=True)
@@ -368,21 +372,24 @@ class TierArray:
                 del raw
                 STAGING.put(staging)
 
-    def read_quantized(self, device: torch.device, out: torch.Tensor | None = None) -> QuantizedTensor:
-        """Row 0 of a quantized array as its packed parts on `device`, not dequantized (the bytes go
-        into `out`, a uint8 buffer of row_bytes, unless they already sit on `device`)."""
+    def read_quantized(self, device: torch.device, out: torch.Tensor | None = None):
+        """Row 0 of a quantized array as its packed parts on `device`, not dequantized, and a function
+        to call once they are used. With `out` (a uint8 buffer of row_bytes) the bytes are copied into
+        it; without, the parts may view a disk staging buffer (held until that call) or this array."""
+        release = _nothing
         if self.file is not None:
             raw, staging = self.file.read_rows(0, 1)
-            try:
-                out = out.copy_(raw[0]) if out is not None else raw[0].clone()
-            finally:
-                del raw
+            if out is not None:
+                out.copy_(raw[0])
                 STAGING.put(staging)
-        elif self.data.device != device:
+            else:
+                out = raw[0]
+                release = lambda: STAGING.put(staging)
+        elif self.data.device != device or out is not None:
             out = out.copy_(self.data[0]) if out is not None else self.data[0].to(device)
         else:
             out = self.data[0]
-        return self.fmt.unpack(out.view(1, -1), self.shape)
+        return self.fmt.unpack(out.view(1, -1), self.shape), release
 
     def close(self) -> None:
         if self.file is not None:
