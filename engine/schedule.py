@@ -4,7 +4,13 @@ Within a block, each layer's weights are loaded once and used by every micro-bat
 `overlap`, a single I/O thread prefetches the next layer's weights and the next micro-batch's KV
 cache and stores each micro-batch's new cache entries while the main thread computes; without it
 the same loop runs every transfer inline. The thread is FIFO, so a cache row stored at step i is
-always written before the load that reads it at step i + 1 is served.
+always written before the load that reads it at step i + 1 is served. 4-bit weights cross the
+I/O thread packed and are dequantized on the main thread (LayerWeights.finish), so that on a CPU
+the cores alternate between converting and computing instead of being oversubscribed.
+
+What overlap can win on a CPU-only virtual machine is limited: measured here, a thread doing
+nothing but O_DIRECT reads (0.05 of a core of guest CPU) slows a 2-thread matmul beside it from
+15-20 to 28-29 ms, because the hypervisor's disk emulation runs on the same physical cores.
 """
 from __future__ import annotations
 
