@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._doc import load_now, write_section  # noqa: E402
+from benchmarks._doc import engine_commit, load_now, write_section  # noqa: E402
 
 MAX_NEW = 3
 
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="batch of (b) and gpu_batch_size of the engine")
     ap.add_argument("--quick", action="store_true", help="30 rows per dataset")
     args = ap.parse_args(argv)
+    started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()
     if args.quick:
         args.limit, args.hf_single_limit = 30, 8
 
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
     md = "\n".join([
         "### Wrangling throughput: entity matching with few-shot prompts (issue 9)", "",
         f"SmolLM2-135M-Instruct, float32 compute, greedy, at most {MAX_NEW} new tokens. (a) is measured on the "
-        f"first {args.hf_single_limit} pairs (its rows/s is the figure compared). Load average at the end: "
-        f"{load_now()}. Command: `.venv/bin/python benchmarks/wrangling_throughput.py"
+        f"first {args.hf_single_limit} pairs (its rows/s is the figure compared). Run {started}, engine at "
+        f"commit {commit}; load average at the end: {load_now()}. Command: `.venv/bin/python benchmarks/wrangling_throughput.py"
         f"{' --limit ' + str(args.limit) if args.limit else ''}`.", "",
         *sections,
         "Targets: ≥ 3× rows/s from prefix reuse plus bucketing over (c); ≥ 10× over (a); ≥ 3× over (b).", ""])
