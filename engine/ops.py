@@ -23,7 +23,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def embedding(table, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of an embedding table, plain or still quantized (see LayerWeights.load(gather=True))."""
+    """Rows `ids` of an embedding table, plain or still quantized (LayerWeights.load's `lookup`)."""
     if isinstance(table, QuantizedTensor):
         return gather_rows(table, ids)
     return table[ids]

@@ -9,8 +9,8 @@
     ATTN_SCALE                                            the scale ops.attend applies (None = 1/sqrt(d))
 
 `w` is a dict from the WeightSpec names to compute-ready tensors; the tables in LOOKUP_TABLES may
-come as a still-quantized QuantizedTensor, which `embed` reads through `ops.embedding`. Weight names are per layer;
-`hf_name` templates carry `{i}` for the layer index.
+come as a still-quantized QuantizedTensor, which `embed` reads through `ops.embedding`. Weight
+names are per layer; `hf_name` templates carry `{i}` for the layer index.
 """
 from __future__ import annotations
 

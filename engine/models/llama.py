@@ -40,7 +40,7 @@ def layer_weights(c: ModelConfig, kind: str) -> list[WeightSpec]:
 
 
 def embed(w, ids: torch.Tensor, positions, c: ModelConfig) -> torch.Tensor:
-    return ops.embedding(w["embed_tokens"], ids)                                # (b, s, h)
+    return ops.embedding(w["embed_tokens"], ids)                 # (b, s, h)
 
 
 def attn_qkv(w, x: torch.Tensor, positions: torch.Tensor, c: ModelConfig):

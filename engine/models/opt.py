@@ -45,10 +45,10 @@ def layer_weights(c: ModelConfig, kind: str) -> list[WeightSpec]:
 
 
 def embed(w, ids: torch.Tensor, positions: torch.Tensor, c: ModelConfig) -> torch.Tensor:
-    x = ops.embedding(w["embed_tokens"], ids)                                   # (b, s, e)
+    x = ops.embedding(w["embed_tokens"], ids)                    # (b, s, e)
     if "project_in" in w:
         x = ops.linear(x, w["project_in"])                       # (b, s, h)
-    return x + ops.embedding(w["embed_positions"], positions + 2)               # OPT's position offset is 2
+    return x + ops.embedding(w["embed_positions"], positions + 2)   # OPT's position offset is 2
 
 
 def attn_qkv(w, x: torch.Tensor, positions, c: ModelConfig):
