@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     if args.reuse_quality:
         last = json.loads((work / "results.json").read_text())
         rows, meta, wb = last["rows"], last["meta"], {int(g): b for g, b in last["wb"].items()}
-        meta["quality_run"] = last["meta"].get("quality_run", "an earlier run")
+        meta.setdefault("quality_run", "an earlier run")
     else:
         print("quality ...", flush=True)
         rows, meta = quality(groups, 4 if args.quick else None)

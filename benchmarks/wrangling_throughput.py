@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         "### Wrangling throughput: entity matching with few-shot prompts (issue 9)", "",
         f"SmolLM2-135M-Instruct, float32 compute, greedy, at most {MAX_NEW} new tokens. (a) is measured on the "
         f"first {args.hf_single_limit} pairs (its rows/s is the figure compared). Run {started}, engine at "
-        f"commit {commit}; load average at the end: {load_now()}. Command: `.venv/bin/python benchmarks/wrangling_throughput.py"
+        f"commit {commit}; load average at the end: {load_now()}. "
+        "Command: `.venv/bin/python benchmarks/wrangling_throughput.py"
         f"{' --limit ' + str(args.limit) if args.limit else ''}`.", "",
         *sections,
         "Targets: ≥ 3× rows/s from prefix reuse plus bucketing over (c); ≥ 10× over (a); ≥ 3× over (b).", ""])

@@ -300,8 +300,7 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
 def _weight_finish(st: Setup, p: Placement, kind: _Kind) -> float:
     """Main-thread seconds of LayerWeights.finish: dequantizing the layer's 4-bit weights."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
-    elems = quant["gpu"] + quant["cpu"] + quant["disk"]
-    return elems / st.hw.dequant_elems_per_s if st.compress_weight else 0.0
+    return (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
