@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .compression import QuantizedTensor, dequantize
+from .compression import QuantizedTensor, QuantizedWeight, dequantize
 from .models import WeightSpec
 from .policy import Policy
 from .tiers import BufferPool, Format, TierArray, Tiers
@@ -142,13 +142,23 @@ class LayerWeights:
         return out, borrowed
 
     @staticmethod
-    def finish(w: dict) -> dict:
-        """`load`'s dict with every `Packed` weight dequantized into its working buffer."""
+    def finish(w: dict, defer: bool = False) -> list[Callable[[], None]]:
+        """Make `load`'s dict ready to compute with; returns what to call once the layer is done.
+
+        Every `Packed` weight is dequantized into its working buffer and its staging buffer given
+        back, except, with `defer`, 2-D weights: those become `QuantizedWeight`s that `ops.linear`
+        multiplies by straight from the packed values (compression.linear), with the working buffer
+        as scratch; their staging buffers are given back by the returned calls."""
+        pending = []
         for name, t in w.items():
             if isinstance(t, Packed):
-                w[name] = dequantize(t.parts, t.out.dtype, t.out)
-                t.release()
-        return w
+                if defer and len(t.parts.shape) == 2:
+                    w[name] = QuantizedWeight(t.parts, t.out)
+                    pending.append(t.release)
+                else:
+                    w[name] = dequantize(t.parts, t.out.dtype, t.out)
+                    t.release()
+        return pending
 
     def _ready(self, arr: TierArray) -> bool:
         return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype

@@ -4,7 +4,9 @@ import torch
 from enginekit import MIXED_PROMPTS
 
 from engine import LLM, CompressionConfig, Policy
-from engine.compression import compressed_nbytes, dequantize, gather_rows, padded_shape, quantize
+from engine import compression
+from engine.compression import (QuantizedWeight, compressed_nbytes, dequantize, gather_rows, padded_shape,
+                                quantize)
 
 
 def bound(x, cfg):
@@ -51,6 +53,40 @@ def test_gather_rows_equals_indexing_the_dequantized_table(bits, shape, dim):
     q = quantize(torch.randn(shape), CompressionConfig(num_bits=bits, group_size=32, group_dim=dim))
     ids = torch.tensor([[0, shape[0] - 1, 17], [31, 32, 17]])    # both nibbles, repeats, the padded group
     assert torch.equal(gather_rows(q, ids), dequantize(q)[ids])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, dim", [((100, 24), 0), ((96, 40), 0), ((40, 70), 1), ((40, 64), -1)])
+def test_dequantizing_in_runs_changes_no_value(bits, shape, dim, monkeypatch):
+    q = quantize(torch.randn(shape), CompressionConfig(num_bits=bits, group_size=32, group_dim=dim))
+    whole = dequantize(q)
+    monkeypatch.setattr(compression, "CHUNK_ELEMS", 64)          # two groups a run
+    assert torch.equal(dequantize(q), whole)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, dim", [((100, 24), 0), ((96, 40), 0), ((40, 70), 1), ((40, 64), -1)])
+@pytest.mark.parametrize("chunk, kernel_rows", [(64, 0), (1 << 19, 0), (1 << 19, 32)])
+def test_linear_on_a_quantized_weight_equals_multiplying_the_dequantized_one(bits, shape, dim, chunk, kernel_rows,
+                                                                             monkeypatch):
+    q = quantize(torch.randn(shape), CompressionConfig(num_bits=bits, group_size=32, group_dim=dim))
+    x = torch.randn(5, shape[1])
+    monkeypatch.setattr(compression, "CHUNK_ELEMS", chunk)       # many runs, or one
+    monkeypatch.setattr(compression, "KERNEL_MAX_ROWS", kernel_rows)   # torch, or the C kernel where it applies
+    scratch = torch.full(padded_shape(shape, q.config), float("nan"))
+    got = compression.linear(x, QuantizedWeight(q, scratch))
+    assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
+    from engine import kernels
+    assert kernels.qlinear() is not None, "gcc is on every machine of this project: the kernel must build"
+    for rows, (out_f, in_f), group in [(1, (130, 9), 64), (7, (64, 33), 16), (32, (257, 64), 128)]:
+        q = quantize(torch.randn(out_f, in_f), CompressionConfig(num_bits=4, group_size=group, group_dim=0))
+        assert compression.use_kernel(rows, q)
+        x = torch.randn(rows, in_f)
+        got = compression.linear(x, QuantizedWeight(q, torch.empty(0)))
+        assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
