@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from .compression import CompressionConfig, compressed_nbytes, padded_shape
+from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape
 from .config import ModelConfig
 from .hardware import Hardware
 from .kv_cache import split_counts
@@ -297,10 +297,15 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     return cpu_work + disk_wait, cpu_work
 
 
-def _weight_finish(st: Setup, p: Placement, kind: _Kind) -> float:
-    """Main-thread seconds of LayerWeights.finish: dequantizing the layer's 4-bit weights."""
+def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
+    """Main-thread seconds to convert the layer's 4-bit weights: dequantized once per block
+    (LayerWeights.finish), or multiplied straight from the packed values once per micro-batch when
+    the C kernel takes every micro-batch's rows (compression.multiply_packed). The kernel's rate per
+    value is about the probe's dequantize rate and includes the multiply that compute_mb counts too."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
-    return (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
+    rows = st.b * (st.s if phase == "prefill" else 1)
+    uses = st.nb if st.nb > 1 and not st.cuda and multiply_packed(rows, st.nb) else 1
+    return uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
@@ -356,7 +361,7 @@ def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dic
     w_all, w_cpu = _weight_load(st, p, st.kinds[nxt])
     c_all, c_cpu = _cache_load(st, p, t) if cache_layer and phase == "decode" else (0.0, 0.0)
     s_all, s_cpu = _cache_store(st, p, phase) if cache_layer else (0.0, 0.0)
-    main = _weight_finish(st, p, st.kinds[kind]) + st.nb * compute + st.nb * _act_io(st, p, phase)
+    main = _weight_finish(st, p, st.kinds[kind], phase) + st.nb * compute + st.nb * _act_io(st, p, phase)
     io = w_all + st.nb * (c_all + s_all)
     if not st.overlap:
         return {"serial": main + io}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import compression, kernels, ops
+from . import compression, ops
 from .kv_cache import KVCache
 from .models import LOOKUP_TABLES
 from .tiers import Format, TierArray, Tiers
@@ -184,7 +184,8 @@ class BlockRunner:
             self._w_next = None
             if j + 1 < n_layers or more_steps:                   # prefetch the next layer's weights
                 self._w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
-            pending = LayerWeights.finish(w_now, self._defer_dequantize(mbs))   # between computes
+            rows = max(mb.size * mb.feed.shape[1] for mb in mbs)          # dequantize here, between computes
+            pending = LayerWeights.finish(w_now, defer=compression.multiply_packed(rows, len(mbs)))
             self._run_layer(j, w_now, mbs, step, act)
             del w_now
             for release in pending:
@@ -192,19 +193,6 @@ class BlockRunner:
             self._release(borrowed)
         if self.tiers.compute_device.type == "cuda":
             torch.cuda.synchronize()
-
-    @staticmethod
-    def _defer_dequantize(mbs: list[MicroBatch]) -> bool:
-        """Whether 4-bit weights are multiplied straight from their packed values (compression.linear)
-        instead of dequantized whole once per layer. Only for few rows (a prefill of hundreds of rows
-        is compute-bound, and MKL on the whole float weight is fastest there); then when one
-        micro-batch uses them (each value is converted once either way, in cache instead of through
-        DRAM), or when the C kernel takes every micro-batch's rows (OPT-1.3b shapes, 8 rows: 8 ms per
-        16M values, against 18 ms to dequantize plus 6 ms per multiply)."""
-        rows = max(mb.size * mb.feed.shape[1] for mb in mbs)
-        if rows > compression.KERNEL_MAX_ROWS:
-            return False
-        return len(mbs) == 1 or (rows <= 8 and kernels.qlinear() is not None)
 
     def advance(self, mb: MicroBatch, next_ids: torch.Tensor) -> None:
         """Feed the sampled tokens (b,) to the next step and record them."""
