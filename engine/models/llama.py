@@ -62,6 +62,10 @@ def attn_out(w, x: torch.Tensor, o: torch.Tensor, c: ModelConfig) -> torch.Tenso
 
 
 def mlp(w, x: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    return ops.by_rows(x, lambda x: _mlp(w, x, c))
+
+
+def _mlp(w, x: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     y = ops.rms_norm(x, w["ln.weight"], c.norm_eps)
     gate = ops.linear(y, w["gate_proj.weight"], w.get("gate_proj.bias"))
     up = ops.linear(y, w["up_proj.weight"], w.get("up_proj.bias"))
