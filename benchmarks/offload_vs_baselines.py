@@ -280,8 +280,9 @@ def ratio(a: Row | None, b: Row | None) -> str:
 
 
 def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, started: str,
-           loads: tuple, argv: list[str], wall: float, omp: str = "", suffix: str = "") -> str:
-    title = "Offloading vs baselines" + (", OpenMP threads passive" if suffix else "")
+           loads: tuple, argv: list[str], wall: float, omp: str = "", suffix: str = "", tag: str | None = None) -> str:
+    title = ("Offloading vs baselines" + (", OpenMP threads passive" if "omp_passive" in suffix else "")
+             + (f", set `{tag}`" if tag else ""))
     out = [f"## {title} (`benchmarks/offload_vs_baselines.py`)", ""]
     times = sorted(r.run["started"] for r in rows if r.run.get("started"))
     commits = sorted({r.run["engine_commit"] for r in rows if r.run.get("engine_commit")})
@@ -418,13 +419,15 @@ def main(argv=None) -> int:
     p.add_argument("--rerun", nargs="*", default=[], help="with --resume: groups to measure again")
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE for every system (own work folder, section and plot)")
+    p.add_argument("--tag", help="name a measurement set (own work folder, doc section and plot), so that a "
+                                "partial run (--only) adds a section instead of replacing the main one")
     p.add_argument("--render-only", action="store_true",
                    help="render (and with --write-doc write) what rows.json holds; run nothing")
     args = p.parse_args(argv)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
     omp = omp_passive(args.omp_passive)
-    suffix = "_omp_passive" if args.omp_passive else ""
+    suffix = ("_omp_passive" if args.omp_passive else "") + (f"_set-{args.tag}" if args.tag else "")
     work = Path(args.work) / (mode_name + suffix.replace("_", "-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "json").mkdir(exist_ok=True)
@@ -459,7 +462,7 @@ def main(argv=None) -> int:
             [dict(key=x.key, label=x.label, group=x.group, system=x.system, shape=x.shape, batch=x.batch, run=x.run,
                   probes=x.probes) for g in groups.values() for x in g if x.run], indent=1, default=str))
     md = render(mode_name, mode, rows, m, cap, started, None if args.render_only else (load0, _doc.load_now()), argv,
-                time.perf_counter() - t0, omp, suffix)
+                time.perf_counter() - t0, omp, suffix, args.tag)
     print(md)
     write = args.write_doc or not (args.quick or args.render_only)
     png = PLOT.with_name(PLOT.stem + suffix + ".png")

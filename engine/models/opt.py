@@ -72,10 +72,6 @@ def attn_out(w, x: torch.Tensor, o: torch.Tensor, c: ModelConfig) -> torch.Tenso
 
 
 def mlp(w, x: torch.Tensor, c: ModelConfig) -> torch.Tensor:
-    return ops.by_rows(x, lambda x: _mlp(w, x, c))
-
-
-def _mlp(w, x: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     y = ops.layer_norm(x, w["ln.weight"], w["ln.bias"], c.norm_eps) if c.do_layer_norm_before else x
     y = torch.relu(ops.linear(y, w["fc1.weight"], w["fc1.bias"]))
     x = x + ops.linear(y, w["fc2.weight"], w["fc2.bias"])
