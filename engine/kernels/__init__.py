@@ -35,6 +35,8 @@ _loaded: dict[str, object] = {}
 
 def qlinear():
     """The C function `qlinear_out_groups` (see qlinear.c), or None when kernels are off or unbuildable."""
+    if "qlinear" in _loaded:                     # every linear asks: no lock once it is settled
+        return _loaded["qlinear"]
     if os.environ.get("FLEXWRANGLE_KERNELS", "1") == "0" or platform.system() != "Linux":
         return None
     with _lock:

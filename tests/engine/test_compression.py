@@ -89,6 +89,18 @@ def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
         assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
 
 
+def test_without_the_kernel_the_torch_path_gives_the_same_product(monkeypatch):
+    from engine import kernels
+    monkeypatch.setenv("FLEXWRANGLE_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.qlinear() is None
+    q = quantize(torch.randn(96, 40), CompressionConfig(num_bits=4, group_size=32, group_dim=0))
+    assert not compression.use_kernel(2, q)
+    x = torch.randn(2, 40)
+    got = compression.linear(x, QuantizedWeight(q, torch.empty(padded_shape(q.shape, q.config))))
+    assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
 def test_constant_groups_come_back_exact_never_nan(value):
     cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
