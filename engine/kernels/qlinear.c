@@ -78,7 +78,7 @@ static void run_tile(const job_t *j, int t, float *bsum) {
 int qlinear_out_groups(const uint8_t *packed, const float *step, const float *minimum, const float *x,
                        float *y, int rows, int in, int out, int group, int groups_per_line, int threads) {
     if (group > MAX_GROUP || group < 2 || group % 2 || rows < 1 || threads < 1) return 1;
-    int tile = 8192 / (group * rows);                 /* the y tile (rows x tile groups) stays in L1 */
+    int tile = 8192 / (group * rows);                 /* a y tile of 32 KB (rows x tile groups) stays in L1/L2 */
     if (tile < 1) tile = 1;
     const int tiles = (groups_per_line + tile - 1) / tile;
     const job_t j = {packed, step, minimum, x, y, rows, in, out, group, groups_per_line, tile};
