@@ -165,7 +165,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     packed, step, minimum, shape, config = weight.parts
     out_f, in_f = shape
     along_out = config.group_dim % 2 == 0
-    if along_out and use_kernel(x.shape[0], weight.parts, x):
+    if use_kernel(x.shape[0], weight.parts, x):
         y = x.new_empty(x.shape[0], out_f)
         x, step, minimum = x.contiguous(), step.float().contiguous(), minimum.float().contiguous()
         if kernels.qlinear()(packed.data_ptr(), step.data_ptr(), minimum.data_ptr(), x.data_ptr(), y.data_ptr(),

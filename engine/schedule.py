@@ -177,6 +177,8 @@ class BlockRunner:
         While layer j computes, the I/O thread loads layer j + 1 (wrapping to layer 0 of the next
         step when `more_steps`)."""
         n_layers = len(self.layers)
+        rows = max(mb.size * mb.feed.shape[1] for mb in mbs)
+        defer = compression.multiply_packed(rows, len(mbs))      # the same for every layer of this step
         if self._w_next is None:
             self._w_next = self.io.submit(self._load_weights, 0)
         for j in range(n_layers):
@@ -184,8 +186,7 @@ class BlockRunner:
             self._w_next = None
             if j + 1 < n_layers or more_steps:                   # prefetch the next layer's weights
                 self._w_next = self.io.submit(self._load_weights, (j + 1) % n_layers)
-            rows = max(mb.size * mb.feed.shape[1] for mb in mbs)          # dequantize here, between computes
-            pending = LayerWeights.finish(w_now, defer=compression.multiply_packed(rows, len(mbs)))
+            pending = LayerWeights.finish(w_now, defer)          # dequantize here, between computes
             self._run_layer(j, w_now, mbs, step, act)
             del w_now
             for release in pending:
