@@ -55,6 +55,13 @@ def test_gather_rows_equals_indexing_the_dequantized_table(bits, shape, dim):
     assert torch.equal(gather_rows(q, ids), dequantize(q)[ids])
 
 
+def assert_product(got, x, w):
+    """got == x @ w.T up to float32 rounding: the packed paths sum in another order (in runs, and the
+    kernel adds each group's minimum term apart), so the bound scales with the sum of |terms|."""
+    scale = (x.abs() @ w.abs().T).max()
+    assert (got - x @ w.T).abs().max() <= 1e-5 * scale + 1e-6
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape, dim", [((100, 24), 0), ((96, 40), 0), ((40, 70), 1), ((40, 64), -1)])
 def test_dequantizing_in_runs_changes_no_value(bits, shape, dim, monkeypatch):
@@ -75,7 +82,7 @@ def test_linear_on_a_quantized_weight_equals_multiplying_the_dequantized_one(bit
     monkeypatch.setattr(compression, "KERNEL_MAX_ROWS", kernel_rows)   # torch, or the C kernel where it applies
     scratch = torch.full(padded_shape(shape, q.config), float("nan"))
     got = compression.linear(x, QuantizedWeight(q, scratch))
-    assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
+    assert_product(got, x, dequantize(q))
 
 
 def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
@@ -86,7 +93,7 @@ def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
         assert compression.use_kernel(rows, q)
         x = torch.randn(rows, in_f)
         got = compression.linear(x, QuantizedWeight(q, torch.empty(0)))
-        assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
+        assert_product(got, x, dequantize(q))
 
 
 def test_without_the_kernel_the_torch_path_gives_the_same_product(monkeypatch):
@@ -98,7 +105,7 @@ def test_without_the_kernel_the_torch_path_gives_the_same_product(monkeypatch):
     assert not compression.use_kernel(2, q)
     x = torch.randn(2, 40)
     got = compression.linear(x, QuantizedWeight(q, torch.empty(padded_shape(q.shape, q.config))))
-    assert torch.allclose(got, x @ dequantize(q).T, rtol=1e-5, atol=1e-5)
+    assert_product(got, x, dequantize(q))
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e-3, 60000.0])
