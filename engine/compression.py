@@ -124,11 +124,12 @@ class QuantizedWeight(NamedTuple):
     scratch: torch.Tensor
 
 
-# Most rows the C kernel (engine/kernels/qlinear.c) takes: it does rows x (multiply-add) per weight
-# value without blocking over rows, so beyond a few dozen MKL on a dequantized chunk is faster.
-# Measured per 16M-value weight (group 64) here, kernel against torch by chunks: 2 rows 5.4 against
-# 13 ms, 16 rows 16 against 24, 32 rows 25 against 28, 48 rows 36 against 33.
-KERNEL_MAX_ROWS = 32
+# Most rows the C kernel (engine/kernels/qlinear.c) takes. Measured per 16M-value weight (OPT-1.3b's
+# fc1, group 64) here, kernel against dequantizing whole and then one MKL matmul (which streams the
+# 64 MB float weight from DRAM): 2 rows 3.0 against 13.6 + 8.0 ms, 16 rows 7.4 against 13.6 + 18.3,
+# 64 rows 28 against 13.6 + 38, 128 rows 52 against 13.9 + 43: past 64 rows a second micro-batch
+# already pays for dequantizing once, and a prefill of hundreds of rows is MKL's.
+KERNEL_MAX_ROWS = 64
 
 
 def use_kernel(rows: int, qt: QuantizedTensor, x: torch.Tensor | None = None) -> bool:
@@ -142,13 +143,10 @@ def multiply_packed(rows: int, micro_batches: int) -> bool:
     """Whether a layer's 4-bit weights used by `micro_batches` micro-batches of `rows` rows each are
     best multiplied straight from the packed values (`linear`) rather than dequantized whole once.
     Only for few rows (a prefill of hundreds of rows is compute-bound, and MKL on the whole float
-    weight is fastest there); then when one micro-batch uses them (each value is converted once
-    either way, in cache instead of through DRAM), or when the C kernel takes every micro-batch's
-    rows (OPT-1.3b shapes, 8 rows: 8 ms per 16M values, against 18 ms to dequantize plus 6 ms per
-    multiply)."""
-    if rows > KERNEL_MAX_ROWS:
-        return False
-    return micro_batches == 1 or (rows <= 8 and kernels.qlinear() is not None)
+    weight is fastest there); then when the C kernel takes the rows (it beats even a matmul by an
+    already dequantized weight, see KERNEL_MAX_ROWS), or, on the torch path, when one micro-batch
+    uses them (each value is converted once either way, in cache instead of through DRAM)."""
+    return rows <= KERNEL_MAX_ROWS and (micro_batches == 1 or kernels.qlinear() is not None)
 
 
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
