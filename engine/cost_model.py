@@ -5,14 +5,15 @@ head; the weights of the next layer are loaded while this one computes):
 
   main thread   compute of each micro-batch (matmuls at the measured rate for their row count,
                 attention, elementwise passes, per-op overhead) and activation I/O when on disk;
-  I/O thread    (FIFO) the next layer's weights, each micro-batch's KV cache load and store:
-                disk reads/writes, storage -> compute conversion, 4-bit (de)quantization;
+  I/O threads   one loads the next layer's weights, one (FIFO) each micro-batch's KV cache and
+                stores its new entries: disk reads/writes, storage -> compute conversion, 4-bit
+                (de)quantization; the disk they share is a bound of its own;
   CPU cores     on a CPU-only machine every conversion competes with compute for the same cores
                 and memory bus, so only disk waits truly overlap: slot time >= compute + all
                 CPU-side transfer work (measured: the two add up on 2 cores).
 
 A slot takes the max of these (the sum with overlap off). Decode attention layers also wait for
-the next layer's weights before their first cache load is served (FIFO order). Memory peaks
+their first micro-batch's cache load, which starts with the layer. Memory peaks
 mirror the engine's trackers: weights homed per tier in that tier's format, the block's KV cache,
 the hidden states, and on the compute device the buffer pool's working copies (two neighbouring
 layers' weights, two micro-batches' cache); the engine's own pre-flight check
@@ -300,8 +301,10 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
 def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
     """Main-thread seconds to convert the layer's 4-bit weights: dequantized once per block
     (LayerWeights.finish), or multiplied straight from the packed values once per micro-batch when
-    the C kernel takes every micro-batch's rows (compression.multiply_packed). The kernel's rate per
-    value is about the probe's dequantize rate and includes the multiply that compute_mb counts too."""
+    the C kernel takes every micro-batch's rows (compression.multiply_packed). The kernel is counted
+    at the probe's dequantize rate plus the multiply that compute_mb counts: since it multiplies four
+    rows per unpacked value in registers, that overstates it (16 rows by a 16M-value weight: 7.4 ms,
+    against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
     rows = st.b * (st.s if phase == "prefill" else 1)
     uses = st.nb if st.nb > 1 and not st.cuda and multiply_packed(rows, st.nb) else 1
@@ -362,12 +365,14 @@ def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dic
     c_all, c_cpu = _cache_load(st, p, t) if cache_layer and phase == "decode" else (0.0, 0.0)
     s_all, s_cpu = _cache_store(st, p, phase) if cache_layer else (0.0, 0.0)
     main = _weight_finish(st, p, st.kinds[kind], phase) + st.nb * compute + st.nb * _act_io(st, p, phase)
-    io = w_all + st.nb * (c_all + s_all)
+    cache_io = st.nb * (c_all + s_all)
     if not st.overlap:
-        return {"serial": main + io}
-    bounds = {"main_thread": main, "io_thread": io}
-    if cache_layer and phase == "decode":   # FIFO: the first cache load queues behind the weight prefetch
-        bounds["first_cache_after_weights"] = w_all + c_all + main
+        return {"serial": main + w_all + cache_io}
+    # one I/O thread for weights, one for the cache (schedule.py); both read the same disk
+    bounds = {"main_thread": main, "weights_io_thread": w_all, "cache_io_thread": cache_io,
+              "disk": w_all - w_cpu + st.nb * (c_all - c_cpu + s_all - s_cpu)}
+    if cache_layer and phase == "decode":   # a layer's first cache load starts when the layer does
+        bounds["first_cache_load"] = c_all + main
     if not st.cuda:   # the I/O thread's conversions and compute share the cores and the memory bus:
         # measured on 2 cores, they add up (compute slows by about what the conversions take)
         bounds["cpu_cores"] = main + w_cpu + st.nb * (c_cpu + s_cpu)

@@ -1,10 +1,12 @@
 """The zig-zag block schedule: one loop nest, token -> layer -> micro-batch.
 
 Within a block, each layer's weights are loaded once and used by every micro-batch. With
-`overlap`, a single I/O thread prefetches the next layer's weights and the next micro-batch's KV
-cache and stores each micro-batch's new cache entries while the main thread computes; without it
-the same loop runs every transfer inline. The thread is FIFO, so a cache row stored at step i is
-always written before the load that reads it at step i + 1 is served. 4-bit weights cross the
+`overlap`, one I/O thread prefetches the next layer's weights while a second loads each
+micro-batch's KV cache and stores its new entries, and the main thread computes; without it the
+same loop runs every transfer inline. Two threads, because with a single FIFO one every layer's
+first cache load queued behind the next layer's weights, so that layer's compute waited for both.
+The cache thread is FIFO, so a cache row stored at step i is always written before the load that
+reads it at step i + 1 is served. 4-bit weights cross the
 I/O thread packed and are dequantized on the main thread (LayerWeights.finish), so that on a CPU
 the cores alternate between converting and computing instead of being oversubscribed; with one
 micro-batch, or few rows each, they are multiplied straight from the packed values instead.
@@ -69,6 +71,12 @@ class _Inline:
         pass
 
 
+def _io_thread(name: str) -> ThreadPoolExecutor:
+    """A FIFO worker whose torch ops run on one core, so that it never oversubscribes the compute
+    threads' pool."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
+
+
 @dataclass
 class _Whole:
     """Stands for 'the whole micro-batch, no past cache yet' during prefill."""
@@ -122,11 +130,11 @@ class BlockRunner:
         self.prefix = prefix                      # decoder index -> KVCache of the shared prefix
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
         self.sampler, self.on_tokens = sampler, on_tokens
-        # the I/O thread converts on one core so that it never oversubscribes the compute thread's pool
-        # (with everything compute-ready on the compute device there is nothing to overlap, and a third
-        # busy thread on two cores only slows the compute threads down)
-        self.io = (ThreadPoolExecutor(1, thread_name_prefix="flexwrangle-io", initializer=torch.set_num_threads,
-                                      initargs=(1,)) if self.policy.overlap and self._moves_data() else _Inline())
+        # (with everything compute-ready on the compute device there is nothing to overlap, and more
+        # busy threads on two cores only slow the compute threads down)
+        threads = self.policy.overlap and self._moves_data()
+        self.io = _io_thread("flexwrangle-weights") if threads else _Inline()         # weight prefetch
+        self.cache_io = _io_thread("flexwrangle-cache") if threads else _Inline()     # cache loads and stores
         self.pool = llm.pool
         self._w_next: Future | None = None       # weights of the next layer, loading on the I/O thread
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
@@ -174,7 +182,7 @@ class BlockRunner:
     def run_layers(self, mbs: list[MicroBatch], step: int, act: ActStore, more_steps: bool) -> None:
         """Every layer of this runner over `mbs` for one token step: layer outer, micro-batch inner.
 
-        While layer j computes, the I/O thread loads layer j + 1 (wrapping to layer 0 of the next
+        While layer j computes, the weights thread loads layer j + 1 (wrapping to layer 0 of the next
         step when `more_steps`)."""
         n_layers = len(self.layers)
         rows = max(mb.size * mb.feed.shape[1] for mb in mbs)
@@ -213,6 +221,7 @@ class BlockRunner:
     def close(self) -> None:
         """Wait for pending stores; give back a prefetch the loop did not use."""
         self.io.shutdown(wait=True)
+        self.cache_io.shutdown(wait=True)
         if self._w_next is not None:
             self._release(self._w_next.result()[1])
             self._w_next = None
@@ -222,16 +231,16 @@ class BlockRunner:
         is_attn = layer.kind in ("attn", "decoder")
         needs_cache = is_attn and step > 0
         own = lambda mb: mb.length - mb.prefix_len          # rows of a micro-batch's own cache
-        prefix_next = (self.io.submit(self._load_cache, self.prefix[layer.index], mbs[0].prefix_len)
+        prefix_next = (self.cache_io.submit(self._load_cache, self.prefix[layer.index], mbs[0].prefix_len)
                        if is_attn and self.prefix else None)
-        cache_next = (self.io.submit(self._load_cache, mbs[0].caches[layer.index], own(mbs[0]))
+        cache_next = (self.cache_io.submit(self._load_cache, mbs[0].caches[layer.index], own(mbs[0]))
                       if needs_cache else None)
         prefix = prefix_next.result() if prefix_next else None
         for idx, mb in enumerate(mbs):
             past = cache_next.result() if needs_cache else None
             if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
                 nxt = mbs[idx + 1]
-                cache_next = self.io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
+                cache_next = self.cache_io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
             key = id(mb)
             h = act.get(key) if layer.kind != "embed" else None
             h = self._compute(layer, w, mb, h, past, prefix[0] if prefix else None)
@@ -294,5 +303,5 @@ class BlockRunner:
                 o = out.to(q.device, q.dtype)
             else:
                 o[lo:hi] = out.to(q.device, q.dtype)
-        self.io.submit(cache.write, mb.length - mb.prefix_len, k, v)      # store the new entries
+        self.cache_io.submit(cache.write, mb.length - mb.prefix_len, k, v)      # store the new entries
         return fam.attn_out(w, h, o, cfg)

@@ -183,8 +183,8 @@ def test_program_names_variables_and_constraints_by_meaning(hw):
                  "act_on_gpu", "act_on_disk", "decode_time_attn_to_mlp", "prefill_time_head_to_embed"):
         assert name in variables, name
     for name in ("gpu_peak_prefill", "gpu_peak_decode", "cpu_peak_decode", "disk_peak_prefill",
-                 "gpu_engine_preflight", "ram_in_use_prefill", "decode_attn_to_mlp_io_thread",
-                 "decode_attn_to_mlp_first_cache_after_weights", "prefill_mlp_to_attn_cpu_cores",
+                 "gpu_engine_preflight", "ram_in_use_prefill", "decode_attn_to_mlp_weights_io_thread",
+                 "decode_attn_to_mlp_cache_io_thread", "decode_attn_to_mlp_first_cache_load", "prefill_mlp_to_attn_cpu_cores",
                  "weight_cpu_share_nonnegative", "act_on_one_tier"):
         assert name in constraints, name
 
