@@ -17,7 +17,7 @@ from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, hi
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
 from .tiers import BufferPool, MemoryBudgetError, Tiers, fmt_bytes
-from .weights import place_layer, resolve_names
+from .weights import place_layer, resolve_names, unmapped_on_free
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -86,20 +86,23 @@ class LLM:
         from tqdm.auto import tqdm
         layers = []
         plan = self._layer_plan()
-        for kind, i in tqdm(plan, desc=f"placing {self.config.name} weights", unit="layer",
-                            disable=not self.progress, leave=False):
-            if kind == "decoder":
-                specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
-                         for s in self.family.layer_weights(self.config, "attn")]
-                specs += [s.__class__("mlp." + s.name, s.hf_name, s.shape)
-                          for s in self.family.layer_weights(self.config, "mlp")]
-            else:
-                specs = self.family.layer_weights(self.config, kind)
-            specs = resolve_names(specs, i)
-            label = f"{kind}{i if i >= 0 else ''}"
-            layers.append(Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label,
-                                                     self.storage)))
+        with unmapped_on_free():
+            for kind, i in tqdm(plan, desc=f"placing {self.config.name} weights", unit="layer",
+                                disable=not self.progress, leave=False):
+                layers.append(self._place_layer(source, kind, i))
         return layers
+
+    def _place_layer(self, source, kind: str, i: int) -> Layer:
+        if kind == "decoder":
+            specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
+                     for s in self.family.layer_weights(self.config, "attn")]
+            specs += [s.__class__("mlp." + s.name, s.hf_name, s.shape)
+                      for s in self.family.layer_weights(self.config, "mlp")]
+        else:
+            specs = self.family.layer_weights(self.config, kind)
+        specs = resolve_names(specs, i)
+        label = f"{kind}{i if i >= 0 else ''}"
+        return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage))
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False,

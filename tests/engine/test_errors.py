@@ -94,3 +94,26 @@ def test_policy_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown Policy fields"):
         Policy.from_dict({"gpu_batch": 4})
     assert Policy.from_dict(Policy(gpu_batch_size=3).to_dict()) == Policy(gpu_batch_size=3)
+
+
+def test_safetensors_are_read_with_pread_exactly_as_the_library_reads_them(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.weights import SafetensorsFile
+    tensors = {"f16": torch.randn(3, 5).half(), "bf16": torch.randn(7).bfloat16(), "f32": torch.randn(2, 2, 2),
+               "i64": torch.arange(6).view(2, 3), "u8": torch.arange(9, dtype=torch.uint8), "bool": torch.tensor([True, False]),
+               "empty": torch.empty(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ours, theirs = SafetensorsFile(tmp_path / "t.safetensors"), load_file(tmp_path / "t.safetensors")
+    assert sorted(ours.keys()) == sorted(theirs)
+    for name, t in theirs.items():
+        got = ours.get_tensor(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_a_safetensors_header_past_the_end_is_corrupt(tmp_path, tiny_opt):
+    (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        LLM.from_pretrained(tmp_path, progress=False)
