@@ -12,12 +12,15 @@ mark for that process (os.wait4), split by /proc polling into anonymous and file
 Rows:
   1. Equal memory: the same cap on peak RSS for Accelerate disk offload (`device_map="auto"`,
      `max_memory`, `offload_folder`) and the engine (weights 100% on disk, KV cache in CPU RAM),
-     on FlexGen's shape and a decode-heavy shape. Each system climbs its list of batch sizes and
+     on FlexGen's shape and two decode-heavy shapes (gen 64, and the issue's gen 256, where the
+     engine keeps weights and cache 4-bit). Each system climbs its list of batch sizes and
      stops at the first run that passes the cap (the run is killed there); its best feasible row
      is the fastest one under the cap.
   2. Everything in memory: the engine (weights and cache on the compute tier) against
      transformers `generate` at the same batch.
-  3. Disk-bound: the engine with overlap on and off (small batch, decode only matters).
+  3. Disk-bound: the engine with overlap on and off (small batch, decode only matters), with fp16
+     weights (the disk takes ~10x the compute: little to hide) and with 4-bit weights (the two
+     are about even: the case overlap exists for).
 
 For every row, the roofline floor T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT
 read bandwidth), with both rates probed right before and after that row (the machine is shared,
@@ -51,14 +54,18 @@ MODES = {
         # (batch 16 at prompt 512) passed the cap in the run of 2026-11-22 01:51, and each of its
         # decode-heavy runs takes 10+ minutes here
         extra_doublings={"engine": 1, "accelerate": 0},
-        shapes=[(512, 32), (32, 64)],
+        shapes=[(512, 32), (32, 64), (32, 256)],
         accelerate_max_memory="1GiB",
         # decode-heavy shape: Accelerate's batch 64 fit the cap at 4.74-4.80 GiB on 2026-11-22 and passed it
-        # (5.03 GiB) on 2026-11-30, so the climb starts at 32
-        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64]},
-        engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)]},
+        # (5.03 GiB) on 2026-11-30, so the climb starts at 32. At gen 256 its fp32 KV cache grows 4.5x
+        # longer: batch 16 (1.8 GB of cache), and no climb (a run that passes the cap late costs 15 min)
+        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [16]},
+        engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)], (32, 256): [(64, 1)]},
+        no_climb={(32, 256)},
+        # at gen 256 a fp16 cache of batch 64 alone is 3.6 GB: the engine keeps weights and cache 4-bit
+        engine_flags={(32, 256): ["--compress-weight", "--compress-cache"]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
-        overlap=dict(shape=(32, 16), block=(16, 1)),
+        overlap=dict(shape=(32, 16), block=(16, 1), variants=[[], ["--compress-weight"]]),
     ),
     "quick": dict(
         model="opt-125m", cap_gib=1.6,
@@ -132,11 +139,11 @@ def hf_cmd(ckpt, batch, shape, out, max_memory=None, offload=None) -> list[str]:
     return cmd
 
 
-def engine_cmd(ckpt, block, shape, out, percent, offload, overlap=1) -> list[str]:
+def engine_cmd(ckpt, block, shape, out, percent, offload, overlap=1, extra=()) -> list[str]:
     return [PY, "-m", "engine.bench", "--model", str(ckpt), "--percent", *map(str, percent),
             "--gpu-batch-size", str(block[0]), "--num-gpu-batches", str(block[1]),
             "--prompt-len", str(shape[0]), "--gen-len", str(shape[1]), "--overlap", str(overlap),
-            "--offload-dir", str(offload), "--no-progress", "--json", str(out)]
+            "--offload-dir", str(offload), "--no-progress", "--json", str(out), *extra]
 
 
 W_DISK_CACHE_CPU = (0, 0, 0, 100, 100, 0)
@@ -199,19 +206,24 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     acc_off, eng_off = work / "accelerate_offload", work / "engine_offload"
     j = lambda name: work / "json" / f"{name}.json"
     groups: dict[str, list[Row]] = {}
+    no_climb = mode.get("no_climb", set())
     for shape in mode["shapes"]:
         tag = f"p{shape[0]}g{shape[1]}"
+        extra = {system: 0 if shape in no_climb else n for system, n in mode.get("extra_doublings", {}).items()}
+        flags = mode.get("engine_flags", {}).get(shape, [])
         groups[f"acc-{tag}"] = [
             Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
                 j(f"acc-{tag}-b{b}"), capped=True)
-            for b in doubled(mode["accelerate_batches"][shape], mode.get("extra_doublings", {}).get("accelerate", 0))]
+            for b in doubled(mode["accelerate_batches"][shape], extra.get("accelerate", 0))]
         groups[f"eng-{tag}"] = [
             Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}", shape, g * k,
-                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off),
+                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off, extra=flags),
                 j(f"eng-{tag}-b{g}x{k}"), capped=True)
-            for g, k in doubled(mode["engine_blocks"][shape], mode.get("extra_doublings", {}).get("engine", 0))]
-        b = mode["in_memory_batch"][shape]
+            for g, k in doubled(mode["engine_blocks"][shape], extra.get("engine", 0))]
+        b = mode["in_memory_batch"].get(shape)
+        if b is None:
+            continue
         groups[f"mem-{tag}"] = [
             Row(f"mem-{tag}", "in_memory", "transformers", f"transformers-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"hf-{tag}-b{b}")), j(f"hf-{tag}-b{b}")),
@@ -222,11 +234,17 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     shape, (g, k) = ov["shape"], ov["block"]
     tag = f"p{shape[0]}g{shape[1]}"
     groups["overlap"] = [
-        Row("overlap", "overlap", "engine", f"engine-overlap{o}-{tag}-b{g}x{k}", shape, g * k,
-            engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}"), W_DISK_CACHE_CPU, eng_off, overlap=o),
-            j(f"ov{o}-{tag}"))
-        for o in (1, 0)]
+        Row("overlap", "overlap", "engine", f"engine-overlap{o}-{tag}-b{g}x{k}{_flag_tag(flags)}", shape, g * k,
+            engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}{_flag_tag(flags)}"), W_DISK_CACHE_CPU, eng_off,
+                       overlap=o, extra=flags),
+            j(f"ov{o}-{tag}{_flag_tag(flags)}"))
+        for flags in ov.get("variants", [[]]) for o in (1, 0)]
     return groups
+
+
+def _flag_tag(flags) -> str:
+    """A label suffix for extra engine flags ("" for none, so older labels stay valid for --resume)."""
+    return "".join("-" + f.removeprefix("--") for f in flags)
 
 
 # ---- reporting --------------------------------------------------------------------------------------
@@ -253,6 +271,7 @@ def fmt_row(row: Row, m: dict, cap: int | None) -> list:
         conf = (f"w {p.get('w_gpu_percent', 0):g}/{p.get('w_cpu_percent', 0):g}/disk, cache "
                 f"{p.get('cache_gpu_percent', 0):g}/{p.get('cache_cpu_percent', 0):g}, "
                 f"{p.get('gpu_batch_size', '?')}x{p.get('num_gpu_batches', '?')}, overlap {int(p.get('overlap', 0))}"
+                + (", 4-bit weights" if p.get("compress_weight") else "") + (", 4-bit cache" if p.get("compress_cache") else "")
                 if r else "")
     elif row.system == "accelerate":
         conf = f"max_memory {r.get('max_memory')}, {r.get('placement')}" if r else ""
@@ -305,8 +324,8 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "file-backed pages included), below the fp16 model plus the KV cache of a large batch; a run "
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
-               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16), one micro-batch per "
-               "block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 weights and "
+               "cache are 4-bit, as the configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
                "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it) and "
                "the engine maps only while loading (so the engine's peak RSS is set at load time).")
@@ -317,8 +336,10 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "T_min / measured time.")
     for shape in mode["shapes"]:
         tag = f"prompt {shape[0]}, gen {shape[1]}"
-        out += ["", f"### {tag}", ""]
         srows = [r for r in rows if r.shape == shape and r.group in ("capped", "in_memory")]
+        if not srows:
+            continue
+        out += ["", f"### {tag}", ""]
         table = [fmt_row(r, m, cap if r.group == "capped" else None) for r in srows]
         out.append(_doc.md_table(HEAD, table))
         ea, aa = best(rows, "engine", shape, cap), best(rows, "accelerate", shape, cap)
@@ -333,8 +354,9 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
             if tried and tried[-1].feasible(cap):
                 out.append(f"- {system}: the largest batch tried ({tried[-1].batch}) still fits the cap; its best "
                            "feasible batch may be larger (not measured in this run).")
-        out.append(f"- Everything in memory, batch {hf.batch if hf else '?'}: engine vs transformers "
-                   f"**{ratio(em, hf)}** (peak RSS {_rss(em)} vs {_rss(hf)} GiB).")
+        if mem:
+            out.append(f"- Everything in memory, batch {hf.batch if hf else '?'}: engine vs transformers "
+                       f"**{ratio(em, hf)}** (peak RSS {_rss(em)} vs {_rss(hf)} GiB).")
         rows_probe = [p for r in srows for p in r.probes]
         if rows_probe:
             mms = [p["matmul_flops"] / 1e9 for p in rows_probe]
@@ -347,9 +369,13 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
         out += ["", f"### Disk-bound: overlap on vs off (prompt {shape[0]}, gen {shape[1]}, "
                     f"batch {ov[0].batch}, weights 100% on disk)", ""]
         out.append(_doc.md_table(HEAD, [fmt_row(r, m, None) for r in ov]))
-        on = next((r for r in ov if "overlap1" in r.label), None)
-        off = next((r for r in ov if "overlap0" in r.label), None)
-        out += ["", f"- Overlap on vs off: **{ratio(on, off)}**."]
+        out.append("")
+        (g, k), tag = mode["overlap"]["block"], f"p{shape[0]}g{shape[1]}"
+        for flags in mode["overlap"].get("variants", [[]]):
+            on, off = (next((r for r in ov if r.label == f"engine-overlap{o}-{tag}-b{g}x{k}{_flag_tag(flags)}"), None)
+                       for o in (1, 0))
+            what = " ".join(flags).replace("--compress-weight", "4-bit weights") or "fp16 weights"
+            out.append(f"- Overlap on vs off, {what}: **{ratio(on, off)}**.")
     out += ["", f"![throughput vs effective batch]({PLOT.stem}{suffix}.png)", ""]
     out.append("Raw per-run logs and JSON: the `--work` folder (default /tmp/flexwrangle-bench).")
     return "\n".join(out)
@@ -369,7 +395,7 @@ def plot(rows: list[Row], mode: dict, cap: int, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shapes = mode["shapes"]
+    shapes = [s for s in mode["shapes"] if any(r.shape == s and r.group != "overlap" for r in rows)] or mode["shapes"][:1]
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2))
     axes = list(axes) if len(shapes) > 1 else [axes]
     style = {"engine": ("tab:blue", "o"), "accelerate": ("tab:red", "s"), "transformers": ("tab:gray", "^")}
