@@ -13,7 +13,7 @@ Rows:
   1. Equal memory: the same cap on peak RSS for Accelerate disk offload (`device_map="auto"`,
      `max_memory`, `offload_folder`) and the engine (weights 100% on disk, KV cache in CPU RAM),
      on FlexGen's shape and two decode-heavy shapes (gen 64, and the issue's gen 256, where the
-     engine keeps weights and cache 4-bit). Each system climbs its list of batch sizes and
+     engine keeps its weights 4-bit, and its cache 4-bit or fp16). Each system climbs its list of batch sizes and
      stops at the first run that passes the cap (the run is killed there); its best feasible row
      is the fastest one under the cap.
   2. Everything in memory: the engine (weights and cache on the compute tier) against
@@ -60,10 +60,13 @@ MODES = {
         # (5.03 GiB) on 2026-11-30, so the climb starts at 32. At gen 256 its fp32 KV cache grows 4.5x
         # longer: batch 16 (1.8 GB of cache), and no climb (a run that passes the cap late costs 15 min)
         accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [16]},
-        engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)], (32, 256): [(64, 1)]},
+        engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)]},
         no_climb={(32, 256)},
-        # at gen 256 a fp16 cache of batch 64 alone is 3.6 GB: the engine keeps weights and cache 4-bit
-        engine_flags={(32, 256): ["--compress-weight", "--compress-cache"]},
+        # at gen 256, fixed runs instead of a climb: 4-bit weights and cache at batch 64 (its step was
+        # 5.6 s, against 2.2 s of 4-bit matmuls at 64 rows, on 2026-11-30), and 4-bit weights with the
+        # fp16 cache at batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43)
+        engine_runs={(32, 256): [((64, 1), ["--compress-weight", "--compress-cache"]),
+                                 ((48, 1), ["--compress-weight"])]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
         overlap=dict(shape=(32, 16), block=(16, 1), variants=[[], ["--compress-weight"]]),
     ),
@@ -210,17 +213,19 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     for shape in mode["shapes"]:
         tag = f"p{shape[0]}g{shape[1]}"
         extra = {system: 0 if shape in no_climb else n for system, n in mode.get("extra_doublings", {}).items()}
-        flags = mode.get("engine_flags", {}).get(shape, [])
+        runs = mode.get("engine_runs", {}).get(shape) or [
+            (block, []) for block in doubled(mode["engine_blocks"][shape], extra.get("engine", 0))]
         groups[f"acc-{tag}"] = [
             Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
                 j(f"acc-{tag}-b{b}"), capped=True)
             for b in doubled(mode["accelerate_batches"][shape], extra.get("accelerate", 0))]
         groups[f"eng-{tag}"] = [
-            Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}", shape, g * k,
-                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}"), W_DISK_CACHE_CPU, eng_off, extra=flags),
-                j(f"eng-{tag}-b{g}x{k}"), capped=True)
-            for g, k in doubled(mode["engine_blocks"][shape], extra.get("engine", 0))]
+            Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}{_flag_tag(flags)}", shape, g * k,
+                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags)}"), W_DISK_CACHE_CPU,
+                           eng_off, extra=flags),
+                j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags)}"), capped=True)
+            for (g, k), flags in runs]
         b = mode["in_memory_batch"].get(shape)
         if b is None:
             continue
@@ -324,8 +329,8 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "file-backed pages included), below the fp16 model plus the KV cache of a large batch; a run "
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
-               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 weights and "
-               "cache are 4-bit, as the configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights are "
+               "4-bit and the cache 4-bit or fp16, as the configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
                "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it) and "
                "the engine maps only while loading (so the engine's peak RSS is set at load time).")

@@ -6,10 +6,10 @@ micro-batch's KV cache and stores its new entries, and the main thread computes;
 same loop runs every transfer inline. Two threads, because with a single FIFO one every layer's
 first cache load queued behind the next layer's weights, so that layer's compute waited for both.
 The cache thread is FIFO, so a cache row stored at step i is always written before the load that
-reads it at step i + 1 is served. 4-bit weights cross the
-I/O thread packed and are dequantized on the main thread (LayerWeights.finish), so that on a CPU
-the cores alternate between converting and computing instead of being oversubscribed; with one
-micro-batch, or few rows each, they are multiplied straight from the packed values instead.
+reads it at step i + 1 is served. 4-bit weights cross the weights thread packed and are
+dequantized on the main thread (LayerWeights.finish), so that on a CPU the cores alternate between
+converting and computing instead of being oversubscribed; with up to 64 rows a micro-batch, the C
+kernel multiplies them straight from the packed values instead (compression.multiply_packed).
 
 What overlap can win on a CPU-only virtual machine is limited: measured here, a thread doing
 nothing but O_DIRECT reads (0.05 of a core of guest CPU) slows a 2-thread matmul beside it from
