@@ -332,8 +332,8 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights are "
                "4-bit and the cache 4-bit or fp16, as the configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
-               "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it) and "
-               "the engine maps only while loading (so the engine's peak RSS is set at load time).")
+               "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it); the "
+               "engine mapped it while loading until c92c345, and reads it with pread since.")
     out.append("")
     out.append("Roofline: T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT read rate); disk bytes = "
                "weights homed on disk x gen forward passes (for Accelerate: the bytes of its offloaded "
@@ -352,8 +352,9 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
         hf = next((r for r in mem if r.system == "transformers"), None)
         em = next((r for r in mem if r.system == "engine"), None)
         out.append("")
-        out.append(f"- Equal memory ({mode['cap_gib']:g} GiB): best feasible engine "
-                   f"{_desc(ea)} vs best feasible Accelerate {_desc(aa)}: **{ratio(ea, aa)}**.")
+        if any(r.group == "capped" for r in srows):
+            out.append(f"- Equal memory ({mode['cap_gib']:g} GiB): best feasible engine "
+                       f"{_desc(ea)} vs best feasible Accelerate {_desc(aa)}: **{ratio(ea, aa)}**.")
         for system in ("engine", "accelerate"):
             tried = [r for r in rows if r.group == "capped" and r.system == system and r.shape == shape]
             if tried and tried[-1].feasible(cap):
