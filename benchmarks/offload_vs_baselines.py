@@ -13,9 +13,9 @@ Rows:
   1. Equal memory: the same cap on peak RSS for Accelerate disk offload (`device_map="auto"`,
      `max_memory`, `offload_folder`) and the engine (weights 100% on disk, KV cache in CPU RAM),
      on FlexGen's shape and two decode-heavy shapes (gen 64, and the issue's gen 256, where the
-     engine keeps its weights 4-bit, and its cache 4-bit or fp16). Each system climbs its list of batch sizes and
-     stops at the first run that passes the cap (the run is killed there); its best feasible row
-     is the fastest one under the cap.
+     engine keeps its weights 4-bit, and its cache 4-bit or fp16). Each system climbs its list of
+     batch sizes and stops at the first run that passes the cap (the run is killed there); its
+     best feasible row is the fastest one under the cap.
   2. Everything in memory: the engine (weights and cache on the compute tier) against
      transformers `generate` at the same batch.
   3. Disk-bound: the engine with overlap on and off (small batch, decode only matters), with fp16
@@ -329,8 +329,9 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "file-backed pages included), below the fp16 model plus the KV cache of a large batch; a run "
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
-               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights are "
-               "4-bit and the cache 4-bit or fp16, as the configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights "
+               "are 4-bit and the cache 4-bit or fp16, as the configuration column says), one micro-batch per "
+               "block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
                "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it); the "
                "engine mapped it while loading until c92c345, and reads it with pread since.")
