@@ -2,9 +2,10 @@
 
 One kernel today: `qlinear.c`, x @ W.T straight from a 4-bit weight grouped along its output
 dimension, so decode with few rows never writes the float weight out (OPT-1.3b's 16M-value fc1
-weight: 3.0 ms at 2 rows and 7.4 ms at 16, against 13.6 ms to dequantize it whole and 8-18 ms more to
-multiply by it; compression.KERNEL_MAX_ROWS has the rest). Everything works without it: when gcc is missing or the build
-fails, `qlinear()` returns None once with a warning and callers take the torch path.
+weight: 3.0 ms at 2 rows and 7.4 ms at 16, against 13.6 ms to dequantize it whole and 8-18 ms more
+to multiply by it; compression.KERNEL_MAX_ROWS has the rest). Everything works without it: when
+gcc is missing or the build fails, `qlinear()` returns None once with a warning and callers take
+the torch path.
 
 The library is built for this CPU (-march=native) into $XDG_CACHE_HOME/flexwrangle/kernels (or
 ~/.cache/...), named by a hash of the source, the flags, the compiler and the CPU's feature flags, so
