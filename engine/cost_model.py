@@ -294,7 +294,9 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
     cpu_work = _widen(st, plain["cpu"] + plain["disk"]) + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
-    disk_wait = disk / hw.disk_read_bytes_per_s + n_disk * hw.disk_read_latency_s
+    # a layer's disk-homed tensors share a file read at once: one latency when any is on disk,
+    # counted as the share of its tensors on disk so that the LP's expression stays linear
+    disk_wait = disk / hw.disk_read_bytes_per_s + n_disk / len(kind.tensors) * hw.disk_read_latency_s
     return cpu_work + disk_wait, cpu_work
 
 

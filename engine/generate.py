@@ -16,7 +16,7 @@ from .policy import Policy
 from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, hits_stop, stop_sets
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
-from .tiers import BufferPool, MemoryBudgetError, Tiers, fmt_bytes
+from .tiers import BufferPool, MemoryBudgetError, Tiers, aligned, fmt_bytes
 from .weights import place_layer, resolve_names, unmapped_on_free
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
@@ -313,7 +313,7 @@ class LLM:
                 if n:
                     row = cache_format(self.tiers, pol, tier, self.storage).row_bytes((2, n, cfg.num_kv_heads, cfg.head_dim))
                     if tier == "disk":
-                        row = -(-row // 4096) * 4096
+                        row = aligned(row)
                     need[tier] += row * max_len * len(self.decoder_indices)
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize

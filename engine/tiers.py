@@ -163,12 +163,17 @@ STAGING = _Staging()
 
 
 class DiskFile:
-    """A file of fixed-size rows at 4 KiB-aligned strides, read and written with O_DIRECT."""
+    """A file of fixed-size rows at 4 KiB-aligned strides, read and written with O_DIRECT.
+
+    Several TierArrays may share one file, each at its own aligned byte offset (`base`), so that a
+    layer's disk-homed weights come back in one read (`LayerWeights.load`); `share` counts the users
+    and the last `close` deletes the file."""
 
     def __init__(self, path: Path, row_bytes: int, rows: int, tracker: MemoryTracker):
         self.path, self.row_bytes, self.rows = Path(path), row_bytes, rows
-        self.stride = -(-row_bytes // ALIGN) * ALIGN
+        self.stride = aligned(row_bytes)
         self.tracker = tracker
+        self.users = 1
         tracker.alloc(self.stride * rows, f"disk file {self.path.name}")
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         try:
@@ -181,38 +186,53 @@ class DiskFile:
         # delete the file even when its owner is dropped without close() (e.g. an exception mid-run)
         self._finalizer = weakref.finalize(self, _remove_file, self.fd, self.path)
 
-    def write_rows(self, start: int, raw: torch.Tensor) -> None:
-        n = raw.shape[0]
-        buf = STAGING.get(n * self.stride)
+    def share(self) -> "DiskFile":
+        self.users += 1
+        return self
+
+    def write_rows(self, start: int, raw: torch.Tensor, base: int = 0, stride: int | None = None) -> None:
+        """Rows raw (n, row_bytes) at rows [start, start + n) of a span that begins at byte `base`
+        and steps `stride` bytes a row (default: the file's own rows)."""
+        n, stride = raw.shape[0], stride or self.stride
+        buf = STAGING.get(n * stride)
         try:
-            view = torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)
-            view[:, : self.row_bytes] = raw
-            _full(os.pwrite, self.fd, buf, start * self.stride)
+            view = torch.frombuffer(buf, dtype=torch.uint8).view(n, stride)
+            view[:, : raw.shape[1]] = raw
+            _full(os.pwrite, self.fd, buf, base + start * stride)
         finally:
             del view
             STAGING.put(buf)
         if not self.direct:
             os.fdatasync(self.fd)
-            os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, base + start * stride, n * stride, os.POSIX_FADV_DONTNEED)
 
-    def read_rows(self, start: int, n: int) -> tuple[torch.Tensor, mmap.mmap]:
+    def read_rows(self, start: int, n: int, base: int = 0, stride: int | None = None,
+                  row_bytes: int | None = None) -> tuple[torch.Tensor, mmap.mmap]:
         """uint8 (n, row_bytes) as a view into a staging buffer, and the buffer (give it back with
-        STAGING.put once the view is no longer used)."""
-        buf = STAGING.get(n * self.stride)
-        got = os.preadv(self.fd, [buf], start * self.stride)
-        if got != n * self.stride:
+        STAGING.put once the view is no longer used). `base` and `stride` as in write_rows."""
+        stride, row_bytes = stride or self.stride, row_bytes or self.row_bytes
+        buf = STAGING.get(n * stride)
+        offset = base + start * stride
+        got = os.preadv(self.fd, [buf], offset)
+        if got != n * stride:
             STAGING.put(buf)
-            raise IOError(f"{self.path}: short read ({got} of {n * self.stride} bytes); the offload file "
+            raise IOError(f"{self.path}: short read ({got} of {n * stride} bytes); the offload file "
                           "was truncated or removed while in use")
         if not self.direct:
-            os.posix_fadvise(self.fd, start * self.stride, n * self.stride, os.POSIX_FADV_DONTNEED)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(n, self.stride)[:, : self.row_bytes], buf
+            os.posix_fadvise(self.fd, offset, n * stride, os.POSIX_FADV_DONTNEED)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(n, stride)[:, :row_bytes], buf
 
     def close(self) -> None:
-        if self.fd >= 0:
+        self.users -= 1
+        if self.fd >= 0 and self.users <= 0:
             self._finalizer()
             self.fd = -1
             self.tracker.free(self.stride * self.rows)
+
+
+def aligned(nbytes: int) -> int:
+    """nbytes rounded up to the O_DIRECT alignment."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def _nothing() -> None:
@@ -323,11 +343,18 @@ def _numel(shape) -> int:
 class TierArray:
     """`rows` rows of one logical shape on one tier, in one Format: the unit of placement."""
 
-    def __init__(self, tiers: Tiers, tier: str, fmt: Format, shape: tuple, rows: int, what: str):
+    def __init__(self, tiers: Tiers, tier: str, fmt: Format, shape: tuple, rows: int, what: str,
+                 span: tuple[DiskFile, int] | None = None):
+        """`span` = (file, byte offset): on disk, live inside a file shared with other arrays (it must
+        have room for `rows` aligned rows from that offset); else the array gets a file of its own."""
         self.tiers, self.tier, self.fmt, self.shape, self.rows = tiers, tier, fmt, tuple(shape), rows
         self.row_bytes = fmt.row_bytes(self.shape)
         self.what = what
-        if tier == "disk":
+        self.base = 0                         # byte offset of row 0 in self.file
+        if tier == "disk" and span is not None:
+            self.file, self.base = span[0].share(), span[1]
+            self.data = None
+        elif tier == "disk":
             self.file = tiers.new_file(what.replace(" ", "_").replace("/", "_"), self.row_bytes, rows)
             self.data = None
         else:
@@ -337,25 +364,31 @@ class TierArray:
 
     @property
     def nbytes(self) -> int:
-        return self.file.stride * self.rows if self.file else self.row_bytes * self.rows
+        return aligned(self.row_bytes) * self.rows if self.file else self.row_bytes * self.rows
 
     def write(self, start: int, x: torch.Tensor) -> None:
         """Store float rows x (n, *shape) at rows [start, start + n)."""
         raw = self.fmt.encode(x)
         if self.file is not None:
-            self.file.write_rows(start, raw.cpu())
+            self.file.write_rows(start, raw.cpu(), self.base, aligned(self.row_bytes))
         else:
             self.data[start: start + x.shape[0]] = raw.to(self.data.device, non_blocking=True)
 
+    def _read_rows(self, start: int, n: int):
+        return self.file.read_rows(start, n, self.base, aligned(self.row_bytes), self.row_bytes)
+
     def read(self, start: int, n: int, device: torch.device, dtype: torch.dtype,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, raw: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, start + n) as (n, *shape) in dtype on device; into `out` when given.
 
         Without `out` the result may be a view of this array's memory (plain data already in the
-        wanted dtype and device), never of a disk staging buffer."""
+        wanted dtype and device), never of a disk staging buffer. `raw`: those rows' bytes, already
+        read by the caller (a span of a shared read); decoded from there."""
         staging = None
-        if self.file is not None:
-            raw, staging = self.file.read_rows(start, n)
+        if raw is not None:
+            pass
+        elif self.file is not None:
+            raw, staging = self._read_rows(start, n)
         else:
             raw = self.data[start: start + n]
         try:
@@ -372,13 +405,17 @@ class TierArray:
                 del raw
                 STAGING.put(staging)
 
-    def read_quantized(self, device: torch.device, out: torch.Tensor | None = None):
+    def read_quantized(self, device: torch.device, out: torch.Tensor | None = None,
+                       raw: torch.Tensor | None = None):
         """Row 0 of a quantized array as its packed parts on `device`, not dequantized, and a function
         to call once they are used. With `out` (a uint8 buffer of row_bytes) the bytes are copied into
-        it; without, the parts may view a disk staging buffer (held until that call) or this array."""
+        it; without, the parts may view a disk staging buffer (held until that call) or this array.
+        `raw`: row 0's bytes already read by the caller, who keeps them alive (a shared read)."""
         release = _nothing
-        if self.file is not None:
-            raw, staging = self.file.read_rows(0, 1)
+        if raw is not None:
+            out = out.copy_(raw[0]) if out is not None else raw[0]
+        elif self.file is not None:
+            raw, staging = self._read_rows(0, 1)
             if out is not None:
                 out.copy_(raw[0])
                 STAGING.put(staging)

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 from enginekit import MIXED_PROMPTS, POLICIES
 
 from engine import LLM, MemoryBudgetError, Policy
@@ -37,6 +38,20 @@ def test_disk_tier_is_real_direct_io(tiny_opt, tmp_path):
     arrays = [a for layer in llm.layers for a in layer.weights.arrays.values()]
     assert all(a.file is not None and a.file.direct for a in arrays)
     assert llm.tiers.peaks()["disk"] >= llm.weight_bytes()["disk"] > 0
+    # a layer's disk-homed tensors share one file, and loading the layer reads it once
+    assert len(files) == len(llm.layers)
+    layer = next(l for l in llm.layers if len(l.weights.arrays) > 1)
+    reads = []
+    f = next(iter(layer.weights.arrays.values())).file
+    original = f.read_rows
+    f.read_rows = lambda *a, **k: reads.append(a) or original(*a, **k)
+    w, borrowed = layer.weights.load(llm.pool)
+    assert len(reads) == 1
+    for name, t in w.items():                         # the same values as each tensor read alone
+        alone = layer.weights.arrays[name].read(0, 1, torch.device("cpu"), torch.float32)[0]
+        assert torch.equal(t, alone)
+    llm.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_measured_peaks_respect_the_budgets(tiny_opt, tmp_path):
