@@ -132,21 +132,27 @@ class QuantizedWeight(NamedTuple):
 KERNEL_MAX_ROWS = 64
 
 
+def kernel_takes(config: CompressionConfig) -> bool:
+    """Whether the C kernel is built and takes weights quantized this way (4-bit, groups along the
+    output dim of a 2-D weight)."""
+    return config.num_bits == 4 and config.group_dim % 2 == 0 and kernels.qlinear() is not None
+
+
 def use_kernel(rows: int, qt: QuantizedTensor, x: torch.Tensor | None = None) -> bool:
     """Whether `linear` multiplies `rows` rows by `qt` in the C kernel."""
-    return (rows <= KERNEL_MAX_ROWS and qt.config.num_bits == 4 and qt.config.group_dim % 2 == 0
-            and len(qt.shape) == 2 and qt.packed.device.type == "cpu" and qt.packed.is_contiguous()
-            and (x is None or x.dtype == torch.float32) and kernels.qlinear() is not None)
+    return (rows <= KERNEL_MAX_ROWS and len(qt.shape) == 2 and qt.packed.device.type == "cpu"
+            and qt.packed.is_contiguous() and (x is None or x.dtype == torch.float32) and kernel_takes(qt.config))
 
 
-def multiply_packed(rows: int, micro_batches: int) -> bool:
+def multiply_packed(rows: int, micro_batches: int, config: CompressionConfig) -> bool:
     """Whether a layer's 4-bit weights used by `micro_batches` micro-batches of `rows` rows each are
     best multiplied straight from the packed values (`linear`) rather than dequantized whole once.
     Only for few rows (a prefill of hundreds of rows is compute-bound, and MKL on the whole float
     weight is fastest there); then when the C kernel takes the rows (it beats even a matmul by an
     already dequantized weight, see KERNEL_MAX_ROWS), or, on the torch path, when one micro-batch
-    uses them (each value is converted once either way, in cache instead of through DRAM)."""
-    return rows <= KERNEL_MAX_ROWS and (micro_batches == 1 or kernels.qlinear() is not None)
+    uses them (each value is converted once either way, in cache instead of through DRAM).
+    `config`: how the weights are quantized (the kernel takes only some formats)."""
+    return rows <= KERNEL_MAX_ROWS and (micro_batches == 1 or kernel_takes(config))
 
 
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:

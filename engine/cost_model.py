@@ -97,6 +97,7 @@ class Setup:
     plan: tuple              # kind names in schedule order
     caps: dict               # tier -> bytes
     cache_config: CompressionConfig = Policy().comp_cache_config
+    weight_config: CompressionConfig = Policy().comp_weight_config
 
     @property
     def cuda(self) -> bool:
@@ -309,7 +310,7 @@ def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
     against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
     rows = st.b * (st.s if phase == "prefill" else 1)
-    uses = st.nb if st.nb > 1 and not st.cuda and multiply_packed(rows, st.nb) else 1
+    uses = st.nb if st.nb > 1 and not st.cuda and multiply_packed(rows, st.nb, st.weight_config) else 1
     return uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 
 
@@ -491,4 +492,4 @@ def make_setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_
            wcfg: CompressionConfig = Policy().comp_weight_config,
            ccfg: CompressionConfig = Policy().comp_cache_config) -> Setup:
     kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg)
-    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg)
+    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg, wcfg)

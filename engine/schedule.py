@@ -186,7 +186,7 @@ class BlockRunner:
         step when `more_steps`)."""
         n_layers = len(self.layers)
         rows = max(mb.size * mb.feed.shape[1] for mb in mbs)
-        defer = compression.multiply_packed(rows, len(mbs))      # the same for every layer of this step
+        defer = compression.multiply_packed(rows, len(mbs), self.policy.comp_weight_config)  # for every layer
         if self._w_next is None:
             self._w_next = self.io.submit(self._load_weights, 0)
         for j in range(n_layers):

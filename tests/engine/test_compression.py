@@ -99,6 +99,14 @@ def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
         assert_product(got, x, dequantize(q))
 
 
+def test_packed_multiplies_of_several_micro_batches_only_where_the_kernel_takes_the_format():
+    along_out, along_in = CompressionConfig(4, 64, 0), CompressionConfig(4, 64, 1)
+    assert compression.multiply_packed(16, 3, along_out)
+    assert not compression.multiply_packed(16, 3, along_in)    # torch path: dequantize once per block
+    assert compression.multiply_packed(16, 1, along_in)        # one use: in cache beats once via DRAM
+    assert not compression.multiply_packed(compression.KERNEL_MAX_ROWS + 1, 1, along_out)
+
+
 def test_without_the_kernel_the_torch_path_gives_the_same_product(monkeypatch):
     from engine import kernels
     monkeypatch.setenv("FLEXWRANGLE_KERNELS", "0")
