@@ -179,7 +179,8 @@ class LLM:
     def _run(self, prompts, max_new, sampler, stop_ids, stop_strings, bucket, share_prefix, score_len=1):
         """Run all prompts block by block; yields finished micro-batches. Fills `last_stats`."""
         stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": 0,
-                 "prompt_tokens": sum(len(p) for p in prompts)}
+                 "prompt_tokens": sum(len(p) for p in prompts),
+                 "prefill_positions": 0}       # positions the prefills computed: prefix once, padding included
         order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
         prefix_len = common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
         prefix = None
@@ -192,11 +193,13 @@ class LLM:
                 (pmb,) = self._run_block([prompts[0][:prefix_len]], [0], 1, _argmax, set(), [], {}, keep_cache=True)
                 prefix = pmb.caches
                 stats["prefill_s"] += time.perf_counter() - t0
-                stats["prefix_len"] = prefix_len
+                stats["prefix_len"] = stats["prefill_positions"] = prefix_len
             for start in range(0, len(order), self.policy.block_size):
                 rows = order[start: start + self.policy.block_size]
-                yield from self._run_block(prompts, rows, max_new, sampler, stop_ids, stop_strings, stats,
-                                           prefix=prefix, prefix_len=prefix_len, score_len=score_len)
+                mbs = self._run_block(prompts, rows, max_new, sampler, stop_ids, stop_strings, stats,
+                                      prefix=prefix, prefix_len=prefix_len, score_len=score_len)
+                stats["prefill_positions"] += sum(mb.ids.numel() for mb in mbs)
+                yield from mbs
         finally:
             self._progress_close()
             for c in (prefix or {}).values():

@@ -33,7 +33,14 @@ def test_prefix_reuse_on_llama_with_grouped_query_attention(tiny_llama):
 def test_bucketing_keeps_input_order(tiny_opt):
     llm = LLM.from_pretrained(tiny_opt[0], progress=False, policy=Policy(gpu_batch_size=2, num_gpu_batches=2))
     unsorted = llm.generate(PROMPTS, max_new_tokens=5, ignore_eos=True, bucket=False, share_prefix=False)
+    padded = llm.last_stats["prefill_positions"]
     assert llm.generate(PROMPTS, max_new_tokens=5, ignore_eos=True, bucket=True, share_prefix=False) == unsorted
+    # blocks of 4 sorted by length pad each prompt to its block's longest
+    lengths = sorted(len(p) for p in PROMPTS)
+    assert llm.last_stats["prefill_positions"] == sum(4 * max(lengths[i: i + 4]) for i in range(0, 12, 4)) < padded
+    llm.generate(PROMPTS, max_new_tokens=5, ignore_eos=True, bucket=True)
+    suffixes = sorted(len(s) for s in SUFFIXES * 2)
+    assert llm.last_stats["prefill_positions"] == len(PREFIX) + sum(4 * max(suffixes[i: i + 4]) for i in range(0, 12, 4))
 
 
 def test_stopped_micro_batches_are_skipped(tiny_opt):
