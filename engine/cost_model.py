@@ -67,6 +67,7 @@ class _Tensor:
     shape: tuple             # its working copy's shape (4-bit: whole groups); the pool reuses copies by shape
     work_bytes: int          # bytes of that working copy
     lookup: bool = False     # a quantized table `embed` gathers rows from: loaded still packed
+    tied: bool = False       # the checkpoint tensor of an earlier kind (a tied LM head): held there, not again
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,16 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             return fam.layer_weights(cfg, kind)
         return fam.layer_weights(cfg, "attn") + fam.layer_weights(cfg, "mlp")
 
-    kinds = {}
+    kinds, seen = {}, {}       # seen: (checkpoint name, shape) -> midpoint where it is held
     for kind in ("embed", "attn", "mlp", "head") if sep_layer else ("embed", "decoder", "head"):
-        named = [(s.name, tuple(s.shape)) for s in specs(kind)]
-        sizes = [math.prod(sh) for _, sh in named]
+        named = [(s.name, tuple(s.shape), s.hf_name) for s in specs(kind)]
+        sizes = [math.prod(sh) for _, sh, _ in named]
         total, done, tensors = max(1, sum(sizes)), 0, []
-        for (name, shape), n in zip(named, sizes):
+        for (name, shape, hf_name), n in zip(named, sizes):
+            mid = (done + n / 2) / total * 100
+            tied = kind == "head" and (hf_name, shape) in seen     # weights.place_layer shares it
+            if kind == "embed":
+                seen[(hf_name, shape)] = mid
             q = compress_weight and len(shape) >= 2
             stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
             on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
@@ -150,8 +155,8 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
             work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
             work_bytes = stored if lookup else math.prod(work) * itemsize
-            tensors.append(_Tensor(n, (done + n / 2) / total * 100, (on_gpu, stored, _align(stored)), q, work,
-                                   work_bytes, lookup))
+            tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, _align(stored)), q,
+                                   work, work_bytes, lookup, tied))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -399,7 +404,7 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     cfg, b, nb = st.cfg, st.b, st.nb
     weights = {t: 0 for t in TIERS}
     for name, count in st.counts.items():
-        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: x.nbytes[TIERS.index(tier)])
+        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: 0 if x.tied else x.nbytes[TIERS.index(tier)])
         weights = {t: weights[t] + count * on[t] for t in TIERS}
     rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)

@@ -86,13 +86,14 @@ class LLM:
         from tqdm.auto import tqdm
         layers = []
         plan = self._layer_plan()
+        placed = {}                                # checkpoint name -> array: a tied head shares the embedding
         with unmapped_on_free():
             for kind, i in tqdm(plan, desc=f"placing {self.config.name} weights", unit="layer",
                                 disable=not self.progress, leave=False):
-                layers.append(self._place_layer(source, kind, i))
+                layers.append(self._place_layer(source, kind, i, placed))
         return layers
 
-    def _place_layer(self, source, kind: str, i: int) -> Layer:
+    def _place_layer(self, source, kind: str, i: int, placed: dict | None = None) -> Layer:
         if kind == "decoder":
             specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
                      for s in self.family.layer_weights(self.config, "attn")]
@@ -102,7 +103,7 @@ class LLM:
             specs = self.family.layer_weights(self.config, kind)
         specs = resolve_names(specs, i)
         label = f"{kind}{i if i >= 0 else ''}"
-        return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage))
+        return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage, placed))
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False,
@@ -367,7 +368,9 @@ class LLM:
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def weight_bytes(self) -> dict[str, int]:
-        return {t: sum(l.weights.bytes_on(t) for l in self.layers) for t in ("gpu", "cpu", "disk")}
+        """Bytes of weights held on each tier (a tied tensor shared by two layers counted once)."""
+        arrays = {id(a): a for layer in self.layers for a in layer.weights.arrays.values()}.values()
+        return {t: sum(a.nbytes for a in arrays if a.tier == t) for t in ("gpu", "cpu", "disk")}
 
     def close(self) -> None:
         """Free every tier's bytes and delete offload files."""

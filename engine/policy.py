@@ -59,7 +59,7 @@ class Policy:
     def percents(self, kind: str) -> tuple[float, float, float]:
         """(gpu, cpu, disk) percentages for kind in 'w', 'cache', 'act'."""
         g, c = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
-        return g, c, max(0.0, 100.0 - g - c)
+        return g, c, max(0.0, round(100.0 - g - c, 9))     # 62.4 + 37.6 leaves 7e-15 in floats
 
     @property
     def act_tier(self) -> str:

@@ -182,7 +182,8 @@ def _lower_bound_seconds(st: Setup) -> float:
     quant = sum(x.elems * n for x, n in tensors if x.quantized)
     min_bytes = min(x.nbytes[1] / x.elems for x, _ in tensors)             # cheapest bytes per element
     room = st.caps["gpu"] + st.caps["cpu"] if st.cuda else min(st.caps["gpu"] + st.caps["cpu"], st.hw.ram_available)
-    disk_read = max(0.0, elems - room / min_bytes) * min_bytes / hw.disk_read_bytes_per_s
+    held = sum(x.elems * n for x, n in tensors if not x.tied)            # a tied head holds nothing
+    disk_read = max(0.0, held - room / min_bytes) * min_bytes / hw.disk_read_bytes_per_s
     widen = 0.0
     if not st.cuda:
         widen = quant / rate(st, "dequant_elems_per_s")
@@ -209,7 +210,7 @@ def _surely_too_big(st: Setup) -> bool:
     cfg = st.cfg
     copies = 4 * st.b * st.max_len * cfg.kv_dim * st.itemsize           # the engine's pre-flight reserve
     transient = st.b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size + st.s) * st.itemsize
-    weights = sum(min(x.nbytes) * st.counts[k] for k, kind in st.kinds.items() for x in kind.tensors)
+    weights = sum(min(x.nbytes) * st.counts[k] for k, kind in st.kinds.items() for x in kind.tensors if not x.tied)
     row = min(cache_row_bytes(st, "cpu", st.b), cache_row_bytes(st, "gpu", st.b))
     cache = row * st.max_len * cfg.num_layers * st.nb
     total = st.caps["gpu"] + st.caps["cpu"] + st.caps["disk"]

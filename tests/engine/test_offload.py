@@ -82,3 +82,17 @@ def test_a_policy_that_cannot_fit_fails_before_work_and_names_the_tier(tiny_opt,
 def test_disk_policy_without_offload_dir_says_what_to_pass(tiny_opt):
     with pytest.raises(ValueError, match="offload_dir"):
         LLM.from_pretrained(tiny_opt[0], policy=Policy(w_gpu_percent=0, w_cpu_percent=0), progress=False)
+
+
+@pytest.mark.parametrize("placement", [dict(), dict(w_gpu_percent=0, w_cpu_percent=0, compress_weight=True)])
+def test_a_tied_lm_head_shares_the_embedding_instead_of_a_second_copy(tiny_opt, tiny_llama, tmp_path, placement):
+    tied = LLM.from_pretrained(tiny_opt[0], policy=Policy(**placement), offload_dir=tmp_path, progress=False)
+    embed, head = tied.layers[0].weights.arrays, tied.layers[-1].weights.arrays
+    assert head["lm_head"] is embed["embed_tokens"]
+    held = sum(tied.weight_bytes().values())
+    assert held == sum({id(a): a.nbytes for l in tied.layers for a in l.weights.arrays.values()}.values())
+    assert held < sum(l.weights.bytes_on(t) for l in tied.layers for t in ("gpu", "cpu", "disk"))
+    tied.close()
+    assert os.listdir(tmp_path) == []
+    untied = LLM.from_pretrained(tiny_llama[0], progress=False)             # its own lm_head.weight
+    assert untied.layers[-1].weights.arrays["lm_head"] is not untied.layers[0].weights.arrays["embed_tokens"]
