@@ -35,7 +35,7 @@ from .hardware import Hardware
 from .kv_cache import split_counts
 from .models import LOOKUP_TABLES, family as model_family
 from .policy import Policy
-from .tiers import ALIGN
+from .tiers import aligned
 
 TIERS = ("gpu", "cpu", "disk")
 PROCESS_BASE_BYTES = 600 << 20       # torch + Python resident before any tensor (RAM check only)
@@ -155,16 +155,12 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
             work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
             work_bytes = stored if lookup else math.prod(work) * itemsize
-            tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, _align(stored)), q,
+            tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, aligned(stored)), q,
                                    work, work_bytes, lookup, tied))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
     return kinds, ("embed",) + middle * cfg.num_layers + ("head",)
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def thresholds(kinds: dict) -> list[float]:
@@ -250,7 +246,7 @@ def cache_row_bytes(st: Setup, tier: str, n: int) -> int:
         raw = compressed_nbytes(shape, st.cache_config)
     else:
         raw = math.prod(shape) * (st.itemsize if tier == "gpu" else st.storage_bytes)
-    return _align(raw) if tier == "disk" else raw
+    return aligned(raw) if tier == "disk" else raw
 
 
 def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
@@ -358,7 +354,7 @@ def _act_io(st: Setup, p: Placement, phase: str):
     """Main-thread seconds per micro-batch and layer to put and get hidden states on their tier."""
     hw = st.hw
     nbytes = st.b * (st.s if phase == "prefill" else 1) * st.cfg.hidden_size * 4   # held as float32 on disk
-    disk = (_align(nbytes) / hw.disk_write_bytes_per_s + nbytes / hw.disk_read_bytes_per_s
+    disk = (aligned(nbytes) / hw.disk_write_bytes_per_s + nbytes / hw.disk_read_bytes_per_s
             + hw.disk_write_latency_s + hw.disk_read_latency_s + 40 * hw.op_overhead_s)
     cpu = nbytes / hw.d2h_bytes_per_s + nbytes / hw.h2d_bytes_per_s if st.cuda else 0.0
     return p.act["disk"] * disk + p.act["cpu"] * cpu
@@ -420,9 +416,9 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
-        "act_prefill": {t: p.act[t] * nb * (_align(hidden(st.s, t)) if t == "disk" else hidden(st.s, t))
+        "act_prefill": {t: p.act[t] * nb * (aligned(hidden(st.s, t)) if t == "disk" else hidden(st.s, t))
                         for t in TIERS},
-        "act_decode": {t: p.act[t] * nb * (_align(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
+        "act_decode": {t: p.act[t] * nb * (aligned(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
         "working_each": working,
         "pool_counts": pooled,
         "pool_bytes": {x.shape: x.work_bytes for k in st.kinds.values() for x in k.tensors},

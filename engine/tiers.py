@@ -350,7 +350,7 @@ class TierArray:
         self.tiers, self.tier, self.fmt, self.shape, self.rows = tiers, tier, fmt, tuple(shape), rows
         self.row_bytes = fmt.row_bytes(self.shape)
         self.what = what
-        self.base = 0                         # byte offset of row 0 in self.file
+        self.base, self.stride = 0, aligned(self.row_bytes)     # on disk: row 0's byte offset, row step
         if tier == "disk" and span is not None:
             self.file, self.base = span[0].share(), span[1]
             self.data = None
@@ -364,18 +364,18 @@ class TierArray:
 
     @property
     def nbytes(self) -> int:
-        return aligned(self.row_bytes) * self.rows if self.file else self.row_bytes * self.rows
+        return self.stride * self.rows if self.file else self.row_bytes * self.rows
 
     def write(self, start: int, x: torch.Tensor) -> None:
         """Store float rows x (n, *shape) at rows [start, start + n)."""
         raw = self.fmt.encode(x)
         if self.file is not None:
-            self.file.write_rows(start, raw.cpu(), self.base, aligned(self.row_bytes))
+            self.file.write_rows(start, raw.cpu(), self.base, self.stride)
         else:
             self.data[start: start + x.shape[0]] = raw.to(self.data.device, non_blocking=True)
 
     def _read_rows(self, start: int, n: int):
-        return self.file.read_rows(start, n, self.base, aligned(self.row_bytes), self.row_bytes)
+        return self.file.read_rows(start, n, self.base, self.stride, self.row_bytes)
 
     def read(self, start: int, n: int, device: torch.device, dtype: torch.dtype,
              out: torch.Tensor | None = None, raw: torch.Tensor | None = None) -> torch.Tensor:
@@ -385,11 +385,9 @@ class TierArray:
         wanted dtype and device), never of a disk staging buffer. `raw`: those rows' bytes, already
         read by the caller (a span of a shared read); decoded from there."""
         staging = None
-        if raw is not None:
-            pass
-        elif self.file is not None:
+        if raw is None and self.file is not None:
             raw, staging = self._read_rows(start, n)
-        else:
+        elif raw is None:
             raw = self.data[start: start + n]
         try:
             if raw.device != device and self.fmt.quant is not None:
