@@ -47,6 +47,12 @@ from benchmarks._harness import PY, REPO, gib, omp_passive, probe, run_json  # n
 SECTION = "offload_vs_baselines"
 PLOT = REPO / "docs" / "offload_throughput.png"
 
+# --percent of the engine runs: W_GPU W_CPU C_GPU C_CPU A_GPU A_CPU (disk the rest)
+W_DISK_CACHE_CPU = (0, 0, 0, 100, 100, 0)
+W_CPU_CACHE_CPU = (0, 100, 0, 100, 100, 0)
+ALL_IN_MEMORY = (100, 0, 100, 0, 100, 0)
+
+
 MODES = {
     "full": dict(
         model="opt-1.3b", cap_gib=5.0,
@@ -64,9 +70,12 @@ MODES = {
         no_climb={(32, 256)},
         # at gen 256, fixed runs instead of a climb: 4-bit weights and cache at batch 64 (its step was
         # 5.6 s, against 2.2 s of 4-bit matmuls at 64 rows, on 2026-11-30), and 4-bit weights with the
-        # fp16 cache at batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43)
+        # fp16 cache at batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43),
+        # on disk and then held in RAM: 0.74 GiB of 4-bit weights fit beside batch 48's 3.95 GiB peak, and
+        # each read from disk steals compute (see docs/benchmarks.md, "What a disk read costs the compute")
         engine_runs={(32, 256): [((64, 1), ["--compress-weight", "--compress-cache"]),
-                                 ((48, 1), ["--compress-weight"])]},
+                                 ((48, 1), ["--compress-weight"]),
+                                 ((48, 1), ["--compress-weight"], W_CPU_CACHE_CPU)]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
         # the engine's larger batch at transformers' peak RSS (its batch-16 run: 7.73 GiB, the engine's
         # 6.47; 16 more sequences of 96 positions add 0.6 GB of fp32 cache)
@@ -152,10 +161,6 @@ def engine_cmd(ckpt, block, shape, out, percent, offload, overlap=1, extra=()) -
             "--offload-dir", str(offload), "--no-progress", "--json", str(out), *extra]
 
 
-W_DISK_CACHE_CPU = (0, 0, 0, 100, 100, 0)
-ALL_IN_MEMORY = (100, 0, 100, 0, 100, 0)
-
-
 # ---- running ----------------------------------------------------------------------------------------
 def run_row(row: Row, work: Path, ckpt: Path, cap: int | None, quick: bool) -> Row:
     probe_file = ckpt / "model.safetensors"
@@ -216,19 +221,19 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     for shape in mode["shapes"]:
         tag = f"p{shape[0]}g{shape[1]}"
         extra = {system: 0 if shape in no_climb else n for system, n in mode.get("extra_doublings", {}).items()}
-        runs = mode.get("engine_runs", {}).get(shape) or [
-            (block, []) for block in doubled(mode["engine_blocks"][shape], extra.get("engine", 0))]
+        runs = [(*run, W_DISK_CACHE_CPU)[:3] for run in mode.get("engine_runs", {}).get(shape) or [
+            (block, []) for block in doubled(mode["engine_blocks"][shape], extra.get("engine", 0))]]
         groups[f"acc-{tag}"] = [
             Row(f"acc-{tag}", "capped", "accelerate", f"accelerate-{tag}-b{b}", shape, b,
                 hf_cmd(ckpt, b, shape, j(f"acc-{tag}-b{b}"), mode["accelerate_max_memory"], acc_off),
                 j(f"acc-{tag}-b{b}"), capped=True)
             for b in doubled(mode["accelerate_batches"][shape], extra.get("accelerate", 0))]
         groups[f"eng-{tag}"] = [
-            Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}{_flag_tag(flags)}", shape, g * k,
-                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags)}"), W_DISK_CACHE_CPU,
+            Row(f"eng-{tag}", "capped", "engine", f"engine-{tag}-b{g}x{k}{_flag_tag(flags, percent)}", shape, g * k,
+                engine_cmd(ckpt, (g, k), shape, j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags, percent)}"), percent,
                            eng_off, extra=flags),
-                j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags)}"), capped=True)
-            for (g, k), flags in runs]
+                j(f"eng-{tag}-b{g}x{k}{_flag_tag(flags, percent)}"), capped=True)
+            for (g, k), flags, percent in runs]
         b = mode["in_memory_batch"].get(shape)
         if b is None:
             continue
@@ -251,9 +256,11 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     return groups
 
 
-def _flag_tag(flags) -> str:
-    """A label suffix for extra engine flags ("" for none, so older labels stay valid for --resume)."""
-    return "".join("-" + f.removeprefix("--") for f in flags)
+def _flag_tag(flags, percent=W_DISK_CACHE_CPU) -> str:
+    """A label suffix for extra engine flags and a placement other than weights on disk ("" for
+    neither, so older labels stay valid for --resume)."""
+    where = "" if tuple(percent) == W_DISK_CACHE_CPU else "-percent-" + "-".join(map(str, percent))
+    return "".join("-" + f.removeprefix("--") for f in flags) + where
 
 
 # ---- reporting --------------------------------------------------------------------------------------
@@ -334,8 +341,8 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
                "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights "
-               "are 4-bit and the cache 4-bit or fp16, as the configuration column says), one micro-batch per "
-               "block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "are 4-bit and the cache 4-bit or fp16, and one row holds the 4-bit weights in CPU RAM, as the "
+               "configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
                "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it); the "
                "engine mapped it while loading until c92c345, and reads it with pread since.")
