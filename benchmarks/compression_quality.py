@@ -175,7 +175,7 @@ def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups,
         "## 4-bit compression: quality, bytes, disk throughput (`benchmarks/compression_quality.py`)",
         "",
         f"Run {started}, {wall / 60:.1f} min, engine at commit {commit}. Load average at start {load0}, "
-        f"at end {_doc.load_now()} (2 shared cores). Perplexity, agreement and bytes: from "
+        f"at end {_doc.load_now()} (2 shared cores). Perplexity and agreement: from "
         f"{meta.get('quality_run', 'this run')}.",
         "",
         f"Command: `python benchmarks/compression_quality.py{' ' + ' '.join(args_list) if args_list else ''}`",
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/flexwrangle-bench/compression")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--reuse-quality", action="store_true",
-                   help="take perplexity, agreement and bytes from the last run's results.json in --work; "
-                        "measure only the throughput")
+                   help="take perplexity and agreement from the last run's results.json in --work; "
+                        "measure the bytes (seconds) and the throughput again")
     p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for the throughput runs")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args(argv)
@@ -241,8 +241,9 @@ def main(argv=None) -> int:
         _doc.engine_commit()
     if args.reuse_quality:
         last = json.loads((work / "results.json").read_text())
-        rows, meta, wb = last["rows"], last["meta"], {int(g): b for g, b in last["wb"].items()}
+        rows, meta = last["rows"], last["meta"]
         meta.setdefault("quality_run", "an earlier run")
+        wb = {g: weight_bytes(g) for g in groups}
     else:
         print("quality ...", flush=True)
         rows, meta = quality(groups, 4 if args.quick else None)
