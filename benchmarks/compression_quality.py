@@ -221,8 +221,12 @@ def render(rows, meta, wb, tps, args_list, started, load0, wall, commit, groups,
             med = lambda rs: statistics.median(r["tps"] for r in rs)
             pairs = [y["tps"] / x["tps"] for x, y in zip(a, b)]
             spread = (f"; round by round {min(pairs):.2f}-{max(pairs):.2f}x" if len(pairs) > 1 else "")
+            step = lambda rs: statistics.median(r["decode_s"] for r in rs)
+            prefill = statistics.median(r["prefill_s"] / (r["prefill_s"] + r["decode_s"]) for r in b)
             lines.append(f"- {model}, batch {block}: compressed / uncompressed = **{med(b) / med(a):.2f}x** "
-                         f"(median tok/s of {len(b)} runs each{spread}; target >= 2x). "
+                         f"(median tok/s of {len(b)} runs each{spread}; target >= 2x); decode steps alone "
+                         f"{step(a) / step(b):.2f}x; the prefill is "
+                         f"{100 * prefill:.0f}% of the 4-bit run's time. "
                          f"Commands: `{a[0]['cmd']}` and the same with `--compress-weight`.")
     return "\n".join(lines)
 
