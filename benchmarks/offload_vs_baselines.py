@@ -66,9 +66,9 @@ MODES = {
         # decode-heavy shape: Accelerate's batch 64 fit the cap at 4.74-4.80 GiB on 2026-11-22 and passed it
         # (5.03 GiB) on 2026-11-30, so the climb starts at 32. At gen 256 its fp32 KV cache grows 4.5x
         # longer: batch 16 (1.8 GB of cache), and no climb (a run that passes the cap late costs 15 min)
-        # At gen 256 batch 16 peaked at 3.97 GiB with 1.8 GB of its fp32 cache: 24 fits the cap by
-        # arithmetic (about 4.9 GiB), 32 passes it
-        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [16, 24]},
+        # At gen 256 batch 16 peaked at 3.97 GiB with 1.8 GB of its fp32 cache; batch 24 passed the cap
+        # after 1057 s on 2026-12-01, so 20 is the step between
+        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [16, 20, 24]},
         engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)]},
         no_climb={(32, 256)},
         # at gen 256, fixed runs instead of a climb: 4-bit weights and cache at batch 64 (its step was
@@ -301,6 +301,8 @@ def fmt_row(row: Row, m: dict, cap: int | None) -> list:
                 f"{p.get('gpu_batch_size', '?')}x{p.get('num_gpu_batches', '?')}, overlap {int(p.get('overlap', 0))}"
                 + (", 4-bit weights" if p.get("compress_weight") else "") + (", 4-bit cache" if p.get("compress_cache") else "")
                 if r else "")
+        if r and "-round" in row.label:
+            conf += ", round " + row.label.rsplit("-round", 1)[1]
     elif row.system == "accelerate":
         conf = f"max_memory {r.get('max_memory')}, {r.get('placement')}" if r else ""
     else:
@@ -353,8 +355,9 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                "that passes it is killed and marked **no**. Accelerate: `from_pretrained(device_map=\"auto\", "
                f"max_memory={{\"cpu\": \"{mode['accelerate_max_memory']}\"}}, offload_folder=...)`. "
                "Engine: weights 100% on disk (O_DIRECT), KV cache in CPU RAM (fp16; at gen 256 the weights "
-               "are 4-bit and the cache 4-bit or fp16, and one row holds the 4-bit weights in CPU RAM, as the "
-               "configuration column says), one micro-batch per block unless shown. `anon / file` are the largest anonymous and file-backed RSS seen (not "
+               "are 4-bit and the cache 4-bit or fp16, and some rows hold the 4-bit weights in CPU RAM, as "
+               "the configuration column says), one micro-batch per block unless shown. `anon / file` are the "
+               "largest anonymous and file-backed RSS seen (not "
                "necessarily at the same moment): file = pages of the memory-mapped safetensors checkpoint, "
                "which Accelerate keeps mapped for the whole run (it reads its offloaded weights from it); the "
                "engine mapped it while loading until c92c345, and reads it with pread since.")
