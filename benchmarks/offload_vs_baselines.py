@@ -76,7 +76,7 @@ MODES = {
         # fp16 cache at batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43),
         # on disk and then held in RAM: 0.74 GiB of 4-bit weights fit beside batch 48's 3.95 GiB peak, and
         # each read from disk steals compute (see docs/benchmarks.md, "What a disk read costs the compute").
-        # In RAM, batch 48 peaked at 4.59 GiB and 52 at 4.75 (41 MiB a sequence): 56 fits the cap, 60 would not
+        # In RAM, batch 48 peaked at 4.59 GiB and 52 at 4.75; 56 passed the cap after 952 s on 2026-12-01
         engine_runs={(32, 256): [((64, 1), ["--compress-weight", "--compress-cache"]),
                                  ((48, 1), ["--compress-weight"]),
                                  ((48, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
