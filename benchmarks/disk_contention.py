@@ -17,7 +17,6 @@ CPU time the hypervisor took from this virtual machine meanwhile (steal, /proc/s
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _doc  # noqa: E402
+from benchmarks._harness import direct_read_bandwidth  # noqa: E402
 
 SECTION = "disk_contention"
 REQUEST = 32 << 20
@@ -53,20 +53,8 @@ def make_file(path: Path, nbytes: int) -> None:
 
 
 def read_all(path: Path, nbytes: int) -> float:
-    """Read nbytes with O_DIRECT in REQUEST-sized preads; returns the seconds taken."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, REQUEST)
-    try:
-        t, done = time.perf_counter(), 0
-        while done < nbytes:
-            got = os.preadv(fd, [buf], done)
-            if got <= 0:
-                raise OSError(f"short read at {done} of {path}")
-            done += got
-        return time.perf_counter() - t
-    finally:
-        os.close(fd)
-        buf.close()
+    """Seconds to read nbytes with O_DIRECT in REQUEST-sized preads (the harness's bandwidth probe)."""
+    return nbytes / direct_read_bandwidth(path, nbytes, REQUEST)
 
 
 class Compute:

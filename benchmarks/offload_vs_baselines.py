@@ -112,6 +112,7 @@ class Row:
     cmd: list[str]
     json_path: Path
     capped: bool = False
+    round: int | None = None   # which of several alternating rounds (None: the row is run once)
     run: dict = field(default_factory=dict)
     probes: list = field(default_factory=list)
 
@@ -254,13 +255,20 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
     ov = mode["overlap"]
     shape, (g, k) = ov["shape"], ov["block"]
     tag = f"p{shape[0]}g{shape[1]}"
+    rounds = ov.get("rounds", 1)
     groups["overlap"] = [
-        Row("overlap", "overlap", "engine", f"engine-overlap{o}-{tag}-b{g}x{k}{_flag_tag(flags)}{_round_tag(r)}", shape,
-            g * k, engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), W_DISK_CACHE_CPU,
-                              eng_off, overlap=o, extra=flags),
-            j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"))
-        for r in range(ov.get("rounds", 1)) for flags in ov.get("variants", [[]]) for o in (1, 0)]
+        Row("overlap", "overlap", "engine", _overlap_label(mode, o, flags, r), shape, g * k,
+            engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), W_DISK_CACHE_CPU,
+                       eng_off, overlap=o, extra=flags),
+            j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), round=r + 1 if rounds > 1 else None)
+        for r in range(rounds) for flags in ov.get("variants", [[]]) for o in (1, 0)]
     return groups
+
+
+def _overlap_label(mode: dict, overlap: int, flags, r: int) -> str:
+    """The label of an overlap row: on or off, extra engine flags, round r (0-based)."""
+    (p, gen), (g, k) = mode["overlap"]["shape"], mode["overlap"]["block"]
+    return f"engine-overlap{overlap}-p{p}g{gen}-b{g}x{k}{_flag_tag(flags)}{_round_tag(r)}"
 
 
 def _round_tag(r: int) -> str:
@@ -301,8 +309,8 @@ def fmt_row(row: Row, m: dict, cap: int | None) -> list:
                 f"{p.get('gpu_batch_size', '?')}x{p.get('num_gpu_batches', '?')}, overlap {int(p.get('overlap', 0))}"
                 + (", 4-bit weights" if p.get("compress_weight") else "") + (", 4-bit cache" if p.get("compress_cache") else "")
                 if r else "")
-        if r and "-round" in row.label:
-            conf += ", round " + row.label.rsplit("-round", 1)[1]
+        if r and row.round:
+            conf += f", round {row.round}"
     elif row.system == "accelerate":
         conf = f"max_memory {r.get('max_memory')}, {r.get('placement')}" if r else ""
     else:
@@ -409,10 +417,9 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
                     f"batch {ov[0].batch}, weights 100% on disk)", ""]
         out.append(_doc.md_table(HEAD, [fmt_row(r, m, None) for r in ov]))
         out.append("")
-        (g, k), tag = mode["overlap"]["block"], f"p{shape[0]}g{shape[1]}"
+        by_label = {r.label: r for r in ov if r.ok}
         for flags in mode["overlap"].get("variants", [[]]):
-            by_label = {r.label: r for r in ov if r.ok}
-            on, off = ([by_label[x] for x in (f"engine-overlap{o}-{tag}-b{g}x{k}{_flag_tag(flags)}{_round_tag(r)}"
+            on, off = ([by_label[x] for x in (_overlap_label(mode, o, flags, r)
                                               for r in range(mode["overlap"].get("rounds", 1))) if x in by_label]
                        for o in (1, 0))
             what = " ".join(flags).replace("--compress-weight", "4-bit weights") or "fp16 weights"

@@ -93,7 +93,7 @@ class LLM:
                 layers.append(self._place_layer(source, kind, i, placed))
         return layers
 
-    def _place_layer(self, source, kind: str, i: int, placed: dict | None = None) -> Layer:
+    def _place_layer(self, source, kind: str, i: int, placed: dict) -> Layer:
         if kind == "decoder":
             specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
                      for s in self.family.layer_weights(self.config, "attn")]
