@@ -263,8 +263,8 @@ def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
         sec += mm(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
         if phase == "prefill":
             sec += 4 * b * st.s * st.s * h / hw.attn_prefill_flops
-        else:   # [past | new] segments read once each (ops.attend_segments)
-            sec += 2 * b * (t + 1) * kv * 4 / hw.attn_decode_bytes_per_s
+        else:   # [past | new] segments read once each, where they lie (ops.attend_any)
+            sec += 2 * b * (t + 1) * kv / hw.attn_decode_elems_per_s
     if kind in ("mlp", "decoder"):
         mats = 3 if cfg.family == "llama" else 2
         sec += mm(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
@@ -322,10 +322,10 @@ def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
     away = seqs["cpu"] + seqs["disk"]
     if st.compress_cache:
         cpu_work = st.b * per_seq / rate(st, "cache_dequant_elems_per_s")
-    elif st.cuda and st.cpu_cache_compute:       # widened on the CPU and attended there: no copy to the device
-        cpu_work = away * per_seq / rate(st, "convert_elems_per_s")
-    else:
+    elif st.cuda and not st.cpu_cache_compute:
         cpu_work = _widen(st, away * per_seq)
+    else:   # attended on the CPU as stored (the decode kernel widens in registers); disk rows are copied
+        cpu_work = 0.0
     disk_rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))["disk"]
     disk_reads = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
     cpu_work += 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
@@ -395,6 +395,18 @@ def _borrows(x: _Tensor, tier: str) -> bool:
     return tier != "gpu" or (x.quantized and not x.lookup)
 
 
+def _cache_copy_bytes(st: Setup, seqs: dict):
+    """Bytes per cached element of one micro-batch that KVCache.read decodes into pool buffers
+    (kv_cache.needs_copy), summed over its sequences: every sequence when 4-bit (dequantized to the
+    compute dtype); else the disk ones in their stored dtype when the CPU attends them, or all off
+    the device when CUDA does. CPU-resident parts the CPU attends are read in place."""
+    if st.compress_cache:
+        return st.b * st.itemsize
+    if st.cuda and not st.cpu_cache_compute:
+        return (st.b - seqs["gpu"]) * st.itemsize
+    return seqs["disk"] * st.storage_bytes
+
+
 def memory_terms(st: Setup, p: Placement) -> dict:
     """Named byte expressions: what each tier holds, and the engine's working copies and pre-flight terms."""
     cfg, b, nb = st.cfg, st.b, st.nb
@@ -405,8 +417,7 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
     working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
-    # sequences whose cache is loaded into pool buffers (all of them when 4-bit)
-    copied = b if st.compress_cache else b - p.cache("sequences", lambda tier, n: n)["gpu"]
+    copied = _cache_copy_bytes(st, p.cache("sequences", lambda tier, n: n))
     shapes = {x.shape for k in st.kinds.values() for x in k.tensors}
     pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
     for shape in shapes:
@@ -422,9 +433,9 @@ def memory_terms(st: Setup, p: Placement) -> dict:
         "working_each": working,
         "pool_counts": pooled,
         "pool_bytes": {x.shape: x.work_bytes for k in st.kinds.values() for x in k.tensors},
-        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len * st.itemsize,   # full-length buffers
+        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len,   # full-length buffers
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
-        "preflight_cache_copies": 4 * b * st.max_len * cfg.kv_dim * st.itemsize,
+        "preflight_cache_copies": 2 * copied * 2 * cfg.kv_dim * st.max_len,
         "transient": b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size) * st.itemsize + b * st.s * st.s * st.itemsize,
     }
 

@@ -308,7 +308,7 @@ class LLM:
     def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
         """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
         cfg, pol = self.config, self.policy
-        from .kv_cache import cache_format, split_counts
+        from .kv_cache import cache_format, split_counts, working_copy_bytes
         n_seqs = min(n_seqs, pol.block_size)
         sizes = [min(pol.gpu_batch_size, n_seqs - lo) for lo in range(0, n_seqs, pol.gpu_batch_size)]
         need = {"gpu": 0, "cpu": 0, "disk": 0}
@@ -321,10 +321,11 @@ class LLM:
                     need[tier] += row * max_len * len(self.decoder_indices)
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize
-        # working copies: two layers of weights and two micro-batches of cache in compute form
+        # working copies: two layers of weights and two micro-batches of the cache parts read into buffers
         need["gpu"] += 2 * max(layer.weights.working_bytes(LOOKUP_TABLES if layer.kind == "embed" else ())
                                for layer in self.layers)
-        need["gpu"] += 2 * cfg.cache_bytes(sizes[0], max_len, itemsize) // cfg.num_layers
+        need["gpu"] += 2 * working_copy_bytes(self.tiers, pol, sizes[0], cfg.num_kv_heads, cfg.head_dim, max_len,
+                                              self.storage)
         for tier, n in need.items():
             tr = self.tiers.trackers[tier]
             held = tr.current - (self.pool.idle_bytes if tier == "gpu" else 0)   # idle buffers can be freed

@@ -55,7 +55,7 @@ class Hardware:
     matmul_rows: int                   # the row count (and size) of that square matmul
     matmul_small_m: tuple              # ((M, FLOP/s), ...): decode-shaped matmuls through ops.linear
     attn_prefill_flops: float          # ops.attend with a causal mask, FLOP/s (4 b nh s t d per call)
-    attn_decode_bytes_per_s: float     # decode attention: fp32 cache bytes (k + v) attended as [past | new]
+    attn_decode_elems_per_s: float     # decode attention: cached k + v elements per second, stored form (ops.attend_any)
     memcpy_bytes_per_s: float          # a large tensor copy (bytes copied)
     convert_elems_per_s: float         # storage dtype -> compute dtype into a reused buffer (fp16 -> fp32 on CPU)
     narrow_elems_per_s: float          # compute dtype -> storage dtype (cache stores)
@@ -129,7 +129,7 @@ class Hardware:
                     f"compute {self.compute_device} {self.compute_dtype})",
             "matmul": f"{g(self.matmul_flops)} GFLOP/s; decode-shaped "
                       + ", ".join(f"M={m}: {g(r)}" for m, r in self.matmul_small_m),
-            "attention": f"prefill {g(self.attn_prefill_flops)} GFLOP/s, decode {g(self.attn_decode_bytes_per_s)} GB/s",
+            "attention": f"prefill {g(self.attn_prefill_flops)} GFLOP/s, decode {g(self.attn_decode_elems_per_s)} Gelem/s",
             "memory": f"memcpy {g(self.memcpy_bytes_per_s)} GB/s, fp16->compute {g(self.convert_elems_per_s)} "
                       f"Gelem/s, compute->fp16 {g(self.narrow_elems_per_s)} Gelem/s"
                       + (f", H2D {g(self.h2d_bytes_per_s)} GB/s, D2H {g(self.d2h_bytes_per_s)} GB/s"
@@ -209,15 +209,16 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     bias = ops.attention_mask_bias(mask, s, dtype)
     attn_prefill = 4 * s * s * nh * d / _timeit(lambda: ops.attend(q, q, q, bias, None), reps, sync)
     bsz, t = 8, s
-    rows = torch.randn(t, 2, bsz, nh, d, device=dev, dtype=dtype)
+    # the cache as a CPU tier holds it: fp16, attended in place by the C kernel (read as stored on CUDA)
+    rows = torch.randn(t, 2, bsz, nh, d, device=dev, dtype=torch.float16)
     kv = rows.permute(1, 2, 3, 0, 4)                                    # (2, b, nh, t, d)
     qd, knew = torch.randn(bsz, nh, 1, d, device=dev, dtype=dtype), torch.randn(bsz, nh, 1, d, device=dev, dtype=dtype)
     dmask = torch.ones(bsz, t + 1, dtype=torch.long, device=dev)
     dbias = ops.attention_mask_bias(dmask, 1, dtype)
 
     def decode_attn():
-        return ops.attend_segments(qd, [(kv[0], kv[1]), (knew, knew)], dbias, None)
-    attn_decode = 2 * bsz * nh * t * d * 4 / _timeit(decode_attn, reps * 3, sync)
+        return ops.attend_any(qd, [(kv[0], kv[1]), (knew, knew)], dbias, None)
+    attn_decode = 2 * bsz * nh * t * d / _timeit(decode_attn, reps * 3, sync)
 
     # memory: copy, conversions, 4-bit; on the calling thread and on an I/O-like thread (one torch thread)
     elems = (8 if quick else 16) << 20
@@ -242,7 +243,7 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
         host=host, cpu_count=os.cpu_count() or 1, torch_threads=torch.get_num_threads(),
         compute_device=dev.type, compute_dtype=str(dtype).replace("torch.", ""),
         matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
-        attn_decode_bytes_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
+        attn_decode_elems_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
                                                          if not k.startswith(("h2d", "d2h"))},
         io_threads=IO_THREADS, op_overhead_s=overhead, attn_layer_overhead_s=attn_overhead,
         mlp_layer_overhead_s=mlp_overhead, gpu_mem=int(gpu_mem), cpu_mem=int(vm.available),

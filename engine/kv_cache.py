@@ -28,6 +28,42 @@ def cache_format(tiers: Tiers, policy: Policy, tier: str, storage: torch.dtype) 
     return Format(storage, quant=quant)
 
 
+def attend_device(tiers: Tiers, policy: Policy, tier: str) -> torch.device:
+    """Where a cache part on `tier` is attended: the CPU for CPU and disk parts with
+    cpu_cache_compute, else the compute device."""
+    if policy.cpu_cache_compute and tier != "gpu":
+        return torch.device("cpu")
+    return tiers.compute_device
+
+
+def read_dtype(tiers: Tiers, fmt: Format, device: torch.device) -> torch.dtype:
+    """The dtype a cache part is attended in: the compute dtype on the compute device; on a CPU
+    that attends, the stored dtype (fp16 is widened in registers by the decode kernel), or float32
+    for a 4-bit cache, which has to be dequantized anyway."""
+    if device.type != "cpu":
+        return tiers.compute_dtype
+    return torch.float32 if fmt.quant is not None else fmt.dtype
+
+
+def needs_copy(tiers: Tiers, tier: str, fmt: Format, device: torch.device) -> bool:
+    """Whether reading a part means decoding it into a working buffer rather than viewing it: yes
+    from disk, when 4-bit, and when it must cross to another device or dtype."""
+    if tier == "disk" or fmt.quant is not None:
+        return True
+    return tiers.device(tier) != device or fmt.dtype != read_dtype(tiers, fmt, device)
+
+
+def working_copy_bytes(tiers: Tiers, policy: Policy, n_seq: int, n_kv: int, head_dim: int, max_len: int,
+                       storage: torch.dtype) -> int:
+    """Bytes of the pool buffers `KVCache.read` fills for one layer of a micro-batch of n_seq."""
+    total = 0
+    for tier, count in zip(("gpu", "cpu", "disk"), split_counts(n_seq, policy.percents("cache"))):
+        fmt, dev = cache_format(tiers, policy, tier, storage), attend_device(tiers, policy, tier)
+        if count and needs_copy(tiers, tier, fmt, dev):
+            total += 2 * count * n_kv * head_dim * max_len * read_dtype(tiers, fmt, dev).itemsize
+    return total
+
+
 @dataclass
 class CachePart:
     tier: str
@@ -50,10 +86,6 @@ class LoadedPart:
     def device(self) -> torch.device:
         return self.k.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
 
 class KVCache:
     def __init__(self, tiers: Tiers, policy: Policy, n_seq: int, n_kv: int, head_dim: int,
@@ -74,17 +106,19 @@ class KVCache:
         for p in self.parts:
             p.array.write(start, rows[:, :, p.lo: p.hi])
 
-    def read(self, length: int, device_for_tier, pool: BufferPool) -> list[LoadedPart]:
-        """The first `length` positions of every part, each on the device that will attend over it.
+    def read(self, length: int, policy: Policy, pool: BufferPool) -> list[LoadedPart]:
+        """The first `length` positions of every part, each on the device that will attend over it
+        (`attend_device`), in the dtype `read_dtype` names.
 
-        Parts already compute-ready are views; the others are decoded into pool buffers of the
-        full cache length (so one buffer serves every step)."""
+        Parts held in that form on that device are views (a CPU-tier fp16 cache attended on the
+        CPU is read in place by the decode kernel, ops.attend_decode); the others are decoded into
+        pool buffers of the full cache length (so one buffer serves every step)."""
         out = []
         for p in self.parts:
-            dev = device_for_tier(p.tier)
-            dtype = self.tiers.compute_dtype if dev == self.tiers.compute_device else torch.float32
+            dev = attend_device(self.tiers, policy, p.tier)
             arr, buf = p.array, None
-            if p.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == dtype and dev == self.tiers.compute_device:
+            dtype = read_dtype(self.tiers, arr.fmt, dev)
+            if not needs_copy(self.tiers, p.tier, arr.fmt, dev):
                 rows = arr.read(0, length, dev, dtype)                 # (t, 2, n, n_kv, d), a view
             else:
                 buf = pool.get((arr.rows, *arr.shape), dtype, dev, f"working copy of {arr.what}")

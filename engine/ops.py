@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import compression
+from . import compression, kernels
 from .compression import QuantizedTensor, QuantizedWeight, gather_rows
 
 
@@ -201,3 +201,55 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def attend_any(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]], mask_bias: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+    """attend_segments over segments whose dtypes may differ (a CPU-tier fp16 past beside the
+    float32 new entries). For one new token on the CPU the C kernel reads them as they are, so
+    every cache placement gives the same numbers; otherwise (a prefill after a shared prefix, a
+    CUDA device, kernels off) they are converted to one dtype for torch: float32 on the CPU."""
+    out = attend_decode(q, segments, mask_bias, scale)
+    if out is not None:
+        return out
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    segments = [(k.to(q.device, dtype), v.to(q.device, dtype)) for k, v in segments]
+    return attend_segments(q.to(dtype), segments, mask_bias.to(dtype), scale)
+
+
+def attend_decode(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]],
+                  mask_bias: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
+    """attend_segments for one query token per sequence on the CPU by the C kernel (attention.c),
+    reading each segment's keys and values where they lie, in float32, fp16 or bf16; None when the
+    kernel is off or cannot take these tensors (then use attend_segments on float32 copies).
+
+    q (b, n_head, 1, d); each segment k, v (b or 1, n_kv, t_i, d) with the last dim contiguous;
+    mask_bias (b, 1, 1, sum t_i). Returns float32 (b, n_head, 1, d)."""
+    fn = kernels.attention()
+    b, nh, s, d = q.shape
+    if fn is None or s != 1 or q.device.type != "cpu":
+        return None
+    segs = (kernels.Segment * len(segments))()
+    keep = []                                            # tensors made contiguous here stay alive
+    for i, (k, v) in enumerate(segments):
+        if k.device.type != "cpu" or k.dtype not in _KERNEL_DTYPES or k.dtype != v.dtype:
+            return None
+        if k.stride() != v.stride() or k.stride(-1) != 1:
+            k, v = k.contiguous(), v.contiguous()
+            keep += [k, v]
+        segs[i] = kernels.Segment(k.data_ptr(), v.data_ptr(), k.stride(0) if k.shape[0] > 1 else 0,
+                                  k.stride(1), k.stride(2), k.shape[2], _KERNEL_DTYPES[k.dtype])
+    nkv = segments[0][0].shape[1]
+    qf = q.reshape(b, nh, d).to(torch.float32).contiguous()
+    bias = mask_bias.reshape(b, -1).to(torch.float32)
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    out = torch.empty(b, nh, 1, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if fn(qf.data_ptr(), segs, len(segments), bias.data_ptr(), bias.stride(0), out.data_ptr(),
+          b, nh, nkv, d, scale) != 0:
+        raise MemoryError("decode attention: the kernel could not allocate its scratch")
+    return out

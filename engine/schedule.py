@@ -85,7 +85,6 @@ class _Whole:
     """Stands for 'the whole micro-batch, no past cache yet' during prefill."""
     n: int
     device: torch.device
-    dtype: torch.dtype
     lo: int = 0
     k: None = None
     v: None = None
@@ -159,12 +158,7 @@ class BlockRunner:
             self.pool.put(b)
 
     def _load_cache(self, cache: KVCache, length: int):
-        return cache.read(length, self._attn_device, self.pool)
-
-    def _attn_device(self, tier: str) -> torch.device:
-        if self.policy.cpu_cache_compute and tier != "gpu":
-            return torch.device("cpu")
-        return self.tiers.compute_device
+        return cache.read(length, self.policy, self.pool)
 
     # ---- the loop nest --------------------------------------------------------------------------
     def run(self, mbs: list[MicroBatch], max_new_tokens: int, act: ActStore) -> None:
@@ -290,21 +284,21 @@ class BlockRunner:
             mb.step_inputs["bias"] = ops.attention_mask_bias(mb.mask[:, :total].to(q.device), q_len, q.dtype)
         bias = mb.step_inputs["bias"]                                                     # (b, 1, s, t)
         cache = mb.caches[layer.index]
-        parts = past if past is not None else [_Whole(q.shape[0], q.device, q.dtype)]
+        parts = past if past is not None else [_Whole(q.shape[0], q.device)]
         o = torch.empty_like(q) if len(parts) > 1 else None
         for p in parts:                                           # per cache part, where it lives
             dev, lo, hi = p.device, p.lo, p.hi
             segments = []
             if prefix is not None:                                # shared by every sequence: batch 1
-                segments.append((prefix.k.to(dev, p.dtype), prefix.v.to(dev, p.dtype)))
+                segments.append((prefix.k.to(dev), prefix.v.to(dev)))
             if p.k is not None:
                 segments.append((p.k, p.v))
-            segments.append((k[lo:hi].to(dev, p.dtype), v[lo:hi].to(dev, p.dtype)))
-            out = ops.attend_segments(q[lo:hi].to(dev, p.dtype), segments, bias[lo:hi].to(dev, p.dtype),
-                                      fam.ATTN_SCALE)
+            segments.append((k[lo:hi].to(dev), v[lo:hi].to(dev)))   # new entries as computed, unrounded
+            out = ops.attend_any(q[lo:hi].to(dev), segments, bias[lo:hi].to(dev), fam.ATTN_SCALE)
             if o is None:
                 o = out.to(q.device, q.dtype)
             else:
                 o[lo:hi] = out.to(q.device, q.dtype)
         self.cache_io.submit(cache.write, mb.length - mb.prefix_len, k, v)      # store the new entries
         return fam.attn_out(w, h, o, cfg)
+

@@ -14,7 +14,7 @@ def fake_hardware(**changes) -> Hardware:
     hw = Hardware(
         host="box", cpu_count=2, torch_threads=2, compute_device="cpu", compute_dtype="float32",
         matmul_flops=140e9, matmul_rows=2048, matmul_small_m=((1, 5e9), (8, 30e9), (64, 90e9), (512, 120e9)),
-        attn_prefill_flops=60e9, attn_decode_bytes_per_s=4e9, memcpy_bytes_per_s=12e9, convert_elems_per_s=1e9,
+        attn_prefill_flops=60e9, attn_decode_elems_per_s=1e9, memcpy_bytes_per_s=12e9, convert_elems_per_s=1e9,
         narrow_elems_per_s=1e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0, dequant_elems_per_s=1e8,
         quant_elems_per_s=1e8, cache_dequant_elems_per_s=5e8, io_cache_dequant_elems_per_s=5e8,
         io_memcpy_bytes_per_s=8e9, io_convert_elems_per_s=1e9, io_narrow_elems_per_s=1e9,

@@ -25,7 +25,7 @@ def hw():
         matmul_flops=140e9, matmul_rows=2048,
         matmul_small_m=((1, 6e9), (2, 10e9), (4, 18e9), (8, 30e9), (16, 50e9), (32, 70e9), (64, 90e9),
                         (128, 110e9), (256, 120e9), (512, 130e9)),
-        attn_prefill_flops=60e9, attn_decode_bytes_per_s=4e9, memcpy_bytes_per_s=12e9,
+        attn_prefill_flops=60e9, attn_decode_elems_per_s=1e9, memcpy_bytes_per_s=12e9,
         convert_elems_per_s=1.2e9, narrow_elems_per_s=1.0e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0,
         dequant_elems_per_s=0.15e9, cache_dequant_elems_per_s=0.5e9, quant_elems_per_s=0.1e9,
         io_memcpy_bytes_per_s=8e9, io_cache_dequant_elems_per_s=0.5e9,
