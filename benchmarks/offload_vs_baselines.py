@@ -66,22 +66,25 @@ MODES = {
         # decode-heavy shape: Accelerate's batch 64 fit the cap at 4.74-4.80 GiB on 2026-11-22 and passed it
         # (5.03 GiB) on 2026-11-30, so the climb starts at 32. At gen 256 its fp32 KV cache grows 4.5x
         # longer: batch 16 (1.8 GB of cache), and no climb (a run that passes the cap late costs 15 min)
-        # At gen 256 batch 16 peaked at 3.97 GiB with 1.8 GB of its fp32 cache; batch 24 passed the cap
-        # after 1057 s on 2026-12-01, so 20 is the step between
-        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [16, 20, 24]},
+        # At gen 256 batch 16 peaked at 3.97 GiB with 1.8 GB of its fp32 cache (3.64 tok/s) and 20 at
+        # 4.30 GiB (4.15 tok/s); batch 24 passed the cap after 1057 s (set kernel-2026-11-30), so the
+        # climb starts at 20
+        accelerate_batches={(512, 32): [4, 8], (32, 64): [32, 64], (32, 256): [20, 24]},
         engine_blocks={(512, 32): [(8, 1), (8, 2)], (32, 64): [(64, 1)]},
         no_climb={(32, 256)},
-        # at gen 256, fixed runs instead of a climb: 4-bit weights and cache at batch 64 (its step was
-        # 5.6 s, against 2.2 s of 4-bit matmuls at 64 rows, on 2026-11-30), and 4-bit weights with the
-        # fp16 cache at batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43),
-        # on disk and then held in RAM: 0.74 GiB of 4-bit weights fit beside batch 48's 3.95 GiB peak, and
-        # each read from disk steals compute (see docs/benchmarks.md, "What a disk read costs the compute").
-        # In RAM, batch 48 peaked at 4.59 GiB and 52 at 4.75; 56 passed the cap after 952 s on 2026-12-01
-        engine_runs={(32, 256): [((64, 1), ["--compress-weight", "--compress-cache"]),
-                                 ((48, 1), ["--compress-weight"]),
-                                 ((48, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+        # at gen 256, fixed runs instead of a doubling climb: 4-bit weights with the fp16 cache at
+        # batch 48 (2.7 GB of cache; 48 rows take 0.40 ms a row of 16M weights, 64 rows 0.43) on disk,
+        # then held in RAM: 0.74 GiB of 4-bit weights fit beside the cache, and each read from disk
+        # steals compute (see docs/benchmarks.md, "What a disk read costs the compute"). In RAM, batch
+        # 52 peaked at 4.75 GiB and 56 passed the cap on 2026-12-01 while the CPU cache was still copied
+        # to float32 for attention; read in place (engine/kernels/attention.c) a batch-52 buffer of
+        # 0.23 GiB is gone, so the climb goes on in steps of 4. (4-bit weights and cache at batch 64
+        # ran at 5.6 s a step, against 2.2 s of 4-bit matmuls, in set kernel-2026-11-30.)
+        engine_runs={(32, 256): [((48, 1), ["--compress-weight"]),
                                  ((52, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
-                                 ((56, 1), ["--compress-weight"], W_CPU_CACHE_CPU)]},
+                                 ((56, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+                                 ((60, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+                                 ((64, 1), ["--compress-weight"], W_CPU_CACHE_CPU)]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
         # the engine's larger batch at transformers' peak RSS (its batch-16 run: 7.73 GiB, the engine's
         # 6.47; 16 more sequences of 96 positions add 0.6 GB of fp32 cache)
