@@ -118,6 +118,13 @@ def _write_locked(doc: Path, name: str, markdown: str) -> Path:
     return doc
 
 
+def publish(name: str, markdown: str, write: bool) -> None:
+    """Print a section's markdown and, with `write`, put it into docs/benchmarks.md."""
+    print(markdown)
+    if write:
+        print(f"wrote {write_section(name, markdown)}")
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; floats keep the caller's formatting (pass strings)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -105,9 +105,7 @@ def main(argv=None) -> int:
         results.append(r)
     md = render(results, args.batch, args.rounds, sys.argv[1:] if argv is None else argv, started,
                 (load0, _doc.load_now()), torch.get_num_threads())
-    print(md)
-    if args.write_doc:
-        print(f"wrote {_doc.write_section(SECTION, md)}")
+    _doc.publish(SECTION, md, args.write_doc)
     return 0
 
 
