@@ -79,8 +79,9 @@ MODES = {
         # steals compute (see docs/benchmarks.md, "What a disk read costs the compute"). In RAM, batch
         # 52 peaked at 4.75 GiB and 56 passed the cap on 2026-12-01 while the CPU cache was still copied
         # to float32 for attention; read in place (engine/kernels/attention.c) a batch-52 buffer of
-        # 0.23 GiB is gone, so the climb goes on in steps of 4. (4-bit weights and cache at batch 64
-        # ran at 5.6 s a step, against 2.2 s of 4-bit matmuls, in set kernel-2026-11-30.)
+        # 0.23 GiB is gone, so the climb goes on in steps of 4: in set attn-2026-12-01 batch 56 peaked
+        # at 4.80 GiB and 60 passed the cap after 633 s. (4-bit weights and cache at batch 64 ran at
+        # 5.6 s a step, against 2.2 s of 4-bit matmuls, in set kernel-2026-11-30.)
         engine_runs={(32, 256): [((48, 1), ["--compress-weight"]),
                                  ((52, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
                                  ((56, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
