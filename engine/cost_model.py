@@ -109,6 +109,12 @@ class Setup:
         return 2 if self.cuda else 4
 
     @property
+    def cache_to_device(self) -> bool:
+        """Whether CPU and disk cache parts go to a CUDA device to be attended there, rather than
+        being attended on the CPU as stored (kv_cache.attend_device)."""
+        return self.cuda and not self.cpu_cache_compute
+
+    @property
     def max_len(self) -> int:
         return self.s + self.gen
 
@@ -322,7 +328,7 @@ def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
     away = seqs["cpu"] + seqs["disk"]
     if st.compress_cache:
         cpu_work = st.b * per_seq / rate(st, "cache_dequant_elems_per_s")
-    elif st.cuda and not st.cpu_cache_compute:
+    elif st.cache_to_device:
         cpu_work = _widen(st, away * per_seq)
     else:   # attended on the CPU as stored (the decode kernel widens in registers); disk rows are copied
         cpu_work = 0.0
@@ -402,7 +408,7 @@ def _cache_copy_bytes(st: Setup, seqs: dict):
     the device when CUDA does. CPU-resident parts the CPU attends are read in place."""
     if st.compress_cache:
         return st.b * st.itemsize
-    if st.cuda and not st.cpu_cache_compute:
+    if st.cache_to_device:
         return (st.b - seqs["gpu"]) * st.itemsize
     return seqs["disk"] * st.storage_bytes
 
