@@ -81,12 +81,15 @@ MODES = {
         # to float32 for attention; read in place (engine/kernels/attention.c) a batch-52 buffer of
         # 0.23 GiB is gone, so the climb goes on in steps of 4: in set attn-2026-12-01 batch 56 peaked
         # at 4.80 GiB and 60 passed the cap after 633 s. (4-bit weights and cache at batch 64 ran at
-        # 5.6 s a step, against 2.2 s of 4-bit matmuls, in set kernel-2026-11-30.)
+        # 5.6 s a step, against 2.2 s of 4-bit matmuls, in set kernel-2026-11-30.) Since prefill's
+        # float working copies are dropped when decode starts (schedule.run_layers), batch 56 peaks
+        # at 4.03 GiB instead of 4.90 and 72 at 4.85 (one micro-batch: the kernel takes 256 rows)
         engine_runs={(32, 256): [((48, 1), ["--compress-weight"]),
-                                 ((52, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+                                 ((48, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
                                  ((56, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
-                                 ((60, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
-                                 ((64, 1), ["--compress-weight"], W_CPU_CACHE_CPU)]},
+                                 ((64, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+                                 ((72, 1), ["--compress-weight"], W_CPU_CACHE_CPU),
+                                 ((80, 1), ["--compress-weight"], W_CPU_CACHE_CPU)]},
         in_memory_batch={(512, 32): 4, (32, 64): 16},
         # the engine's larger batch at transformers' peak RSS (its batch-16 run: 7.73 GiB, the engine's
         # 6.47; 16 more sequences of 96 positions add 0.6 GB of fp32 cache)

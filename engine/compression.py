@@ -119,17 +119,37 @@ def _dequantize_groups(packed, step, minimum, config: CompressionConfig, grouped
 
 class QuantizedWeight(NamedTuple):
     """A quantized 2-D weight (out, in) that `linear` multiplies by without dequantizing it whole;
-    `scratch` is a float buffer of at least min(CHUNK_ELEMS, the padded weight) values."""
+    `scratch` is a float buffer of `scratch_elems` values (more do no harm, fewer cost speed)."""
     parts: QuantizedTensor
     scratch: torch.Tensor
 
 
+def _lines(shape, config: CompressionConfig) -> tuple[int, int]:
+    """(lines, padded width of a line) of a 2-D weight's grouped layout: input rows of the
+    transposed weight when the groups run along the output dim, output rows when along the input."""
+    out_f, in_f = shape
+    n_lines, width = (in_f, out_f) if config.group_dim % 2 == 0 else (out_f, in_f)
+    return n_lines, -(-width // config.group_size) * config.group_size
+
+
+def scratch_elems(shape, config: CompressionConfig) -> int:
+    """Float values of scratch `linear` dequantizes into on the torch path for a 2-D weight of
+    `shape`: a cache-sized run of whole lines (one line at the least)."""
+    n_lines, padded_width = _lines(shape, config)
+    return max(1, min(n_lines, CHUNK_ELEMS // padded_width)) * padded_width
+
+
 # Most rows the C kernel (engine/kernels/qlinear.c) takes. Measured per 16M-value weight (OPT-1.3b's
-# fc1, group 64) here, kernel against dequantizing whole and then one MKL matmul (which streams the
-# 64 MB float weight from DRAM): 2 rows 3.0 against 13.6 + 8.0 ms, 16 rows 7.4 against 13.6 + 18.3,
-# 64 rows 28 against 13.6 + 38, 128 rows 52 against 13.9 + 43: past 64 rows a second micro-batch
-# already pays for dequantizing once, and a prefill of hundreds of rows is MKL's.
-KERNEL_MAX_ROWS = 64
+# fc1, group 64), kernel against dequantizing whole and then one MKL matmul (which streams the 64 MB
+# float weight from DRAM). On a 2-core Xeon VM: 2 rows 3.0 against 13.6 + 8.0 ms, 16 rows 7.4 against
+# 13.6 + 18.3, 64 rows 28 against 13.6 + 38, 128 rows 52 against 13.9 + 43. On a 2-core EPYC VM
+# (benchmarks/qlinear_rows.py): 64 rows 9.5 against 4.5 + 13.6, 128 rows 19 against 4.4 + 22.9, 256
+# rows 38.6 against 4.5 + 41.5, 512 rows 86 against 4.7 + 80. So a weight used once (one micro-batch)
+# goes to the kernel up to 256 rows, which also needs no float copy of the weight in memory; ...
+KERNEL_MAX_ROWS = 256
+# ... but one dequantized copy serves every micro-batch of a block, and on the Xeon a matmul by it
+# beat the kernel past 64 rows (128: 43 against 52 ms), so several micro-batches share a copy there.
+SHARED_MAX_ROWS = 64
 
 
 def kernel_takes(config: CompressionConfig) -> bool:
@@ -144,15 +164,18 @@ def use_kernel(rows: int, qt: QuantizedTensor, x: torch.Tensor | None = None) ->
             and qt.packed.is_contiguous() and (x is None or x.dtype == torch.float32) and kernel_takes(qt.config))
 
 
-def multiply_packed(rows: int, micro_batches: int, config: CompressionConfig) -> bool:
+def multiply_packed(rows: int, micro_batches: int, config: CompressionConfig, on_cpu: bool = True) -> bool:
     """Whether a layer's 4-bit weights used by `micro_batches` micro-batches of `rows` rows each are
     best multiplied straight from the packed values (`linear`) rather than dequantized whole once.
     Only for few rows (a prefill of hundreds of rows is compute-bound, and MKL on the whole float
-    weight is fastest there); then when the C kernel takes the rows (it beats even a matmul by an
-    already dequantized weight, see KERNEL_MAX_ROWS), or, on the torch path, when one micro-batch
-    uses them (each value is converted once either way, in cache instead of through DRAM).
-    `config`: how the weights are quantized (the kernel takes only some formats)."""
-    return rows <= KERNEL_MAX_ROWS and (micro_batches == 1 or kernel_takes(config))
+    weight is fastest there): with the C kernel, up to KERNEL_MAX_ROWS for one micro-batch and
+    SHARED_MAX_ROWS for several (see there); on the torch path, up to SHARED_MAX_ROWS when one
+    micro-batch uses them (each value is converted once either way, in cache instead of through DRAM).
+    `config`: how the weights are quantized (the kernel takes only some formats); `on_cpu`: whether
+    they are multiplied on the CPU (the kernel's only device)."""
+    if on_cpu and kernel_takes(config):
+        return rows <= (KERNEL_MAX_ROWS if micro_batches == 1 else SHARED_MAX_ROWS)
+    return rows <= SHARED_MAX_ROWS and micro_batches == 1
 
 
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -169,6 +192,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     packed, step, minimum, shape, config = weight.parts
     out_f, in_f = shape
     along_out = config.group_dim % 2 == 0
+    n_lines, padded_width = _lines(shape, config)
     if use_kernel(x.shape[0], weight.parts, x):
         y = x.new_empty(x.shape[0], out_f)
         x, step, minimum = x.contiguous(), step.float().contiguous(), minimum.float().contiguous()
@@ -176,10 +200,9 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
                              x.shape[0], in_f, out_f, config.group_size, packed.shape[0] // in_f,
                              torch.get_num_threads()) == 0:
             return y
-    n_lines, width = (in_f, out_f) if along_out else (out_f, in_f)
     per_line = packed.shape[0] // n_lines                         # groups per line
-    padded_width = per_line * config.group_size
-    lines = max(1, min(n_lines, CHUNK_ELEMS // padded_width, weight.scratch.numel() // padded_width))
+    width = out_f if along_out else in_f
+    lines = max(1, min(scratch_elems(shape, config), weight.scratch.numel()) // padded_width)
     y = x.new_empty(x.shape[0], out_f)
     for l0 in range(0, n_lines, lines):
         l1 = min(n_lines, l0 + lines)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape
+from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape, scratch_elems
 from .config import ModelConfig
 from .hardware import Hardware
 from .kv_cache import split_counts
@@ -54,6 +54,7 @@ class Prediction:
     peaks: dict                      # tier -> bytes the engine's trackers will peak at
     preflight: dict                  # tier -> bytes the engine's pre-flight check will ask for
     fits: bool                       # weights + pre-flight fit every cap
+    pool_bytes: dict = field(default_factory=dict)  # phase -> bytes the buffer pool holds (gpu tier)
     breakdown: dict = field(default_factory=dict)   # (phase, slot) -> seconds per step
 
 
@@ -68,6 +69,12 @@ class _Tensor:
     work_bytes: int          # bytes of that working copy
     lookup: bool = False     # a quantized table `embed` gathers rows from: loaded still packed
     tied: bool = False       # the checkpoint tensor of an earlier kind (a tied LM head): held there, not again
+    scratch: tuple = ()      # the buffer borrowed instead when a step multiplies it packed (() = shape)
+    scratch_bytes: int = 0
+
+    def borrowed(self, packed: bool) -> tuple[tuple, int]:
+        """(shape, bytes) of the pool buffer LayerWeights.load borrows for it (weights.borrow_shape)."""
+        return (self.scratch, self.scratch_bytes) if packed and self.scratch else (self.shape, self.work_bytes)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,11 @@ class Setup:
         """Whether CPU and disk cache parts go to a CUDA device to be attended there, rather than
         being attended on the CPU as stored (kv_cache.attend_device)."""
         return self.cuda and not self.cpu_cache_compute
+
+    def packed(self, phase: str) -> bool:
+        """Whether steps of `phase` multiply 4-bit weights packed (schedule.run_layers' `defer`)."""
+        return multiply_packed(self.b * (self.s if phase == "prefill" else 1), self.nb, self.weight_config,
+                               not self.cuda)
 
     @property
     def max_len(self) -> int:
@@ -161,8 +173,11 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
             work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
             work_bytes = stored if lookup else math.prod(work) * itemsize
+            # ... and when a step multiplies 2-D 4-bit weights packed, only linear's scratch
+            scratch = ((min(scratch_elems(shape, wcfg), math.prod(work)),)
+                       if q and not lookup and len(shape) == 2 else ())
             tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, aligned(stored)), q,
-                                   work, work_bytes, lookup, tied))
+                                   work, work_bytes, lookup, tied, scratch, math.prod(scratch) * itemsize))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -316,8 +331,7 @@ def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
     rows per unpacked value in registers, that overstates it (16 rows by a 16M-value weight: 7.4 ms,
     against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
-    rows = st.b * (st.s if phase == "prefill" else 1)
-    uses = st.nb if st.nb > 1 and not st.cuda and multiply_packed(rows, st.nb, st.weight_config) else 1
+    uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
     return uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 
 
@@ -424,12 +438,16 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
     working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
     copied = _cache_copy_bytes(st, p.cache("sequences", lambda tier, n: n))
-    shapes = {x.shape for k in st.kinds.values() for x in k.tensors}
-    pooled = {}   # shape -> kind -> working copies of that shape one layer of the kind borrows
-    for shape in shapes:
-        for name, kind in st.kinds.items():
-            on = p.weights(kind, f"borrowed_{shape}", lambda x, tier: 1 if x.shape == shape and _borrows(x, tier) else 0)
-            pooled.setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
+    pooled, pool_bytes = {}, {}   # phase -> shape -> kind -> buffers of that shape one layer borrows
+    for phase in ("prefill", "decode"):
+        packed = st.packed(phase)
+        shapes = {x.borrowed(packed) for k in st.kinds.values() for x in k.tensors}
+        pool_bytes[phase] = dict(shapes)
+        for shape, _ in shapes:
+            for name, kind in st.kinds.items():
+                on = p.weights(kind, f"borrowed_{shape}_{phase}",
+                               lambda x, tier: 1 if x.borrowed(packed)[0] == shape and _borrows(x, tier) else 0)
+                pooled.setdefault(phase, {}).setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
@@ -438,7 +456,7 @@ def memory_terms(st: Setup, p: Placement) -> dict:
         "act_decode": {t: p.act[t] * nb * (aligned(hidden(1, t)) if t == "disk" else hidden(1, t)) for t in TIERS},
         "working_each": working,
         "pool_counts": pooled,
-        "pool_bytes": {x.shape: x.work_bytes for k in st.kinds.values() for x in k.tensors},
+        "pool_bytes": pool_bytes,
         "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len,   # full-length buffers
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
         "preflight_cache_copies": 2 * copied * 2 * cfg.kv_dim * st.max_len,
@@ -473,7 +491,8 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
     peaks, preflight = _peaks(st, m, max)
     fits = all(preflight[t] <= st.caps[t] and m["weights"][t] <= st.caps[t] for t in TIERS)
     tokens = policy.block_size * gen_len
-    return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, preflight, fits, breakdown)
+    pool = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
+    return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, preflight, fits, pool, breakdown)
 
 
 def _peaks(st: Setup, m: dict, biggest) -> tuple[dict, dict]:
@@ -482,19 +501,25 @@ def _peaks(st: Setup, m: dict, biggest) -> tuple[dict, dict]:
     On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
     copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
     before this one is done, as without overlap; fewer when the I/O thread runs late, so with overlap
-    this is an upper bound), and trims idle ones when the budget is hit."""
-    pooled = sum(m["pool_bytes"][shape] * max(counts[a] + counts[c] for a, c in st.slots)
-                 for shape, counts in m["pool_counts"].items())
+    this is an upper bound), and trims idle ones when the budget is hit and when the phase changes
+    what it borrows (whole copies for prefill, scratch for packed multiplies in decode)."""
+    pooled = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
     peaks = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]
-        pre = base + m["act_prefill"][t] + (pooled if t == "gpu" else 0)
-        dec = base + m["act_decode"][t] + (pooled + m["cache_copies"] if t == "gpu" else 0)
+        pre = base + m["act_prefill"][t] + (pooled["prefill"] if t == "gpu" else 0)
+        dec = base + m["act_decode"][t] + (pooled["decode"] + m["cache_copies"] if t == "gpu" else 0)
         peaks[t] = max(pre, dec)
     peaks["gpu"] = min(peaks["gpu"], st.caps["gpu"])
     preflight = {t: m["weights"][t] + m["cache"][t] + m["preflight_act"][t] for t in TIERS}
     preflight["gpu"] += 2 * biggest(m["working_each"].values()) + m["preflight_cache_copies"]
     return peaks, preflight
+
+
+def _pooled(st: Setup, m: dict, phase: str):
+    """Bytes of working buffers the pool holds in `phase`: per shape, the most two neighbouring layers borrow."""
+    return sum(m["pool_bytes"][phase][shape] * max(counts[a] + counts[c] for a, c in st.slots)
+               for shape, counts in m["pool_counts"][phase].items())
 
 
 def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:

@@ -116,23 +116,26 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
 
     m = memory_terms(st, p)
     short = {t: prob.add_variable(f"short_{t}", 0) if elastic else 0 for t in (*TIERS, "ram")}
-    # the buffer pool keeps per tensor shape as many working copies as two neighbouring layers borrow;
-    # counting them against the cap keeps the pool from trimming and re-faulting buffers every layer
-    pooled = 0
-    for shape, counts in m["pool_counts"].items():
-        label = "x".join(map(str, shape))
-        copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
-        for a, c in st.slots:
-            prob += copies >= counts[a] + counts[c], f"gpu_pool_copies_{label}_{a}_then_{c}"
-        pooled += m["pool_bytes"][shape] * copies
+    # the buffer pool keeps per tensor shape as many working copies as two neighbouring layers borrow
+    # (per phase: decode may borrow scratch where prefill borrowed whole copies); counting them
+    # against the cap keeps the pool from trimming and re-faulting buffers every layer
+    pooled = {}
+    for phase, by_shape in m["pool_counts"].items():
+        pooled[phase] = 0
+        for shape, counts in by_shape.items():
+            label = f"{phase}_" + "x".join(map(str, shape))
+            copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
+            for a, c in st.slots:
+                prob += copies >= counts[a] + counts[c], f"gpu_pool_copies_{label}_{a}_then_{c}"
+            pooled[phase] += m["pool_bytes"][phase][shape] * copies
     work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():
         prob += work_max >= expr, f"gpu_working_copy_{k}"
     peak = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]
-        peak[("prefill", t)] = base + m["act_prefill"][t] + (pooled if t == "gpu" else 0)
-        peak[("decode", t)] = base + m["act_decode"][t] + (pooled + m["cache_copies"] if t == "gpu" else 0)
+        peak[("prefill", t)] = base + m["act_prefill"][t] + (pooled["prefill"] if t == "gpu" else 0)
+        peak[("decode", t)] = base + m["act_decode"][t] + (pooled["decode"] + m["cache_copies"] if t == "gpu" else 0)
         for phase in ("prefill", "decode"):
             prob += peak[(phase, t)] <= st.caps[t] + short[t], f"{t}_peak_{phase}"
         pre = base + m["preflight_act"][t] + (2 * work_max + m["preflight_cache_copies"] if t == "gpu" else 0)

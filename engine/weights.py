@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .compression import QuantizedTensor, QuantizedWeight, dequantize
+from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
 from .models import WeightSpec
 from .policy import Policy
 from .tiers import STAGING, BufferPool, Format, TierArray, Tiers, aligned
@@ -206,9 +206,11 @@ class LayerWeights:
     def __init__(self, tiers: Tiers, arrays: dict[str, TierArray]):
         self.tiers, self.arrays = tiers, arrays
 
-    def load(self, pool: BufferPool, lookup=()) -> tuple[dict, list[torch.Tensor]]:
+    def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> tuple[dict, list[torch.Tensor]]:
         """The layer's tensors on the compute device, and the pool buffers borrowed for them (give
         them back after use). Runs on the I/O thread; pass the dict through `finish` before use.
+        `packed`: `finish` will be told to defer, so 2-D quantized weights borrow only the scratch
+        `compression.linear` uses, not a whole working copy (`borrow_shape`).
 
         Quantized weights come back packed, as `Packed`: `finish` dequantizes them on the thread that
         computes, so that the cores convert and compute in turn instead of fighting over them and the
@@ -230,8 +232,8 @@ class LayerWeights:
                 elif self._ready(arr):
                     out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
                 else:
-                    shape = arr.fmt.work_shape(arr.shape)
-                    buf = pool.get(shape, dtype, dev, f"working copy of {arr.what}")
+                    shape = self.borrow_shape(arr, packed)
+                    buf = pool.get(shape, dtype, dev, f"{'scratch' if packed else 'working copy'} of {arr.what}")
                     if arr.fmt.quant is not None and raw is not None:      # views the shared read
                         out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf)
                     elif arr.fmt.quant is not None:
@@ -271,15 +273,33 @@ class LayerWeights:
                 if defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)
                     pending.append(t.release)
+                elif t.out.numel() < _numel(padded_shape(t.parts.shape, t.parts.config)):
+                    raise RuntimeError(f"{name}: loaded with packed=True (scratch only) but finished without "
+                                       "defer; load and finish must agree")
                 else:
                     w[name] = dequantize(t.parts, t.out.dtype, t.out)
                     t.release()
         return pending
 
+    @staticmethod
+    def discard(w: dict) -> None:
+        """Give back the staging buffers `load`'s dict holds when it will not be finished."""
+        for t in w.values():
+            if isinstance(t, Packed):
+                t.release()
+
     def _ready(self, arr: TierArray) -> bool:
         return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype
 
-    def working_bytes(self, lookup=()) -> int:
+    @staticmethod
+    def borrow_shape(arr: TierArray, packed: bool = False) -> tuple:
+        """Shape of the float buffer `load` borrows for `arr` (not compute-ready on the device): its
+        whole working copy, or with `packed` for a 2-D quantized weight, `linear`'s scratch."""
+        if packed and arr.fmt.quant is not None and len(arr.shape) == 2:
+            return (min(scratch_elems(arr.shape, arr.fmt.quant), _numel(arr.fmt.work_shape(arr.shape))),)
+        return arr.fmt.work_shape(arr.shape)
+
+    def working_bytes(self, lookup=(), packed: bool = False) -> int:
         """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         total = 0
@@ -287,7 +307,7 @@ class LayerWeights:
             if name in lookup and a.fmt.quant is not None:
                 total += a.row_bytes if a.tier != "gpu" else 0
             elif not self._ready(a):
-                total += _numel(a.fmt.work_shape(a.shape)) * itemsize
+                total += _numel(self.borrow_shape(a, packed)) * itemsize
         return total
 
     def bytes_on(self, tier: str) -> int:

@@ -91,7 +91,8 @@ def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
     # rows: blocks of four and each remainder; groups padded inside (24, 2) and at the end; input
     # rows short of a 16-line pass
     for rows, (out_f, in_f), group in [(1, (130, 9), 64), (7, (64, 33), 16), (32, (257, 64), 128),
-                                       (5, (100, 20), 24), (64, (70, 47), 32), (2, (40, 5), 2)]:
+                                       (5, (100, 20), 24), (64, (70, 47), 32), (2, (40, 5), 2),
+                                       (203, (130, 40), 64)]:
         q = quantize(torch.randn(out_f, in_f), CompressionConfig(num_bits=4, group_size=group, group_dim=0))
         assert compression.use_kernel(rows, q)
         x = torch.randn(rows, in_f)
@@ -105,6 +106,12 @@ def test_packed_multiplies_of_several_micro_batches_only_where_the_kernel_takes_
     assert not compression.multiply_packed(16, 3, along_in)    # torch path: dequantize once per block
     assert compression.multiply_packed(16, 1, along_in)        # one use: in cache beats once via DRAM
     assert not compression.multiply_packed(compression.KERNEL_MAX_ROWS + 1, 1, along_out)
+    # one use goes to the kernel further than a copy several micro-batches share
+    assert compression.multiply_packed(compression.SHARED_MAX_ROWS + 1, 1, along_out)
+    assert not compression.multiply_packed(compression.SHARED_MAX_ROWS + 1, 2, along_out)
+    # the kernel runs on the CPU only: elsewhere the torch path's rule holds
+    assert not compression.multiply_packed(16, 3, along_out, on_cpu=False)
+    assert not compression.multiply_packed(compression.SHARED_MAX_ROWS + 1, 1, along_out, on_cpu=False)
 
 
 def test_without_the_kernel_the_torch_path_gives_the_same_product(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, MemoryBudgetError, Policy
-from engine import cost_model
+from engine import compression, cost_model
 from engine import policy_search as ps
 from engine.config import opt_config, read_hf_config
 from engine.hardware import Hardware
@@ -113,6 +113,9 @@ PLACEMENTS = [
          act_cpu_percent=100, compress_weight=True, compress_cache=True),
     dict(gpu_batch_size=4, w_gpu_percent=50, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=100,
          sep_layer=False),
+    # prefill's 320 rows dequantize whole 4-bit copies, decode's 32 multiply packed and borrow scratch
+    dict(gpu_batch_size=32, w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
+         compress_weight=True),
 ]
 
 
@@ -135,6 +138,29 @@ def test_predicted_peaks_match_the_engines_trackers(hw, small_opt, tmp_path, pla
         assert measured["gpu"] <= predicted["gpu"]
     else:         # without the I/O thread the next layer is always loaded before this one computes
         assert measured["gpu"] == predicted["gpu"]
+
+
+def test_decode_trims_prefills_working_copies_and_borrows_scratch_only(hw, small_opt, monkeypatch):
+    """Prefill (32 x 10 rows) dequantizes whole 4-bit working copies; decode's 32 rows a step are
+    multiplied packed, so at the switch the pool drops those copies and borrows only the scratch
+    compression.linear uses (a small CHUNK_ELEMS makes scratch smaller than a copy at this size)."""
+    monkeypatch.setattr(compression, "CHUNK_ELEMS", 256)
+    placement = dict(gpu_batch_size=32, cache_gpu_percent=0, cache_cpu_percent=100, compress_weight=True)
+    out = {}
+    for w_gpu in (0, 100):
+        policy = Policy(w_gpu_percent=w_gpu, **dict(placement, w_cpu_percent=100 - w_gpu), overlap=False)
+        llm = LLM.from_pretrained(small_opt, policy=policy, dummy=True, progress=False)
+        try:
+            prompts = torch.randint(3, 90, (32, 10), generator=torch.Generator().manual_seed(2))
+            out[w_gpu] = llm.generate(prompts.tolist(), max_new_tokens=4, ignore_eos=True)
+            idle = llm.pool.idle_bytes
+            whole = max(layer.weights.working_bytes() for layer in llm.layers)
+        finally:
+            llm.close()
+        pool = predict(read_hf_config(small_opt), hw, policy, 10, 4).pool_bytes
+        assert idle == pool["decode"] < pool["prefill"]     # what decode holds, measured and predicted
+        assert idle < whole                                 # less than one layer's working copies
+    assert out[0] == out[100]
 
 
 @pytest.mark.parametrize("tier", ["gpu", "cpu"])
