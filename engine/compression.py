@@ -141,13 +141,14 @@ def scratch_elems(shape, config: CompressionConfig) -> int:
 
 # Most rows the C kernel (engine/kernels/qlinear.c) takes. Measured per 16M-value weight (OPT-1.3b's
 # fc1, group 64), kernel against dequantizing whole and then one MKL matmul (which streams the 64 MB
-# float weight from DRAM). On a 2-core Xeon VM: 2 rows 3.0 against 13.6 + 8.0 ms, 16 rows 7.4 against
-# 13.6 + 18.3, 64 rows 28 against 13.6 + 38, 128 rows 52 against 13.9 + 43. On a 2-core EPYC VM
-# (benchmarks/qlinear_rows.py): 64 rows 9.5 against 4.5 + 13.6, 128 rows 19 against 4.4 + 22.9, 256
-# rows 38.6 against 4.5 + 41.5, 512 rows 86 against 4.7 + 80. So a weight used once (one micro-batch)
+# float weight from DRAM). Earlier, on this 2-core VM under heavy load: 2 rows 3.0 against
+# 13.6 + 8.0 ms, 16 rows 7.4 against 13.6 + 18.3, 64 rows 28 against 13.6 + 38, 128 rows 52 against
+# 13.9 + 43. On 2026-12-01, lightly loaded (benchmarks/qlinear_rows.py): 64 rows 9.5 against
+# 4.5 + 13.6, 128 rows 19 against 4.4 + 22.9, 256 rows 38.6 against 4.5 + 41.5, 512 rows 86 against
+# 4.7 + 80. So a weight used once (one micro-batch)
 # goes to the kernel up to 256 rows, which also needs no float copy of the weight in memory; ...
 KERNEL_MAX_ROWS = 256
-# ... but one dequantized copy serves every micro-batch of a block, and on the Xeon a matmul by it
+# ... but one dequantized copy serves every micro-batch of a block, and under load a matmul by it
 # beat the kernel past 64 rows (128: 43 against 52 ms), so several micro-batches share a copy there.
 SHARED_MAX_ROWS = 64
 

@@ -8,7 +8,7 @@ first cache load queued behind the next layer's weights, so that layer's compute
 The cache thread is FIFO, so a cache row stored at step i is always written before the load that
 reads it at step i + 1 is served. 4-bit weights cross the weights thread packed and are
 dequantized on the main thread (LayerWeights.finish), so that on a CPU the cores alternate between
-converting and computing instead of being oversubscribed; with up to 64 rows a micro-batch, the C
+converting and computing instead of being oversubscribed; with few rows a micro-batch, the C
 kernel multiplies them straight from the packed values instead (compression.multiply_packed).
 
 What overlap can win on a CPU-only virtual machine is limited: measured here, a thread doing
