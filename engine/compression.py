@@ -134,7 +134,7 @@ def _lines(shape, config: CompressionConfig) -> tuple[int, int]:
 
 def scratch_elems(shape, config: CompressionConfig) -> int:
     """Float values of scratch `linear` dequantizes into on the torch path for a 2-D weight of
-    `shape`: a cache-sized run of whole lines (one line at the least)."""
+    `shape`: a cache-sized run of whole lines (one line at the least, the whole padded weight at most)."""
     n_lines, padded_width = _lines(shape, config)
     return max(1, min(n_lines, CHUNK_ELEMS // padded_width)) * padded_width
 

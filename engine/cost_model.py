@@ -174,8 +174,7 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
             work_bytes = stored if lookup else math.prod(work) * itemsize
             # ... and when a step multiplies 2-D 4-bit weights packed, only linear's scratch
-            scratch = ((min(scratch_elems(shape, wcfg), math.prod(work)),)
-                       if q and not lookup and len(shape) == 2 else ())
+            scratch = (scratch_elems(shape, wcfg),) if q and not lookup and len(shape) == 2 else ()
             tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, aligned(stored)), q,
                                    work, work_bytes, lookup, tied, scratch, math.prod(scratch) * itemsize))
             done += n
@@ -488,22 +487,22 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
                 step += sec * count
     decode = step * max(0, gen_len - 1)
     m = memory_terms(st, p)
-    peaks, preflight = _peaks(st, m, max)
+    pool = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
+    peaks, preflight = _peaks(st, m, pool, max)
     fits = all(preflight[t] <= st.caps[t] and m["weights"][t] <= st.caps[t] for t in TIERS)
     tokens = policy.block_size * gen_len
-    pool = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
     return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, preflight, fits, pool, breakdown)
 
 
-def _peaks(st: Setup, m: dict, biggest) -> tuple[dict, dict]:
+def _peaks(st: Setup, m: dict, pooled: dict, biggest) -> tuple[dict, dict]:
     """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement.
 
     On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
     copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
     before this one is done, as without overlap; fewer when the I/O thread runs late, so with overlap
     this is an upper bound), and trims idle ones when the budget is hit and when the phase changes
-    what it borrows (whole copies for prefill, scratch for packed multiplies in decode)."""
-    pooled = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
+    what it borrows (whole copies for prefill, scratch for packed multiplies in decode): `pooled`,
+    phase -> those bytes (_pooled)."""
     peaks = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]

@@ -296,7 +296,7 @@ class LayerWeights:
         """Shape of the float buffer `load` borrows for `arr` (not compute-ready on the device): its
         whole working copy, or with `packed` for a 2-D quantized weight, `linear`'s scratch."""
         if packed and arr.fmt.quant is not None and len(arr.shape) == 2:
-            return (min(scratch_elems(arr.shape, arr.fmt.quant), _numel(arr.fmt.work_shape(arr.shape))),)
+            return (scratch_elems(arr.shape, arr.fmt.quant),)
         return arr.fmt.work_shape(arr.shape)
 
     def working_bytes(self, lookup=(), packed: bool = False) -> int:
