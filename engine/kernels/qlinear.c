@@ -10,13 +10,16 @@
  * Work: output columns in tiles of groups, split among threads, each accumulating into a y tile
  * of its own. Within a tile, LINES input rows at a time: each group's LINES x group 4-bit values
  * are unpacked into a float buffer in L1 once, then multiplied into every row of x as a small
- * matrix product, ROWS rows by 16 columns of y held in registers over all LINES lines (like a
+ * matrix product, ROWS rows by COLS columns of y held in registers over all LINES lines (like a
  * GEMM micro-kernel: per line, 2 vector loads of q and ROWS broadcasts feed 2 x ROWS multiply-adds,
  * so the FMA units, not the loads, set the pace). One thread, OPT-1.3b's 16M-value fc1 weight:
  * 16 rows in 9.6 ms, 1 row in 3.1 ms (the previous kernel, one row at a time: 21-27 and 4.5 ms).
- * Groups are padded to a multiple of 16 columns with zeros. Built by engine/kernels/__init__.py
+ * Groups are padded to a multiple of COLS columns with zeros. Built by engine/kernels/__init__.py
  * with gcc -O3 -march=native -fopenmp; vectors are GCC's generic vector extension, which that
- * lowers to AVX2/FMA here; the unpacking uses AVX2 intrinsics where the CPU has them. */
+ * lowers to AVX2/FMA or, with 16-float registers (COLS 32), to AVX-512; the unpacking uses AVX2
+ * intrinsics where the CPU has them. On the AVX-512 Xeon this VM moved to (2026-12-05, both
+ * threads, benchmarks/qlinear_rows.py): 16-float registers took fc1 at 64 rows from 15.8 to
+ * 12.7 ms; whole-thread tiles (below) took 56 rows of the 2048-wide weights from 3.4 to 2.7 ms. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,11 +28,22 @@
 #endif
 
 #define LINES 16            /* input rows per pass: the depth of each register-held sum (two vectors of x) */
-#define ROWS 4              /* rows of x per register block (6 measured slower at 8 and 16 rows) */
+#define ROWS 4              /* rows of x per register block (AVX2: 6 slower at 8 and 16 rows; AVX-512: 6, 8 and 12
+                               within 3% of 4 at 16 to 256 rows, 2026-12-05) */
 #define MAX_GROUP 256
 #define TILE_FLOATS 32768   /* a thread's y tile: 128 KB in L2, loaded and stored once per LINES lines */
 
 typedef float v8 __attribute__((vector_size(32)));
+/* y columns in the micro-kernel: one register of 16 floats where the CPU has AVX-512, else of 8 */
+#ifdef __AVX512F__
+typedef float vq __attribute__((vector_size(64)));
+#define VQ 16
+#else
+typedef v8 vq;
+#define VQ 8
+#endif
+#define COLS (2 * VQ)       /* y columns per micro-kernel step: two registers a row */
+#define ALIGN 64
 
 typedef struct {
     const uint8_t *packed; const float *step, *minimum, *x; float *y;
@@ -67,16 +81,16 @@ static void unpack(const job_t *j, int i0, int lines, int g, float *restrict q) 
  * constant at each call, so the compiler keeps the 2R sums in registers. */
 static inline __attribute__((always_inline))
 void micro(const int R, const float *restrict a, int as, const float *restrict q, int gpad, float *restrict yt, int ys) {
-    for (int k = 0; k < gpad; k += 16) {
-        v8 acc[ROWS][2];
+    for (int k = 0; k < gpad; k += COLS) {
+        vq acc[ROWS][2];
         for (int r = 0; r < R; r++) {
-            acc[r][0] = *(const v8 *)(yt + (size_t)r * ys + k);
-            acc[r][1] = *(const v8 *)(yt + (size_t)r * ys + k + 8);
+            acc[r][0] = *(const vq *)(yt + (size_t)r * ys + k);
+            acc[r][1] = *(const vq *)(yt + (size_t)r * ys + k + VQ);
         }
         for (int l = 0; l < LINES; l++) {
-            v8 q0 = *(const v8 *)(q + l * gpad + k), q1 = *(const v8 *)(q + l * gpad + k + 8);
-#if defined(__x86_64__) || defined(__i386__)
-            __asm__("" : "+x"(q0), "+x"(q1));          /* load once into registers, not once per row */
+            vq q0 = *(const vq *)(q + l * gpad + k), q1 = *(const vq *)(q + l * gpad + k + VQ);
+#ifdef __AVX__                                      /* (a 32-byte vector fits no SSE-only register) */
+            __asm__("" : "+v"(q0), "+v"(q1));          /* load once into registers, not once per row */
 #endif
             for (int r = 0; r < R; r++) {
                 const float s = a[r * as + l];
@@ -85,15 +99,15 @@ void micro(const int R, const float *restrict a, int as, const float *restrict q
             }
         }
         for (int r = 0; r < R; r++) {
-            *(v8 *)(yt + (size_t)r * ys + k) = acc[r][0];
-            *(v8 *)(yt + (size_t)r * ys + k + 8) = acc[r][1];
+            *(vq *)(yt + (size_t)r * ys + k) = acc[r][0];
+            *(vq *)(yt + (size_t)r * ys + k + VQ) = acc[r][1];
         }
     }
 }
 
 /* Output columns of groups t * tile .. (t + 1) * tile. Scratch (s->...): yt (rows x tile * gpad), b
  * (rows x tile x 8), a (rows x tile x LINES), sm (2 x tile x LINES), q (LINES x gpad, zero at the
- * start); yt and q 32-byte aligned. */
+ * start); yt and q ALIGN-byte aligned. */
 typedef struct { float *yt, *b, *a, *sm, *q; } scratch_t;
 
 static void run_tile(const job_t *j, int t, const scratch_t *s) {
@@ -158,19 +172,21 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
 int qlinear_out_groups(const uint8_t *packed, const float *step, const float *minimum, const float *x,
                        float *y, int rows, int in, int out, int group, int groups_per_line, int threads) {
     if (group > MAX_GROUP || group < 2 || group % 2 || rows < 1 || threads < 1) return 1;
-    const int gpad = (group + 15) / 16 * 16;
-    int tile = TILE_FLOATS / (gpad * rows);         /* groups per tile, and at least one tile a thread */
-    if (tile > (groups_per_line + threads - 1) / threads) tile = (groups_per_line + threads - 1) / threads;
+    const int gpad = (group + COLS - 1) / COLS * COLS;
+    int tile = TILE_FLOATS / (gpad * rows);         /* groups per tile, at most what fits in L2 ... */
     if (tile < 1) tile = 1;
-    const int tiles = (groups_per_line + tile - 1) / tile;
+    int tiles = (groups_per_line + tile - 1) / tile;  /* ... and a multiple of `threads` tiles of near equal */
+    tiles = (tiles + threads - 1) / threads * threads; /* width, so no thread idles at the end (56 rows by */
+    tile = (groups_per_line + tiles - 1) / tiles;      /* 128 groups: 8 tiles each, not 8 and 7) */
+    tiles = (groups_per_line + tile - 1) / tile;
     const job_t j = {packed, step, minimum, x, y, rows, in, out, group, gpad, groups_per_line, tile};
     int failed = 0;
     #pragma omp parallel num_threads(threads < tiles ? threads : tiles) reduction(|:failed)
     {
         const size_t yt_bytes = sizeof(float) * (size_t)rows * tile * gpad, q_bytes = sizeof(float) * LINES * gpad;
         const size_t a_bytes = sizeof(float) * (size_t)rows * tile * LINES, b_bytes = sizeof(v8) * (size_t)rows * tile;
-        const scratch_t s = {aligned_alloc(32, yt_bytes), aligned_alloc(32, b_bytes), aligned_alloc(32, a_bytes),
-                             aligned_alloc(32, sizeof(float) * 2 * tile * LINES), aligned_alloc(32, q_bytes)};
+        const scratch_t s = {aligned_alloc(ALIGN, yt_bytes), aligned_alloc(ALIGN, b_bytes), aligned_alloc(ALIGN, a_bytes),
+                             aligned_alloc(ALIGN, sizeof(float) * 2 * tile * LINES), aligned_alloc(ALIGN, q_bytes)};
         const int ok = s.yt && s.b && s.a && s.sm && s.q;
         failed = !ok;
         if (s.q) memset(s.q, 0, q_bytes);
