@@ -66,19 +66,26 @@ def engine_commit() -> str:
         return "unknown"
 
 
-def machine_header() -> str:
+def machine_line() -> str:
+    """This machine and library set in one line; every section starts with it."""
     v = versions()
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores; RAM {ram_bytes() / 2**30:.1f} GiB; no GPU; "
+            f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+            f"accelerate {v['accelerate']}")
+
+
+def machine_header() -> str:
     return "\n".join([
         "# Benchmarks",
         "",
-        "Every number below was measured on this machine by the script named in its section "
-        "(see benchmarks/README.md); each section states the machine load while it ran. "
+        "Every number below was measured by the script named in its section (see benchmarks/README.md) "
+        "on the machine named in its first line; each section states the machine load while it ran. "
         "Other engineers share the machine, so absolute rates move with the load; ratios inside a "
-        "section come from the same run.",
+        "section come from the same run. The VM's CPU changed under this project on 2026-12-05 (from "
+        "an AMD EPYC with AVX2 to an Intel Xeon with AVX-512 and AMX): compare absolute numbers only "
+        "between sections from the same CPU.",
         "",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores; RAM {ram_bytes() / 2**30:.1f} GiB; no GPU",
-        f"- python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"accelerate {v['accelerate']}",
+        f"- now: {machine_line()}",
         f"- last section written: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
     ])
 
@@ -110,12 +117,20 @@ def _write_locked(doc: Path, name: str, markdown: str) -> Path:
     order = [n for n, _ in sections if n != HEADER]
     if name not in order:
         order.append(name)
-    bodies[name] = markdown
+    bodies[name] = _with_machine(markdown)
     parts = [_block(HEADER, machine_header())] + [_block(n, bodies[n]) for n in order]
     tmp = doc.with_suffix(".md.tmp")
     tmp.write_text("\n\n".join(parts) + "\n")
     os.replace(tmp, doc)
     return doc
+
+
+def _with_machine(markdown: str) -> str:
+    """The section with the machine line after its title (or first, without a title)."""
+    title, sep, rest = markdown.strip().partition("\n")
+    if title.startswith("#") and sep:
+        return f"{title}\n\n{machine_line()}\n{rest}"
+    return f"{machine_line()}\n\n{markdown.strip()}"
 
 
 def publish(name: str, markdown: str, write: bool) -> None:
