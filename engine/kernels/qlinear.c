@@ -18,8 +18,10 @@
  * with gcc -O3 -march=native -fopenmp; vectors are GCC's generic vector extension, which that
  * lowers to AVX2/FMA or, with 16-float registers (COLS 32), to AVX-512; the unpacking uses AVX2
  * intrinsics where the CPU has them. On the AVX-512 Xeon this VM moved to (2026-12-05, both
- * threads, benchmarks/qlinear_rows.py): 16-float registers took fc1 at 64 rows from 15.8 to
- * 12.7 ms; whole-thread tiles (below) took 56 rows of the 2048-wide weights from 3.4 to 2.7 ms. */
+ * threads, fc1 at 64 rows): 16-float registers took it from 15.8 to 12.7 ms; whole-thread tiles
+ * (below) took 56 rows of the 2048-wide weights from 3.4 to 2.7 ms; prefetching the next pass's
+ * packed lines, 64 lines a pass instead of 16 and 8 rows a block instead of 4 (AVX-512 has 32
+ * registers), from 12.4 to 9.8 ms: 220 GFLOP/s, MKL's fp32 matmul by the float weight 8.8 ms. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,9 +29,13 @@
 #include <immintrin.h>
 #endif
 
-#define LINES 16            /* input rows per pass: the depth of each register-held sum (two vectors of x) */
-#define ROWS 4              /* rows of x per register block (AVX2: 6 slower at 8 and 16 rows; AVX-512: 6, 8 and 12
-                               within 3% of 4 at 16 to 256 rows, 2026-12-05) */
+#define LINES 64            /* input rows per pass: the depth of each register-held sum (AVX-512, 64 rows of
+                               x: 16 lines 12.4 ms, 32 11.3, 64 10.7, 128 11.2; AVX2 code 64 as fast as 16) */
+#ifdef __AVX512F__                                  /* rows of x per register block: 2 x ROWS sums in registers */
+#define ROWS 8              /* of 32 (LINES 64: 4 rows 10.6 ms, 6 rows 10.2, 8 rows 9.8, 12 rows 10.7 at 64 rows) */
+#else
+#define ROWS 4              /* of 16 (AVX2: 6 measured slower at 8 and 16 rows) */
+#endif
 #define MAX_GROUP 256
 #define TILE_FLOATS 32768   /* a thread's y tile: 128 KB in L2, loaded and stored once per LINES lines */
 
@@ -118,8 +124,17 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
     v8 *restrict b = (v8 *)s->b;                     /* x * minimum, 8 partial sums per row and group */
     memset(yt, 0, sizeof(float) * (size_t)rows * ys);
     memset(b, 0, sizeof(v8) * (size_t)rows * tile);
+    const size_t half = j->group / 2, span = (size_t)ng * half;      /* packed bytes of the tile, a line */
     for (int i0 = 0; i0 < j->in; i0 += LINES) {
         const int lines = i0 + LINES <= j->in ? LINES : j->in - i0;
+        /* the next pass's lines lie a page apart, which the hardware prefetcher does not follow: ask
+         * for them now, so they arrive from DRAM while this pass computes */
+        for (int l = i0 + LINES; l < i0 + 2 * LINES && l < j->in; l++) {
+            const size_t at = (size_t)l * gl + g0;
+            for (size_t b = 0; b < span; b += 64) __builtin_prefetch(j->packed + at * half + b);
+            __builtin_prefetch(j->step + at);
+            __builtin_prefetch(j->minimum + at);
+        }
         for (int gi = 0; gi < ng; gi++)                 /* this pass's steps and minimums, lines fastest */
             for (int l = 0; l < LINES; l++) {
                 const size_t at = (size_t)(i0 + l) * gl + g0 + gi;
@@ -127,16 +142,17 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
                 mt[gi * LINES + l] = l < lines ? j->minimum[at] : 0.f;
             }
         for (int n = 0; n < rows; n++) {                /* a = x * step; b += x * minimum */
-            v8 x0, x1;
             float xs[LINES] __attribute__((aligned(32))) = {0};
             memcpy(xs, j->x + (size_t)n * j->in + i0, sizeof(float) * lines);
-            x0 = *(v8 *)xs; x1 = *(v8 *)(xs + 8);
+            const v8 *xv = (const v8 *)xs;
             for (int gi = 0; gi < ng; gi++) {
                 const v8 *sv = (const v8 *)(st + gi * LINES), *mv = (const v8 *)(mt + gi * LINES);
-                v8 *av = (v8 *)(a + ((size_t)n * tile + gi) * LINES);
-                av[0] = x0 * sv[0];
-                av[1] = x1 * sv[1];
-                b[(size_t)n * tile + gi] += x0 * mv[0] + x1 * mv[1];
+                v8 *av = (v8 *)(a + ((size_t)n * tile + gi) * LINES), bn = b[(size_t)n * tile + gi];
+                for (int c = 0; c < LINES / 8; c++) {
+                    av[c] = xv[c] * sv[c];
+                    bn += xv[c] * mv[c];
+                }
+                b[(size_t)n * tile + gi] = bn;
             }
         }
         for (int gi = 0; gi < ng; gi++) {
@@ -146,6 +162,7 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
             const int as = tile * LINES;
             int n = 0;
             for (; n + ROWS <= rows; n += ROWS) micro(ROWS, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys);
+            for (; n + 4 <= rows; n += 4) micro(4, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys);
             switch (rows - n) {
                 case 3: micro(3, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys); break;
                 case 2: micro(2, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys); break;

@@ -88,11 +88,11 @@ def test_linear_on_a_quantized_weight_equals_multiplying_the_dequantized_one(bit
 def test_the_c_kernel_builds_here_and_matches_torch_on_odd_shapes():
     from engine import kernels
     assert kernels.qlinear() is not None, "gcc is on every machine of this project: the kernel must build"
-    # rows: blocks of four and each remainder; groups padded inside (24, 2) and at the end; input
-    # rows short of a 16-line pass
+    # rows: whole blocks (8 with AVX-512, else 4), blocks of four and each remainder; groups padded
+    # inside (24, 2) and at the end; input rows short of one 64-line pass, and two passes and a tail
     for rows, (out_f, in_f), group in [(1, (130, 9), 64), (7, (64, 33), 16), (32, (257, 64), 128),
                                        (5, (100, 20), 24), (64, (70, 47), 32), (2, (40, 5), 2),
-                                       (203, (130, 40), 64)]:
+                                       (203, (130, 40), 64), (12, (70, 150), 32)]:
         q = quantize(torch.randn(out_f, in_f), CompressionConfig(num_bits=4, group_size=group, group_dim=0))
         assert compression.use_kernel(rows, q)
         x = torch.randn(rows, in_f)
