@@ -150,12 +150,12 @@ def scratch_elems(shape, config: CompressionConfig) -> int:
 KERNEL_MAX_ROWS = 256
 # ... but one dequantized copy serves every micro-batch of a block, and under load a matmul by it
 # beat the kernel past 64 rows (128: 43 against 52 ms), so several micro-batches share a copy there.
-# On 2026-12-05 the VM came back on an Intel Xeon with AVX-512, where MKL gains more than the kernel
-# did: 64 rows 12.7 against 8.6 + 8.8, 128 rows 23.9 against 9.2 + 15.8, 256 rows 52 against
-# 9.2 + 29.8. There the kernel still wins up to 128 rows for one micro-batch but loses past 256 by
-# 1.3x, and a shared copy wins from 16 rows on. These limits are kept for the AMD numbers above;
-# which CPU a user has is not known here, and choosing the path by timing at run time would make
-# the tokens (kernel and MKL round differently) depend on the machine's load.
+# On 2026-12-05 the VM came back on an Intel Xeon with AVX-512, where MKL gained more than the
+# AVX2 kernel: 256 rows 52 against 10 + 29 ms. With the kernel's AVX-512 blocks: 64 rows 9.6
+# against 10.6 + 8.8, 128 rows 18.6 against 10.1 + 15.8, 256 rows 37.1 against 10.1 + 29.0, so
+# the limit holds there too; but a shared copy's matmul alone (8.8 ms at 64 rows) beats the kernel
+# from about 64 rows on. The limits stay one pair for every CPU: choosing the path by timing at
+# run time would make the tokens (kernel and MKL round differently) depend on the machine's load.
 SHARED_MAX_ROWS = 64
 
 
