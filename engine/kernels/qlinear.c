@@ -32,9 +32,9 @@
 #define LINES 64            /* input rows per pass: the depth of each register-held sum (AVX-512, 64 rows of
                                x: 16 lines 12.4 ms, 32 11.3, 64 10.7, 128 11.2; AVX2 code 64 as fast as 16) */
 #ifdef __AVX512F__                                  /* rows of x per register block: 2 x ROWS sums in registers */
-#define ROWS 8              /* of 32 (LINES 64: 4 rows 10.6 ms, 6 rows 10.2, 8 rows 9.8, 12 rows 10.7 at 64 rows) */
+#define ROWS 8              /* 16 of 32 registers (LINES 64: 4 rows 10.6 ms, 6 rows 10.2, 8 rows 9.8, 12 rows 10.7 at 64 rows) */
 #else
-#define ROWS 4              /* of 16 (AVX2: 6 measured slower at 8 and 16 rows) */
+#define ROWS 4              /* 8 of 16 registers (AVX2: 6 measured slower at 8 and 16 rows) */
 #endif
 #define MAX_GROUP 256
 #define TILE_FLOATS 32768   /* a thread's y tile: 128 KB in L2, loaded and stored once per LINES lines */
@@ -131,7 +131,7 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
          * for them now, so they arrive from DRAM while this pass computes */
         for (int l = i0 + LINES; l < i0 + 2 * LINES && l < j->in; l++) {
             const size_t at = (size_t)l * gl + g0;
-            for (size_t b = 0; b < span; b += 64) __builtin_prefetch(j->packed + at * half + b);
+            for (size_t off = 0; off < span; off += 64) __builtin_prefetch(j->packed + at * half + off);
             __builtin_prefetch(j->step + at);
             __builtin_prefetch(j->minimum + at);
         }
@@ -161,13 +161,15 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
             const float *ag = a + gi * LINES;
             const int as = tile * LINES;
             int n = 0;
-            for (; n + ROWS <= rows; n += ROWS) micro(ROWS, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys);
-            for (; n + 4 <= rows; n += 4) micro(4, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys);
+#define MICRO(R) micro(R, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys)
+            for (; n + ROWS <= rows; n += ROWS) MICRO(ROWS);
+            for (; n + 4 <= rows; n += 4) MICRO(4);     /* (blocks of 8: the rest in fours) */
             switch (rows - n) {
-                case 3: micro(3, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys); break;
-                case 2: micro(2, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys); break;
-                case 1: micro(1, ag + (size_t)n * as, as, s->q, gpad, yg + (size_t)n * ys, ys); break;
+                case 3: MICRO(3); break;
+                case 2: MICRO(2); break;
+                case 1: MICRO(1); break;
             }
+#undef MICRO
         }
     }
     for (int n = 0; n < rows; n++)                      /* y = tile + minimum's share, real columns only */
