@@ -20,7 +20,8 @@ Rows:
      transformers `generate` at the same batch.
   3. Disk-bound: the engine with overlap on and off (small batch, decode only matters), with fp16
      weights (the disk takes ~10x the compute: little to hide) and with 4-bit weights (the two
-     are about even: the case overlap exists for).
+     are about even: the case overlap exists for), at gen 16 and, with 4-bit weights, at gen 64
+     (prefill is compute-bound and the same either way, so a longer run shows the decode's gain).
 
 For every row, the roofline floor T_min = max(FLOPs / fp32 matmul rate, disk bytes / O_DIRECT
 read bandwidth), with both rates probed right before and after that row (the machine is shared,
@@ -96,8 +97,12 @@ MODES = {
         # the engine's larger batch at transformers' peak RSS (its batch-16 run: 7.73 GiB, the engine's
         # 6.47; 16 more sequences of 96 positions add 0.6 GB of fp32 cache)
         in_memory_larger={(32, 64): 32},
-        # rounds alternate on and off: the disk's rate drifts between 0.6 and 2.9 GB/s within minutes here
-        overlap=dict(shape=(32, 16), block=(16, 1), variants=[[], ["--compress-weight"]], rounds=3),
+        # rounds alternate on and off: the disk's rate drifts between 0.6 and 2.9 GB/s within minutes here.
+        # Prefill is compute-bound and takes the same time either way (8 s of an 18 s run at gen 16 with
+        # 4-bit weights), so a second case generates 64 tokens, where decode (read and compute about
+        # even with 4-bit weights at batch 16) is most of the run
+        overlap=[dict(shape=(32, 16), block=(16, 1), variants=[[], ["--compress-weight"]], rounds=3),
+                 dict(shape=(32, 64), block=(16, 1), variants=[["--compress-weight"]], rounds=3)],
     ),
     "quick": dict(
         model="opt-125m", cap_gib=1.6,
@@ -106,7 +111,7 @@ MODES = {
         accelerate_batches={(32, 8): [4]},
         engine_blocks={(32, 8): [(8, 1)]},
         in_memory_batch={(32, 8): 4},
-        overlap=dict(shape=(16, 8), block=(8, 1)),
+        overlap=[dict(shape=(16, 8), block=(8, 1))],
     ),
 }
 
@@ -262,22 +267,30 @@ def plan(mode: dict, ckpt: Path, work: Path) -> dict[str, list[Row]]:
                   engine_cmd(ckpt, (eb, 1), shape, j(f"engmem-{tag}-b{eb}"), ALL_IN_MEMORY, eng_off),
                   j(f"engmem-{tag}-b{eb}"))
               for eb in [b] + [x for x in [mode.get("in_memory_larger", {}).get(shape)] if x]]]
-    ov = mode["overlap"]
-    shape, (g, k) = ov["shape"], ov["block"]
-    tag = f"p{shape[0]}g{shape[1]}"
-    rounds = ov.get("rounds", 1)
-    groups["overlap"] = [
-        Row("overlap", "overlap", "engine", _overlap_label(mode, o, flags, r), shape, g * k,
-            engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), W_DISK_CACHE_CPU,
-                       eng_off, overlap=o, extra=flags),
-            j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), round=r + 1 if rounds > 1 else None)
-        for r in range(rounds) for flags in ov.get("variants", [[]]) for o in (1, 0)]
+    for case in mode["overlap"]:
+        shape, (g, k) = case["shape"], case["block"]
+        tag = f"p{shape[0]}g{shape[1]}"
+        rounds = case.get("rounds", 1)
+        key = _overlap_key(mode, case)
+        groups[key] = [
+            Row(key, "overlap", "engine", _overlap_label(case, o, flags, r), shape, g * k,
+                engine_cmd(ckpt, (g, k), shape, j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), W_DISK_CACHE_CPU,
+                           eng_off, overlap=o, extra=flags),
+                j(f"ov{o}-{tag}{_flag_tag(flags)}{_round_tag(r)}"), round=r + 1 if rounds > 1 else None)
+            for r in range(rounds) for flags in case.get("variants", [[]]) for o in (1, 0)]
     return groups
 
 
-def _overlap_label(mode: dict, overlap: int, flags, r: int) -> str:
+def _overlap_key(mode: dict, case: dict) -> str:
+    """The plan group of an overlap case: "overlap" for the first (the name older runs saved),
+    "overlap-p32g64" and so on for the others."""
+    p, gen = case["shape"]
+    return "overlap" if case is mode["overlap"][0] else f"overlap-p{p}g{gen}"
+
+
+def _overlap_label(case: dict, overlap: int, flags, r: int) -> str:
     """The label of an overlap row: on or off, extra engine flags, round r (0-based)."""
-    (p, gen), (g, k) = mode["overlap"]["shape"], mode["overlap"]["block"]
+    (p, gen), (g, k) = case["shape"], case["block"]
     return f"engine-overlap{overlap}-p{p}g{gen}-b{g}x{k}{_flag_tag(flags)}{_round_tag(r)}"
 
 
@@ -420,32 +433,48 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
             bws = [p["disk_read_bytes_per_s"] / 1e9 for p in rows_probe]
             out.append(f"- Probes during these rows: fp32 matmul {min(mms):.0f}-{max(mms):.0f} GFLOP/s, "
                        f"O_DIRECT read {min(bws):.2f}-{max(bws):.2f} GB/s.")
-    ov = [r for r in rows if r.group == "overlap"]
-    if ov:
-        shape = ov[0].shape
-        out += ["", f"### Disk-bound: overlap on vs off (prompt {shape[0]}, gen {shape[1]}, "
-                    f"batch {ov[0].batch}, weights 100% on disk)", ""]
-        out.append(_doc.md_table(HEAD, [fmt_row(r, m, None) for r in ov]))
-        out.append("")
-        by_label = {r.label: r for r in ov if r.ok}
-        for flags in mode["overlap"].get("variants", [[]]):
-            on, off = ([by_label[x] for x in (_overlap_label(mode, o, flags, r)
-                                              for r in range(mode["overlap"].get("rounds", 1))) if x in by_label]
-                       for o in (1, 0))
-            what = " ".join(flags).replace("--compress-weight", "4-bit weights") or "fp16 weights"
-            if len(on) > 1 and len(on) == len(off):
-                tps = lambda rs: [r.result["total_tokens_per_s"] for r in rs]
-                pairs = [a / b for a, b in zip(tps(on), tps(off))]
-                out.append(f"- Overlap on vs off, {what}: **{statistics.median(tps(on)) / statistics.median(tps(off)):.2f}x** "
-                           f"(median tok/s of {len(on)} alternating runs each; round by round "
-                           f"{min(pairs):.2f}-{max(pairs):.2f}x).")
-            else:
-                out.append(f"- Overlap on vs off, {what}: **{ratio(on[0] if on else None, off[0] if off else None)}**.")
+    for case in mode["overlap"]:
+        ov = [r for r in rows if r.key == _overlap_key(mode, case)]
+        if ov:
+            out += ["", *_overlap_section(case, ov, m)]
+    if any(r.group == "overlap" for r in rows):
         out.append("- The ceiling this machine sets on overlap is measured by `benchmarks/disk_contention.py` "
                    "(section `What a disk read costs the compute`).")
-    out += ["", f"![throughput vs effective batch]({PLOT.stem}{suffix}.png)", ""]
+    if any(r.group != "overlap" for r in rows):
+        out += ["", f"![throughput vs effective batch]({PLOT.stem}{suffix}.png)"]
+    out += [""]
     out.append("Raw per-run logs and JSON: the `--work` folder (default /tmp/flexwrangle-bench).")
     return "\n".join(out)
+
+
+def _overlap_section(case: dict, ov: list[Row], m: dict) -> list[str]:
+    """The table of one overlap case and, per engine-flag variant, overlap on vs off: total
+    throughput (median of the alternating rounds) and the decode step alone (prefill takes the
+    same compute-bound time either way)."""
+    shape = case["shape"]
+    out = [f"### Disk-bound: overlap on vs off (prompt {shape[0]}, gen {shape[1]}, "
+           f"batch {ov[0].batch}, weights 100% on disk)", ""]
+    out.append(_doc.md_table(HEAD, [fmt_row(r, m, None) for r in ov]))
+    out.append("")
+    by_label = {r.label: r for r in ov if r.ok}
+    for flags in case.get("variants", [[]]):
+        on, off = ([by_label[x] for x in (_overlap_label(case, o, flags, r)
+                                          for r in range(case.get("rounds", 1))) if x in by_label]
+                   for o in (1, 0))
+        what = " ".join(flags).replace("--compress-weight", "4-bit weights") or "fp16 weights"
+        if not on or len(on) != len(off):
+            out.append(f"- Overlap on vs off, {what}: **n/a** (rounds missing).")
+            continue
+        med = lambda rs, k: statistics.median(r.result[k] for r in rs)
+        pairs = [a.result["total_tokens_per_s"] / b.result["total_tokens_per_s"] for a, b in zip(on, off)]
+        rounds = (f"median tok/s of {len(on)} alternating runs each; round by round "
+                  f"{min(pairs):.2f}-{max(pairs):.2f}x" if len(on) > 1 else "one run each")
+        step = lambda rs: med(rs, "decode_s") / max(1, shape[1] - 1)
+        out.append(f"- Overlap on vs off, {what}: **{med(on, 'total_tokens_per_s') / med(off, 'total_tokens_per_s'):.2f}x** "
+                   f"({rounds}). The decode step alone: {step(off):.2f} s off, {step(on):.2f} s on "
+                   f"(**{step(off) / step(on):.2f}x**); prefill {med(off, 'prefill_s'):.1f} s off, "
+                   f"{med(on, 'prefill_s'):.1f} s on.")
+    return out
 
 
 def _desc(r: Row | None) -> str:
@@ -559,10 +588,12 @@ def main(argv=None) -> int:
     print(md)
     write = args.write_doc or not (args.quick or args.render_only)
     png = PLOT.with_name(PLOT.stem + suffix + ".png")
-    plot(rows, mode, cap, png if write else work / png.name)
+    plotted = any(r.group != "overlap" for r in rows)    # the plot has no overlap rows
+    if plotted:
+        plot(rows, mode, cap, png if write else work / png.name)
     if write:
         _doc.write_section(SECTION + suffix, md)
-        print(f"wrote {_doc.DOC} and {png}")
+        print(f"wrote {_doc.DOC}" + (f" and {png}" if plotted else ""))
     return 0
 
 
