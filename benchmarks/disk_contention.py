@@ -144,8 +144,8 @@ def render(rounds: list[dict], nbytes: int, argv: list[str], started: str, loads
                    f"{med(r['compute_in_both'] / r['C'] for r in rs):.2f}x its serial time and the read "
                    f"{med(r['read_in_both'] / r['L'] for r in rs):.2f}x (medians); steal {med(r['steal_both'] for r in rs):.2f} s "
                    f"at once against {med(r['steal_serial'] for r in rs):.2f} s serial (medians).")
-    gains = [r["gain"] for r in rounds]
-    if statistics.median(gains) < 1.3:
+    gain = statistics.median(r["gain"] for r in rounds)
+    if gain < 1.3:
         out.append("- Steal appears only while the jobs overlap: the hypervisor emulates the disk on the physical "
                    "cores behind these vCPUs, in their idle time when the read runs alone and out of the "
                    "compute's time when both run. So overlapping here moves the read's cost onto the compute "
@@ -154,7 +154,7 @@ def render(rounds: list[dict], nbytes: int, argv: list[str], started: str, loads
                    "On a GPU machine, the case FlexGen's schedule was built for, the reads go by DMA over PCIe "
                    "while the GPU computes.")
     else:
-        out.append(f"- Overlapping hides the read here: the median round gains {statistics.median(gains):.2f}x of a "
+        out.append(f"- Overlapping hides the read here: the median round gains {gain:.2f}x of a "
                    f"perfect {statistics.median(r['perfect'] for r in rounds):.2f}x, and the hypervisor takes "
                    f"{statistics.median(r['steal_both'] for r in rounds):.2f} s of steal while both run (median), "
                    "so the disk's emulation leaves the compute's cores alone (the engine's own rows are in the "

@@ -440,11 +440,16 @@ def render(mode_name: str, mode: dict, rows: list[Row], m: dict, cap: int, start
     if any(r.group == "overlap" for r in rows):
         out.append("- The ceiling this machine sets on overlap is measured by `benchmarks/disk_contention.py` "
                    "(section `What a disk read costs the compute`).")
-    if any(r.group != "overlap" for r in rows):
+    if _plotted(rows):
         out += ["", f"![throughput vs effective batch]({PLOT.stem}{suffix}.png)"]
     out += [""]
     out.append("Raw per-run logs and JSON: the `--work` folder (default /tmp/flexwrangle-bench).")
     return "\n".join(out)
+
+
+def _plotted(rows: list[Row]) -> bool:
+    """Whether a set has rows for the throughput plot (overlap rows are not plotted)."""
+    return any(r.group != "overlap" for r in rows)
 
 
 def _overlap_section(case: dict, ov: list[Row], m: dict) -> list[str]:
@@ -588,7 +593,7 @@ def main(argv=None) -> int:
     print(md)
     write = args.write_doc or not (args.quick or args.render_only)
     png = PLOT.with_name(PLOT.stem + suffix + ".png")
-    plotted = any(r.group != "overlap" for r in rows)    # the plot has no overlap rows
+    plotted = _plotted(rows)
     if plotted:
         plot(rows, mode, cap, png if write else work / png.name)
     if write:
