@@ -16,6 +16,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -416,6 +417,17 @@ class TierArray:
                 del raw
                 STAGING.put(staging)
 
+    def read_bytes(self, raw: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Row 0's bytes (1, row_bytes) and a function to call once they are used: `raw` when the
+        caller already read them (a shared read it keeps alive), else a disk staging buffer (held
+        until that call) or a view of this array's memory."""
+        if raw is not None:
+            return raw, _nothing
+        if self.file is not None:
+            raw, staging = self._read_rows(0, 1)
+            return raw, lambda: STAGING.put(staging)
+        return self.data[0:1], _nothing
+
     def read_quantized(self, device: torch.device, out: torch.Tensor | None = None,
                        raw: torch.Tensor | None = None):
         """Row 0 of a quantized array as its packed parts on `device`, not dequantized, and a function
@@ -423,16 +435,14 @@ class TierArray:
         it; without, the parts may view a disk staging buffer (held until that call) or this array.
         `raw`: row 0's bytes already read by the caller, who keeps them alive (a shared read)."""
         release = _nothing
-        if raw is not None:
-            out = out.copy_(raw[0]) if out is not None else raw[0]
-        elif self.file is not None:
-            raw, staging = self._read_rows(0, 1)
+        if raw is not None or self.file is not None:
+            raw, release = self.read_bytes(raw)
             if out is not None:
                 out.copy_(raw[0])
-                STAGING.put(staging)
+                release()
+                release = _nothing
             else:
                 out = raw[0]
-                release = lambda: STAGING.put(staging)
         elif self.data.device != device or out is not None:
             out = out.copy_(self.data[0]) if out is not None else self.data[0].to(device)
         else:

@@ -181,6 +181,15 @@ class Packed(NamedTuple):
     out: torch.Tensor              # the working buffer it dequantizes into
 
 
+class Widen(NamedTuple):
+    """A plain (e.g. fp16) weight's bytes read on the I/O thread, waiting for `LayerWeights.finish`
+    to widen them into the compute dtype."""
+    arr: TierArray
+    raw: torch.Tensor              # uint8 (1, row_bytes): a disk staging buffer or the CPU tier's bytes
+    release: Callable[[], None]    # gives back the staging buffer `raw` may view
+    out: torch.Tensor              # the working buffer it widens into
+
+
 class _SharedStaging:
     """A staging buffer several weights view: back to STAGING once every hold is released."""
 
@@ -216,8 +225,12 @@ class LayerWeights:
         computes, so that the cores convert and compute in turn instead of fighting over them and the
         I/O thread only waits on the disk (OPT-1.3b, 4-bit weights on disk, batch 16 on 2 cores: an
         I/O thread dequantizing beside the 2-thread matmuls made a decode step 5.5 s, against 4.3 s
-        with overlap off and 4.4 s dequantizing here). `lookup` names tables the layer only indexes rows of
-        (embeddings): quantized ones stay packed, as QuantizedTensor, for `ops.embedding`."""
+        with overlap off and 4.4 s dequantizing here). Plain weights a CPU computes with come back as
+        `Widen` for the same reason: widening a layer of OPT-1.3b from fp16 takes 40 ms on the I/O
+        thread's one torch thread, 21 ms on the compute's two, and beside a 100 ms read that made
+        overlap on slower than off (0.92x a decode step, set xeon-overlap-2026-12-05). `lookup` names
+        tables the layer only indexes rows of (embeddings): quantized ones stay packed, as
+        QuantizedTensor, for `ops.embedding`."""
         dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
         out, borrowed = {}, []
         raws, staging = self._read_shared()
@@ -238,6 +251,9 @@ class LayerWeights:
                         out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf)
                     elif arr.fmt.quant is not None:
                         out[name] = Packed(*arr.read_quantized(dev), buf)
+                    elif dev.type == "cpu":         # (on CUDA the copy to the device widens on the I/O stream)
+                        own, release = arr.read_bytes(raw)
+                        out[name] = Widen(arr, own, staging.hold() if raw is not None else release, buf)
                     else:
                         out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
                     borrowed.append(buf)
@@ -266,10 +282,14 @@ class LayerWeights:
         Every `Packed` weight is dequantized into its working buffer and its staging buffer given
         back, except, with `defer`, 2-D weights: those become `QuantizedWeight`s that `ops.linear`
         multiplies by straight from the packed values (compression.linear), with the working buffer
-        as scratch; their staging buffers are given back by the returned calls."""
+        as scratch; their staging buffers are given back by the returned calls. Every `Widen`
+        weight is widened into its working buffer and its staging buffer given back."""
         pending = []
         for name, t in w.items():
-            if isinstance(t, Packed):
+            if isinstance(t, Widen):
+                w[name] = t.arr.read(0, 1, t.out.device, t.out.dtype, out=t.out.view(1, *t.arr.shape), raw=t.raw)[0]
+                t.release()
+            elif isinstance(t, Packed):
                 if defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)
                     pending.append(t.release)
@@ -285,7 +305,7 @@ class LayerWeights:
     def discard(w: dict) -> None:
         """Give back the staging buffers `load`'s dict holds when it will not be finished."""
         for t in w.values():
-            if isinstance(t, Packed):
+            if isinstance(t, (Packed, Widen)):
                 t.release()
 
     def _ready(self, arr: TierArray) -> bool:
