@@ -315,7 +315,8 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
-    cpu_work = _widen(st, plain["cpu"] + plain["disk"]) + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
+    widen = _widen(st, plain["cpu"] + plain["disk"]) if st.cuda else 0.0      # (on a CPU: in finish)
+    cpu_work = widen + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
     # a layer's disk-homed tensors share a file read at once: one latency when any is on disk,
     # counted as the share of its tensors on disk so that the LP's expression stays linear
     disk_wait = disk / hw.disk_read_bytes_per_s + n_disk / len(kind.tensors) * hw.disk_read_latency_s
@@ -323,15 +324,20 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
 
 
 def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
-    """Main-thread seconds to convert the layer's 4-bit weights: dequantized once per block
-    (LayerWeights.finish), or multiplied straight from the packed values once per micro-batch when
+    """Main-thread seconds to make the layer's weights compute-ready (LayerWeights.finish). On a CPU,
+    plain stored weights off the gpu tier are widened there. 4-bit weights are dequantized once per block,
+    or multiplied straight from the packed values once per micro-batch when
     the C kernel takes every micro-batch's rows (compression.multiply_packed). The kernel is counted
     at the probe's dequantize rate plus the multiply that compute_mb counts: since it multiplies four
     rows per unpacked value in registers, that overstates it (16 rows by a 16M-value weight: 7.4 ms,
     against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
     quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
     uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
-    return uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
+    widen = 0.0
+    if not st.cuda and st.storage_bytes != st.itemsize:
+        plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+        widen = (plain["cpu"] + plain["disk"]) / st.hw.convert_elems_per_s
+    return widen + uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
@@ -410,8 +416,14 @@ def _working(st: Setup, p: Placement, kind: _Kind):
 
 
 def _borrows(x: _Tensor, tier: str) -> bool:
-    """Whether LayerWeights.load borrows a pool buffer for x homed on `tier`."""
+    """Whether the engine borrows a pool buffer for x homed on `tier` (in LayerWeights.load or finish)."""
     return tier != "gpu" or (x.quantized and not x.lookup)
+
+
+def _widened(st: Setup, x: _Tensor, tier: str) -> bool:
+    """Whether x homed on `tier` is a `Widen`: read as stored on the I/O thread, then widened into a
+    pool buffer borrowed in LayerWeights.finish, on a CPU compute device only."""
+    return not st.cuda and tier != "gpu" and not x.quantized
 
 
 def _cache_copy_bytes(st: Setup, seqs: dict):
@@ -437,16 +449,21 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
     working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
     copied = _cache_copy_bytes(st, p.cache("sequences", lambda tier, n: n))
-    pooled, pool_bytes = {}, {}   # phase -> shape -> kind -> buffers of that shape one layer borrows
+    # phase -> shape -> kind -> (buffers of that shape one layer borrows in load, in finish)
+    pooled, pool_bytes = {}, {}
     for phase in ("prefill", "decode"):
         packed = st.packed(phase)
         shapes = {x.borrowed(packed) for k in st.kinds.values() for x in k.tensors}
         pool_bytes[phase] = dict(shapes)
         for shape, _ in shapes:
             for name, kind in st.kinds.items():
-                on = p.weights(kind, f"borrowed_{shape}_{phase}",
-                               lambda x, tier: 1 if x.borrowed(packed)[0] == shape and _borrows(x, tier) else 0)
-                pooled.setdefault(phase, {}).setdefault(shape, {})[name] = on["gpu"] + on["cpu"] + on["disk"]
+                counts = []
+                for at_finish in (False, True):
+                    on = p.weights(kind, f"borrowed_{shape}_{phase}_{'finish' if at_finish else 'load'}",
+                                   lambda x, tier: 1 if (x.borrowed(packed)[0] == shape and _borrows(x, tier)
+                                                         and _widened(st, x, tier) == at_finish) else 0)
+                    counts.append(on["gpu"] + on["cpu"] + on["disk"])
+                pooled.setdefault(phase, {}).setdefault(shape, {})[name] = tuple(counts)
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
@@ -516,9 +533,15 @@ def _peaks(st: Setup, m: dict, pooled: dict, biggest) -> tuple[dict, dict]:
 
 
 def _pooled(st: Setup, m: dict, phase: str):
-    """Bytes of working buffers the pool holds in `phase`: per shape, the most two neighbouring layers borrow."""
-    return sum(m["pool_bytes"][phase][shape] * max(counts[a] + counts[c] for a, c in st.slots)
+    """Bytes of working buffers the pool holds in `phase`: per shape, the most held at once (pool_copies)."""
+    return sum(m["pool_bytes"][phase][shape] * max(pool_copies(counts, a, c) for a, c in st.slots)
                for shape, counts in m["pool_counts"][phase].items())
+
+
+def pool_copies(counts: dict, a: str, c: str):
+    """Buffers of one shape held while layer kind `a` is finished, before layer kind `c`: what `a`
+    borrowed in load and borrows in finish, and what `c`, prefetched by then, borrowed in load."""
+    return counts[a][0] + counts[a][1] + counts[c][0]
 
 
 def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 from .cost_model import (PROCESS_BASE_BYTES, TIERS, Placement, Setup, cache_row_bytes, caps_for,
-                         compute_mb, make_setup, memory_terms, predict, rate, slot_bounds, thresholds,
+                         compute_mb, make_setup, memory_terms, pool_copies, predict, rate, slot_bounds, thresholds,
                          weight_elems)
 from .hardware import Hardware, load_hardware
 from .policy import Policy
@@ -116,8 +116,8 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
 
     m = memory_terms(st, p)
     short = {t: prob.add_variable(f"short_{t}", 0) if elastic else 0 for t in (*TIERS, "ram")}
-    # the buffer pool keeps per tensor shape as many working copies as two neighbouring layers borrow
-    # (per phase: decode may borrow scratch where prefill borrowed whole copies); counting them
+    # the buffer pool keeps per tensor shape as many working copies as two neighbouring layers hold at
+    # once (pool_copies; per phase: decode may borrow scratch where prefill borrowed whole copies); counting them
     # against the cap keeps the pool from trimming and re-faulting buffers every layer
     pooled = {}
     for phase, by_shape in m["pool_counts"].items():
@@ -126,7 +126,7 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
             label = f"{phase}_" + "x".join(map(str, shape))
             copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
             for a, c in st.slots:
-                prob += copies >= counts[a] + counts[c], f"gpu_pool_copies_{label}_{a}_then_{c}"
+                prob += copies >= pool_copies(counts, a, c), f"gpu_pool_copies_{label}_{a}_then_{c}"
             pooled[phase] += m["pool_bytes"][phase][shape] * copies
     work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():

@@ -6,17 +6,17 @@ micro-batch's KV cache and stores its new entries, and the main thread computes;
 same loop runs every transfer inline. Two threads, because with a single FIFO one every layer's
 first cache load queued behind the next layer's weights, so that layer's compute waited for both.
 The cache thread is FIFO, so a cache row stored at step i is always written before the load that
-reads it at step i + 1 is served. 4-bit weights cross the weights thread packed and are
-dequantized on the main thread (LayerWeights.finish), so that on a CPU the cores alternate between
-converting and computing instead of being oversubscribed; with few rows a micro-batch, the C
-kernel multiplies them straight from the packed values instead (compression.multiply_packed).
+reads it at step i + 1 is served. On a CPU, weights cross the weights thread as read (4-bit packed,
+fp16 as stored) and are dequantized or widened on the main thread (LayerWeights.finish), so that
+the cores alternate between converting and computing instead of being oversubscribed; with few
+rows a micro-batch, the C kernel multiplies 4-bit weights straight from the packed values instead
+(compression.multiply_packed).
 
-What overlap can win on a CPU-only virtual machine is limited: measured here, a thread doing
-nothing but O_DIRECT reads (0.05 of a core of guest CPU) slows a 2-thread matmul beside it from
-15-20 to 28-29 ms, because the hypervisor's disk emulation runs on the same physical cores.
-benchmarks/disk_contention.py measures it: a read and a computation of equal length gain a median
-1.1x at once over one after the other (a perfect overlap: 1.7x), and the hypervisor's steal time
-appears only while they overlap.
+What overlap can win on a CPU-only virtual machine depends on where the hypervisor emulates the
+disk. benchmarks/disk_contention.py measures it: a read and a computation of equal length gain a
+median 1.6x at once over one after the other on the Xeon VM of 2026-12-05 (a perfect overlap:
+1.8x), and 1.1x on the AMD EPYC VM before it, whose disk emulation took the compute's cores
+(steal time appeared only while they overlapped).
 """
 from __future__ import annotations
 

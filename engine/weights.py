@@ -183,11 +183,13 @@ class Packed(NamedTuple):
 
 class Widen(NamedTuple):
     """A plain (e.g. fp16) weight's bytes read on the I/O thread, waiting for `LayerWeights.finish`
-    to widen them into the compute dtype."""
+    to widen them into a working buffer it borrows from `pool` then. Borrowed there, not at the
+    read, the pool holds one float copy of each layer shape, not two (the next layer's waits as
+    its stored bytes, half the size in fp16)."""
     arr: TierArray
     raw: torch.Tensor              # uint8 (1, row_bytes): a disk staging buffer or the CPU tier's bytes
     release: Callable[[], None]    # gives back the staging buffer `raw` may view
-    out: torch.Tensor              # the working buffer it widens into
+    pool: BufferPool               # lends the working buffer
 
 
 class _SharedStaging:
@@ -244,6 +246,9 @@ class LayerWeights:
                     borrowed += [buf] if buf is not None else []
                 elif self._ready(arr):
                     out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
+                elif arr.fmt.quant is None and dev.type == "cpu":    # (CUDA: the copy to the device widens)
+                    own, release = arr.read_bytes(raw)
+                    out[name] = Widen(arr, own, staging.hold() if raw is not None else release, pool)
                 else:
                     shape = self.borrow_shape(arr, packed)
                     buf = pool.get(shape, dtype, dev, f"{'scratch' if packed else 'working copy'} of {arr.what}")
@@ -251,9 +256,6 @@ class LayerWeights:
                         out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf)
                     elif arr.fmt.quant is not None:
                         out[name] = Packed(*arr.read_quantized(dev), buf)
-                    elif dev.type == "cpu":         # (on CUDA the copy to the device widens on the I/O stream)
-                        own, release = arr.read_bytes(raw)
-                        out[name] = Widen(arr, own, staging.hold() if raw is not None else release, buf)
                     else:
                         out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
                     borrowed.append(buf)
@@ -283,12 +285,17 @@ class LayerWeights:
         back, except, with `defer`, 2-D weights: those become `QuantizedWeight`s that `ops.linear`
         multiplies by straight from the packed values (compression.linear), with the working buffer
         as scratch; their staging buffers are given back by the returned calls. Every `Widen`
-        weight is widened into its working buffer and its staging buffer given back."""
+        weight is widened into a working buffer it borrows, its staging buffer given back, and the
+        working buffer returned by the returned calls."""
         pending = []
         for name, t in w.items():
             if isinstance(t, Widen):
-                w[name] = t.arr.read(0, 1, t.out.device, t.out.dtype, out=t.out.view(1, *t.arr.shape), raw=t.raw)[0]
+                a = t.arr
+                buf = t.pool.get(a.fmt.work_shape(a.shape), a.tiers.compute_dtype, a.tiers.compute_device,
+                                 f"working copy of {a.what}")
+                w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
                 t.release()
+                pending.append(lambda pool=t.pool, buf=buf: pool.put(buf))
             elif isinstance(t, Packed):
                 if defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)
