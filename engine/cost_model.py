@@ -309,10 +309,15 @@ def _widen(st: Setup, elems):
     return 0.0 if st.storage_bytes == st.itemsize else elems / rate(st, "convert_elems_per_s")
 
 
+def _plain_elems(p: Placement, kind: _Kind) -> dict:
+    """tier -> elements of the kind's plain (not 4-bit) weights homed there: what gets widened."""
+    return p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+
+
 def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     """(I/O-thread seconds, of which CPU work) to load one layer's weights (LayerWeights.load)."""
     hw = st.hw
-    plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+    plain = _plain_elems(p, kind)
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
     widen = _widen(st, plain["cpu"] + plain["disk"]) if st.cuda else 0.0      # (on a CPU: in finish)
@@ -335,7 +340,7 @@ def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
     uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
     widen = 0.0
     if not st.cuda and st.storage_bytes != st.itemsize:
-        plain = p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+        plain = _plain_elems(p, kind)
         widen = (plain["cpu"] + plain["disk"]) / st.hw.convert_elems_per_s
     return widen + uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
 

@@ -291,7 +291,7 @@ class LayerWeights:
         for name, t in w.items():
             if isinstance(t, Widen):
                 a = t.arr
-                buf = t.pool.get(a.fmt.work_shape(a.shape), a.tiers.compute_dtype, a.tiers.compute_device,
+                buf = t.pool.get(LayerWeights.borrow_shape(a), a.tiers.compute_dtype, a.tiers.compute_device,
                                  f"working copy of {a.what}")
                 w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
                 t.release()
