@@ -26,8 +26,8 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed  ## create .venv and install the project
 
-model: setup  ## fetch the embedded model (SmolLM2-135M-Instruct GGUF) into models/
-	bash scripts/fetch_model.sh
+model: setup  ## fetch the embedded models (Qwen2.5-Coder-1.5B, SmolLM2-135M GGUF) into the user cache
+	$(BIN)/python scripts/fetch_model.py
 
 demo: setup model  ## load the benchmarks into DuckDB and match Beer pairs with the embedded model
 	$(BIN)/python -m flows.demo

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FAMILIES = ("opt", "llama", "qwen2")
+
 # Published OPT shapes (Zhang et al. 2022): hidden, layers, heads, ffn.
 OPT_SIZES: dict[str, tuple[int, int, int, int]] = {
     "opt-125m": (768, 12, 12, 3072),
@@ -28,7 +30,7 @@ OPT_SIZES: dict[str, tuple[int, int, int, int]] = {
 class ModelConfig:
     """Everything the math needs to know about one decoder-only model."""
 
-    family: str                      # "opt" or "llama": selects engine/models/<family>.py
+    family: str                      # "opt", "llama" or "qwen2": selects engine/models/<family>.py
     name: str                        # a label for logs and benchmark tables
     vocab_size: int
     hidden_size: int
@@ -51,8 +53,8 @@ class ModelConfig:
     extra_eos_token_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self):
-        if self.family not in ("opt", "llama"):
-            raise ValueError(f"unknown model family {self.family!r}; FlexWrangle runs 'opt' and 'llama'")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; FlexWrangle runs {', '.join(FAMILIES)}")
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.word_embed_proj_dim == 0:
@@ -89,6 +91,8 @@ class ModelConfig:
             attn = 2 * h * h + 2 * h * self.kv_dim
             mlp = 3 * h * f
             per_layer = attn + mlp + 2 * h
+            if self.family == "qwen2":                   # biases on q, k and v
+                per_layer += h + 2 * self.kv_dim
             embed = v * h
             head = h + (0 if self.tie_word_embeddings else v * h)
         return self.num_layers * per_layer + embed + head
@@ -135,6 +139,9 @@ def config_from_hf(hf: dict, name: str = "") -> ModelConfig:
             bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"), extra_eos_token_ids=_rest(hf.get("eos_token_id")),
         )
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise NotImplementedError(f"{name}: Qwen2 with sliding-window attention is not supported "
+                                  "(set use_sliding_window to false in config.json if the prompts fit the window)")
     if model_type in ("llama", "mistral", "qwen2", "smollm", "smollm2"):
         scaling = hf.get("rope_scaling") or None
         rope = hf.get("rope_parameters") or {}
@@ -142,7 +149,8 @@ def config_from_hf(hf: dict, name: str = "") -> ModelConfig:
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = rope
         return ModelConfig(
-            family="llama", name=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            family="qwen2" if model_type == "qwen2" else "llama", name=name,
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             ffn_dim=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
@@ -150,12 +158,13 @@ def config_from_hf(hf: dict, name: str = "") -> ModelConfig:
             rope_scaling=tuple(sorted((k, v) for k, v in (scaling or {}).items()
                                       if k != "rope_theta" and not isinstance(v, (list, dict)))),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            # Qwen2's q/k/v biases are part of its family (engine/models/qwen2.py), not this flag
             attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"), extra_eos_token_ids=_rest(hf.get("eos_token_id")),
         )
-    raise ValueError(f"{name}: model_type {model_type!r} is not supported; FlexWrangle runs OPT and "
-                     "Llama-family checkpoints")
+    raise ValueError(f"{name}: model_type {model_type!r} is not supported; FlexWrangle runs OPT, "
+                     "Llama-family and Qwen2 checkpoints")
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:

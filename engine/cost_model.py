@@ -286,7 +286,7 @@ def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
         else:   # [past | new] segments read once each, where they lie (ops.attend_any)
             sec += 2 * b * (t + 1) * kv / hw.attn_decode_elems_per_s
     if kind in ("mlp", "decoder"):
-        mats = 3 if cfg.family == "llama" else 2
+        mats = 2 if cfg.family == "opt" else 3
         sec += mm(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
     if kind == "embed":
         sec += ew(rows * 3 * h) + (mm(2 * rows * h * e, rows) if e != h else 0.0)

@@ -32,6 +32,8 @@ CONVERTER_VERSION = 1            # bump when the output format changes: old cach
 MARKER = "flexwrangle_gguf.json"
 SHARD_BYTES = 2 << 30            # above this, weights are split into model-0000i-of-0000n.safetensors
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}   # GGUF arch -> HF class
+
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -84,11 +86,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def gguf_to_hf_config(reader) -> dict:
-    """A Hugging Face Llama `config.json` dict from a GGUFReader's metadata and tensor list."""
+    """A Hugging Face Llama or Qwen2 `config.json` dict from a GGUFReader's metadata and tensor list."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; FlexWrangle converts 'llama' "
-                         "(Llama, Mistral, SmolLM, ...) GGUF files")
+                         "(Llama, Mistral, SmolLM, ...) and 'qwen2' (Qwen2, Qwen2.5) GGUF files")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise NotImplementedError("this GGUF stores llama3-style rope frequency factors (rope_freqs.weight), "
@@ -102,6 +104,9 @@ def gguf_to_hf_config(reader) -> dict:
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"GGUF metadata: {heads} attention heads and {kv_heads} key/value heads; both "
+                         "must be positive and the first a multiple of the second")
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if head_dim * heads != hidden or rope_dim != head_dim:
@@ -112,9 +117,9 @@ def gguf_to_hf_config(reader) -> dict:
         raise ValueError("GGUF has no token_embd.weight tensor; is it a complete Llama checkpoint?")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens else int(embed.shape[-1]))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
         "_name_or_path": _field(reader, "general.name", ""),
         "vocab_size": int(vocab),
         "hidden_size": hidden,
@@ -136,6 +141,10 @@ def gguf_to_hf_config(reader) -> dict:
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
+    if arch == "qwen2":     # Qwen2's q/k/v biases are implied by its model type; it has no sliding window here
+        config.pop("attention_bias")
+        config["use_sliding_window"] = False
+    return config
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -171,9 +180,11 @@ def read_tensors(reader, config: dict):
             w = dequantize(t.data, t.tensor_type)
         else:
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        if ".self_attn.q_proj." in name:
+        # llama.cpp permutes q/k rows only for Llama (its rotary pairs adjacent dimensions); Qwen2
+        # files keep Hugging Face's rotate-halves order (llama.cpp's NEOX rotary)
+        if config["model_type"] == "llama" and ".self_attn.q_proj." in name:
             w = unpermute_rotary(w, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
+        elif config["model_type"] == "llama" and ".self_attn.k_proj." in name:
             w = unpermute_rotary(w, config["num_key_value_heads"])
         tensor = torch.from_numpy(np.ascontiguousarray(w))
         if t.tensor_type == T.BF16:

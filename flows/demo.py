@@ -1,7 +1,7 @@
 """``make demo``: load the benchmark tables into DuckDB, match the Beer test pairs with the
 embedded model through the ``wrangle`` flow, print the metrics and the SQL to read the outputs.
 
-    python -m flows.demo [--database data/wrangle.duckdb] [--model smollm2-135m] [--k 3]
+    python -m flows.demo [--database data/wrangle.duckdb] [--model qwen2.5-coder-1.5b] [--k 3]
                          [--limit N] [--chat]
 
 Uses the Prefect server at PREFECT_API_URL when one is set (``make serve``); otherwise Prefect
@@ -41,7 +41,8 @@ SELECT row_key, reason, raw_output FROM wrangle_quarantine WHERE run_key = '{run
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="FlexWrangle demo: Beer entity matching")
     parser.add_argument("--database", default="data/wrangle.duckdb")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b",
+                        help="model name or path (default: %(default)s; smollm2-135m is fast but too weak to match)")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--chat", action="store_true")

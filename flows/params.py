@@ -43,7 +43,7 @@ class WrangleParams:
     columns: tuple[str, ...] | None = None
     spec: str | Mapping[str, Any] | None = None
     database: str = "data/wrangle.duckdb"
-    model: str = "smollm2-135m"
+    model: str = "qwen2.5-coder-1.5b"
     policy: Mapping[str, Any] | str | None = None
     k: int = 0
     seed: int = 0

@@ -99,7 +99,7 @@ def wrangle(
     columns: list[str] | None = None,
     spec: str | dict[str, Any] | None = None,
     database: str = "data/wrangle.duckdb",
-    model: str = "smollm2-135m",
+    model: str = "qwen2.5-coder-1.5b",
     policy: dict[str, Any] | Literal["auto"] | None = None,
     k: int = 0,
     seed: int = 0,

@@ -1,6 +1,6 @@
 """CLI: run one wrangling task on one benchmark dataset and print the metrics.
 
-    python -m wrangling_tasks --task entity-matching --dataset Beer --split test --k 3 --model smollm2-135m
+    python -m wrangling_tasks --task entity-matching --dataset Beer --split test --k 3 --model qwen2.5-coder-1.5b
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default: %(default)s)")
     p.add_argument("--k", type=int, default=0, help="few-shot demonstrations, from the train split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations (default: %(default)s)")
-    p.add_argument("--model", default="smollm2-135m", help="model name or path for engine.LLM.from_pretrained (default: %(default)s)")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b",
+                   help="model name or path for engine.LLM.from_pretrained (default: %(default)s; "
+                        "smollm2-135m is fast but too weak to match)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (default: all)")
     p.add_argument("--data-dir", type=Path, default=None, help="data root (<task>/<Dataset>/...) or one dataset folder (default: the repo's data/)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: %(default)s)")

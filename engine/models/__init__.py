@@ -29,6 +29,6 @@ class WeightSpec:
 
 
 def family(name: str) -> ModuleType:
-    """The module that implements a model family ("opt" or "llama")."""
-    from . import llama, opt
-    return {"opt": opt, "llama": llama}[name]
+    """The module that implements a model family ("opt", "llama" or "qwen2")."""
+    from . import llama, opt, qwen2
+    return {"opt": opt, "llama": llama, "qwen2": qwen2}[name]

@@ -1,6 +1,6 @@
-"""Fixtures: tiny random OPT and Llama checkpoints written with transformers' save_pretrained."""
+"""Fixtures: tiny random OPT, Llama and Qwen2 checkpoints written with transformers' save_pretrained."""
 import pytest
-from enginekit import _save_llama, _save_opt
+from enginekit import _save_llama, _save_opt, _save_qwen2
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +28,15 @@ def tiny_llama_tied(tmp_path_factory):
     return path, _save_llama(path, tie_word_embeddings=True, num_key_value_heads=1)
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2-tiny")
+    return path, _save_qwen2(path, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tied(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2-tiny-tied")
+    return path, _save_qwen2(path, tie_word_embeddings=True, num_key_value_heads=1)

@@ -45,6 +45,24 @@ def _save_llama(path, **overrides):
     return model
 
 
+def _save_qwen2(path, **overrides):
+    """A tiny Qwen2: q/k/v biases (random, so that a missing bias shows), rope theta 1e6, GQA 4:2."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_theta=1e6, use_sliding_window=False)
+    kw.update(overrides)
+    model = Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    with torch.no_grad():                     # transformers initialises biases to zero
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    char_tokenizer(kw["vocab_size"]).save_pretrained(path)
+    return model
+
+
 MIXED_PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16, 17, 18], [1, 3],
                  [1, 40, 41, 42], [1, 50, 51, 52, 53, 54]]
 

@@ -164,6 +164,16 @@ def test_compressed_offloaded_equals_compressed_in_memory(which, placement, tiny
     assert llm.generate(MIXED_PROMPTS * 2, max_new_tokens=8, ignore_eos=True) == want
 
 
+@pytest.mark.parametrize("placement", OFFLOADED)
+def test_qwen2_compressed_offloaded_equals_compressed_in_memory(placement, tiny_qwen2, tmp_path):
+    flags = dict(compress_weight=True, compress_cache=True, **SMALL_GROUPS)
+    in_memory = LLM.from_pretrained(tiny_qwen2[0], policy=Policy(gpu_batch_size=12, **flags), progress=False)
+    want = in_memory.generate(MIXED_PROMPTS * 2, max_new_tokens=8, ignore_eos=True)
+    llm = LLM.from_pretrained(tiny_qwen2[0], policy=Policy(gpu_batch_size=2, num_gpu_batches=3, **flags,
+                                                            **placement), offload_dir=tmp_path, progress=False)
+    assert llm.generate(MIXED_PROMPTS * 2, max_new_tokens=8, ignore_eos=True) == want
+
+
 def test_compressed_weights_are_held_compressed(tiny_opt, tmp_path):
     plain = LLM.from_pretrained(tiny_opt[0], policy=Policy(w_gpu_percent=0, w_cpu_percent=50),
                                 offload_dir=tmp_path, progress=False)

@@ -1,7 +1,8 @@
-"""GGUF conversion on tiny GGUF files written here from random Llama models, plus model-name resolution.
+"""GGUF conversion on tiny GGUF files written here from random Llama and Qwen2 models, plus model-name
+resolution.
 
-The writer below lays tensors out the way llama.cpp's converter does (q/k rows permuted for its
-rotary convention), so a round trip through `convert_gguf` must give back the original weights,
+The writer below lays tensors out the way llama.cpp's converter does (Llama's q/k rows permuted for
+its rotary convention; Qwen2's left as they are), so a round trip through `convert_gguf` must give back the original weights,
 and the converted directory must agree with transformers' own GGUF loader.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,  # noqa: E402
+                          Qwen2ForCausalLM)
 
 from engine import gguf as eg  # noqa: E402
 from engine.registry import resolve_model  # noqa: E402
@@ -66,10 +68,26 @@ def tiny_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def write_gguf(model: LlamaForCausalLM, path, qtype=QT.F32, tokenizer: bool = True, extra_tensors=()):
-    """Write `model` as llama.cpp would: GGUF names, permuted q/k, 2-D weights in `qtype`."""
+def tiny_qwen2(tie: bool, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=tie, use_sliding_window=False,
+                         bos_token_id=TOKENS.index("<|endoftext|>"), eos_token_id=TOKENS.index("<|im_end|>"),
+                         pad_token_id=TOKENS.index("<|endoftext|>"))
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():                        # transformers zeroes biases: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def write_gguf(model, path, qtype=QT.F32, tokenizer: bool = True, extra_tensors=()):
+    """Write `model` as llama.cpp would: GGUF names, Llama's q/k permuted, 2-D weights in `qtype`."""
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = c.model_type                          # "llama" or "qwen2"
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -96,9 +114,9 @@ def write_gguf(model: LlamaForCausalLM, path, qtype=QT.F32, tokenizer: bool = Tr
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = t.float().numpy()
-        if ".q_proj." in hf_name:
+        if arch == "llama" and ".q_proj." in hf_name:
             a = _permute(a, c.num_attention_heads)
-        elif ".k_proj." in hf_name:
+        elif arch == "llama" and ".k_proj." in hf_name:
             a = _permute(a, c.num_key_value_heads)
         name = gguf_name(hf_name)
         if a.ndim == 2 and qtype != QT.F32:
@@ -169,6 +187,26 @@ def test_converted_dir_reproduces_the_model_and_transformers_gguf_loader(tmp_pat
     expected = logits_of(model, IDS)
     torch.testing.assert_close(logits_of(converted, IDS), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits_of(via_hf, IDS), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.Q8_0])
+def test_qwen2_gguf_converts_to_the_qwen2_family_and_matches_transformers(tmp_path, qtype):
+    from engine import LLM
+
+    model = tiny_qwen2(tie=False, seed=6)
+    path = write_gguf(model, tmp_path / "tiny-qwen2.gguf", qtype=qtype)
+
+    out = eg.convert_gguf(path)
+    via_hf = Qwen2ForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny-qwen2.gguf").eval()
+    llm = LLM.from_pretrained(out, dtype="float32", progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["rope_theta"] == 1e6
+    assert llm.config.family == "qwen2" and llm.config.num_kv_heads == 2
+    expected = logits_of(via_hf, IDS)
+    if qtype == QT.F32:                                          # exact weights: the original model's logits
+        torch.testing.assert_close(expected, logits_of(model, IDS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(llm.logits(IDS), expected[:, -1], rtol=0, atol=1e-4)
 
 
 def test_q8_0_tensors_are_dequantized_like_transformers_does(tmp_path):

@@ -5,7 +5,7 @@ from enginekit import MIXED_PROMPTS, hf_greedy, hf_last_logits
 
 from engine import LLM, Policy
 
-FAMILIES = ["tiny_opt", "tiny_opt_350m_like", "tiny_llama", "tiny_llama_tied"]
+FAMILIES = ["tiny_opt", "tiny_opt_350m_like", "tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_qwen2_tied"]
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)

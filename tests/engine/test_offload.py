@@ -31,6 +31,17 @@ def test_policy_gives_the_all_in_memory_tokens(name, batch, tiny_opt, reference,
     assert os.listdir(tmp_path) == []                    # offload files are removed
 
 
+@pytest.mark.parametrize("name", POLICIES)
+def test_qwen2_policy_gives_the_all_in_memory_tokens(name, tiny_qwen2, tmp_path):
+    """Qwen2's q/k/v biases and GQA travel through every placement like any other weight."""
+    want = LLM.from_pretrained(tiny_qwen2[0], progress=False, policy=Policy(gpu_batch_size=12)).generate(
+        PROMPTS, max_new_tokens=8, ignore_eos=True)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, **POLICIES[name])
+    llm = LLM.from_pretrained(tiny_qwen2[0], policy=policy, offload_dir=tmp_path, progress=False)
+    assert llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True) == want
+    llm.close()
+
+
 def test_disk_tier_is_real_direct_io(tiny_opt, tmp_path):
     policy = Policy(w_gpu_percent=0, w_cpu_percent=0)
     llm = LLM.from_pretrained(tiny_opt[0], policy=policy, offload_dir=tmp_path, progress=False)

@@ -88,3 +88,23 @@ def test_schema_is_idempotent_and_the_scores_view_follows_the_task_rules():
     assert em["f1"] == pytest.approx(ref["f1"]) and em["unanswered"] == ref["unanswered"]
     acc = accuracy_metrics(["New  York", None], ["new york", "x"])["accuracy"]
     assert scores.loc["imputation", "accuracy"] == pytest.approx(acc)
+
+
+def test_every_entry_point_defaults_to_the_registry_default_model():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from engine.registry import DEFAULT_MODEL
+    from flows.scale_out import wrangle_scale_out
+    from flows.wrangle import wrangle
+
+    assert steps.WrangleParams.__dataclass_fields__["model"].default == DEFAULT_MODEL
+    for flow in (wrangle, wrangle_scale_out):
+        assert inspect.signature(flow.fn).parameters["model"].default == DEFAULT_MODEL
+    deploy = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    assert deploy["definitions"]["parameters"]["engine"]["model"] == DEFAULT_MODEL
+    for module in ("flows/demo.py", "wrangling_tasks/__main__.py"):
+        text = (Path(__file__).resolve().parents[2] / module).read_text()
+        assert f'"--model", default="{DEFAULT_MODEL}"' in text, module
