@@ -29,7 +29,7 @@ setup: $(BIN)/.installed  ## create .venv and install the project
 model: setup  ## fetch the embedded models (Qwen2.5-Coder-1.5B, SmolLM2-135M GGUF) into the user cache
 	$(BIN)/python scripts/fetch_model.py
 
-demo: setup model  ## load the benchmarks into DuckDB and match Beer pairs with the embedded model
+demo: setup model  ## load the benchmarks into DuckDB and match the Beer test pairs with the default model
 	$(BIN)/python -m flows.demo
 
 test: setup model  ## run the whole test suite
@@ -47,8 +47,9 @@ stop-serve:  ## stop the worker and the server started by `make serve`
 load-benchmarks: setup  ## load data/ benchmark tables into data/wrangle.duckdb
 	$(BIN)/python -m flows.load_benchmarks
 
-quality: setup model  ## measure the embedded model on every dataset -> docs/quality.md
+quality: setup model  ## measure the embedded models on every dataset -> docs/quality.md (about 1.5 h)
+	$(BIN)/python scripts/fetch_model.py --all
 	$(BIN)/python benchmarks/quality.py
 
-clean:  ## remove caches, offload files and the local Prefect home (keeps .venv and models/)
+clean:  ## remove caches, offload files and the local Prefect home (keeps .venv and the model cache)
 	rm -rf .pytest_cache offload .prefect/*.db

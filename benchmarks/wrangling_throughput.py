@@ -10,6 +10,9 @@ The greedy answers of (c) and every (d) row are compared and must be identical.
 
     .venv/bin/python benchmarks/wrangling_throughput.py [--datasets Beer Fodors-Zagats] [--k 5] [--limit N]
                                                         [--quick] [--write-doc]
+
+With --vs-llamacpp it instead compares the engine with llama.cpp on an embedded GGUF model (default
+the 1.5B) at k = 3: see benchmarks/wrangling_vs_llamacpp.py.
 """
 from __future__ import annotations
 
@@ -64,14 +67,26 @@ def choice_rows(llm, prompts) -> tuple[list[str], float, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["Beer", "Fodors-Zagats"])
-    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--k", type=int, default=None, help="demonstrations (default: 5; 3 with --vs-llamacpp)")
     ap.add_argument("--limit", type=int, default=None, help="first N test pairs (default: all)")
     ap.add_argument("--hf-single-limit", type=int, default=48,
                     help="rows for (a), the slowest system; its rows/s is measured on this many")
     ap.add_argument("--batch", type=int, default=16, help="batch of (b) and gpu_batch_size of the engine")
     ap.add_argument("--quick", action="store_true", help="30 rows per dataset; prints, writes no doc")
     ap.add_argument("--write-doc", action="store_true", help="write docs/benchmarks.md also with --quick or --limit")
+    peer = ap.add_argument_group("--vs-llamacpp: the engine against llama.cpp on the same GGUF")
+    peer.add_argument("--vs-llamacpp", action="store_true")
+    peer.add_argument("--model", default="qwen2.5-coder-1.5b", help="embedded model (default: %(default)s)")
+    peer.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    peer.add_argument("--llama-python", help="a python that imports llama_cpp (default: $LLAMA_CPP_PYTHON)")
+    peer.add_argument("--policy", default="{}", help="engine Policy fields as JSON (default: Policy())")
+    peer.add_argument("--work", default="/tmp/flexwrangle-bench/vs-llamacpp")
     args = ap.parse_args(argv)
+    if args.vs_llamacpp:
+        from benchmarks import wrangling_vs_llamacpp
+        args.k = 3 if args.k is None else args.k
+        return wrangling_vs_llamacpp.main(args)
+    args.k = 5 if args.k is None else args.k
     started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()
     if args.quick:
         args.limit, args.hf_single_limit = 30, 8

@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
                                              "skipped_rows", "quarantined_rows", "rows_per_s",
                                              "tokens_per_s", "metrics")}, indent=2))
     _show_answers(args.database, result["run_key"])
+    m = result.get("metrics") or {}
+    if "f1" in m:
+        print(f"\n{args.model} on {m.get('n', result['written_rows'])} Beer test pairs at k = {args.k}: "
+              f"F1 {m['f1']:.3f} (precision {m['precision']:.3f}, recall {m['recall']:.3f}; "
+              f"{m.get('tp')} of {m.get('positives')} true matches found, {m.get('fp')} false matches). "
+              "Answering No everywhere scores 0; see docs/quality.md for every dataset and model.")
     print(f"\nRead the outputs with SQL, e.g. duckdb {args.database}:\n")
     print(SQL.format(run_key=result["run_key"]))
     return result

@@ -1,0 +1,132 @@
+"""Rows/s, F1 and peak RSS: the engine against llama.cpp on the same GGUF and the same prompts.
+
+Entity matching at k demonstrations on each dataset's test pairs; each system runs in a fresh
+process per round (its own peak RSS), rounds alternate the order of the systems, and the table
+reports the median rows/s (model load excluded for both) with every round listed.
+
+    .venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp [--model qwen2.5-coder-1.5b]
+        [--datasets Beer Fodors-Zagats] [--k 3] [--rounds 3] [--llama-python PATH] [--write-doc]
+
+llama.cpp comes from llama-cpp-python, never a project dependency: build it once in a throwaway
+virtualenv (`python3 -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python`, about
+20 minutes on 2 cores) and pass its python with --llama-python (or $LLAMA_CPP_PYTHON). Without one the
+llama.cpp rows are skipped with a note.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks._doc import engine_commit, load_now, write_section
+from benchmarks._harness import PY, REPO, gib, run_json
+
+SECTION = "wrangling_vs_llamacpp"
+
+
+def llama_python(explicit: str | None) -> str | None:
+    """A python that can import llama_cpp: the one given, $LLAMA_CPP_PYTHON, or this one."""
+    for candidate in (explicit, os.environ.get("LLAMA_CPP_PYTHON"), PY):
+        if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
+            ok = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+            if ok:
+                return candidate
+    return None
+
+
+def build_prompts(dataset: str, k: int, limit: int | None) -> tuple[list[str], list, int]:
+    """The flows' own prompts for the test pairs: (prompts, labels, shared prefix characters)."""
+    from wrangling_tasks import load_benchmark, prepare
+
+    prep = prepare("entity-matching", load_benchmark("entity-matching", dataset, "test"), None, k=k, limit=limit)
+    return list(prep.items["prompt"]), list(prep.items["label"]), len(prep.prefix)
+
+
+def main(args) -> int:
+    from engine.registry import embedded_model, models_dir, resolve_model
+    from wrangling_tasks import get_task
+
+    model = embedded_model(args.model)
+    if model is None:
+        raise SystemExit(f"--vs-llamacpp needs an embedded GGUF model name, got {args.model!r}")
+    gguf = models_dir() / model.file
+    resolve_model(args.model)                       # convert once, outside the timed runs
+    peer = llama_python(args.llama_python)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    task = get_task("entity-matching")
+    started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()
+    systems = {"engine": lambda pf, out: [PY, "benchmarks/_engine_answer.py", "--model", args.model,
+                                          "--prompts", str(pf), "--json", str(out), "--policy", args.policy]}
+    if peer:
+        systems["llama.cpp"] = lambda pf, out: [peer, "benchmarks/_llamacpp_answer.py", "--gguf", str(gguf),
+                                                "--prompts", str(pf), "--json", str(out)]
+    sections, version = [], ""
+    for dataset in args.datasets:
+        prompts, labels, prefix_chars = build_prompts(dataset, args.k, args.limit)
+        pf = work / f"{dataset}.prompts.json"
+        pf.write_text(json.dumps(prompts))
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
+        for r in range(args.rounds):
+            order = list(systems) if r % 2 == 0 else list(reversed(systems))
+            for system in order:
+                out = work / f"{dataset}.{system}.{r}.json"
+                res = run_json(systems[system](pf, out), out, log=work / f"{dataset}.{system}.{r}.log")
+                if "result" not in res:
+                    raise SystemExit(f"{system} on {dataset} failed: {res.get('error')} (log {res['log']})")
+                got = res["result"]
+                version = got.get("version", version)
+                f1 = task.score([task.parse(a) for a in got["answers"]], labels)["f1"]
+                runs[system].append(dict(rows_per_s=len(prompts) / got["seconds"], f1=f1, load_s=got["load_s"],
+                                         peak=res["peak_rss_bytes"], answers=got["answers"],
+                                         yes=sum(task.parse(a) is True for a in got["answers"])))
+                print(f"{dataset} round {r + 1}: {system}: {runs[system][-1]['rows_per_s']:.2f} rows/s, "
+                      f"F1 {f1:.3f}, peak RSS {gib(res['peak_rss_bytes'])} GiB", flush=True)
+        sections.append(_table(dataset, len(prompts), sum(x is True for x in labels), prefix_chars, runs))
+    note = "" if peer else ("\n\nllama.cpp rows skipped: no python with llama_cpp was found (pass --llama-python "
+                            "or set LLAMA_CPP_PYTHON; see the script's docstring to build one).")
+    md = "\n".join([
+        f"### Entity matching with `{args.model}`: the engine vs llama.cpp on the same GGUF", "",
+        f"`{model.file}` ({model.about.split(':')[0]}); the engine converts it once to float32 safetensors and "
+        f"stores weights in float16 (Policy {args.policy}), computing in float32; llama.cpp "
+        f"{('(llama-cpp-python ' + version + ') ') if version else ''}multiplies its packed quantized blocks "
+        "directly. The project's own k = 3 prompts, greedy, newline stop, at most 3 new tokens; "
+        "model load excluded. Each system runs in a fresh process per round; rounds alternate the order. "
+        f"Run {started}, engine at commit {commit}; load average at the end: {load_now()}. "
+        f"Command: `.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --model {args.model} "
+        f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}`." + note, "",
+        *sections])
+    if args.write_doc:
+        write_section(SECTION, md)
+    else:
+        print(md)
+    return 0
+
+
+def _table(dataset: str, n: int, positives: int, prefix_chars: int, runs: dict[str, list[dict]]) -> str:
+    lines = [f"#### {dataset} (test, {n} pairs, {positives} true matches; shared prefix {prefix_chars} characters)",
+             "", "| system | rows/s (median) | rounds | F1 | Yes answers | peak RSS | load s |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    med = {}
+    for system, rs in runs.items():
+        med[system] = statistics.median(r["rows_per_s"] for r in rs)
+        rounds = ", ".join(f"{r['rows_per_s']:.2f}" for r in rs)
+        same = all(r["answers"] == rs[0]["answers"] for r in rs)
+        lines.append(f"| {system} | {med[system]:.2f} | {rounds} | "
+                     f"{100 * rs[0]['f1']:.1f}{'' if same else ' (answers differ between rounds)'} | "
+                     f"{rs[0]['yes']} | {gib(max(r['peak'] for r in rs))} GiB | "
+                     f"{statistics.median(r['load_s'] for r in rs):.1f} |")
+    if "llama.cpp" in med:
+        agree = sum(a == b for a, b in zip(runs["engine"][0]["answers"], runs["llama.cpp"][0]["answers"]))
+        lines += ["", f"Engine / llama.cpp: **{med['engine'] / med['llama.cpp']:.2f}×** rows/s (median of rounds); "
+                  f"the two give the same answer text on {agree} of {n} pairs."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit("run it as: .venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp")
