@@ -47,7 +47,7 @@ stop-serve:  ## stop the worker and the server started by `make serve`
 load-benchmarks: setup  ## load data/ benchmark tables into data/wrangle.duckdb
 	$(BIN)/python -m flows.load_benchmarks
 
-quality: setup model  ## measure the embedded models on every dataset -> docs/quality.md (about 1.5 h)
+quality: setup model  ## measure the embedded models on every dataset -> docs/quality.md (about 1 h)
 	$(BIN)/python scripts/fetch_model.py --all
 	$(BIN)/python benchmarks/quality.py
 

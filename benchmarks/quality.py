@@ -7,7 +7,7 @@ the entity-matching sets (chat template, choice scoring) for the models asked wi
 Every finished run is appended to a JSON-lines file (--results), so a long run that is cut can be
 continued with --resume; the doc is written from everything in that file.
 
-    .venv/bin/python benchmarks/quality.py                       # all models, all datasets, k = 0 and 3
+    .venv/bin/python benchmarks/quality.py                       # all models, all datasets, k = 0 and 3 (~1 h)
     .venv/bin/python benchmarks/quality.py --models qwen2.5-coder-1.5b --datasets Beer --limit 50
     .venv/bin/python benchmarks/quality.py --resume              # skip runs already in the results file
     .venv/bin/python benchmarks/quality.py --write-only          # re-render docs/quality.md
@@ -46,6 +46,7 @@ VARIANTS = {
 }
 VARIANT_DATASETS = ["Beer", "Fodors-Zagats", "Walmart-Amazon"]
 MORE_DEMOS = {"Hospital": 10, "beers": 10}                  # dataset -> k, plain prompts, variant "more-demos"
+ERROR_SHARE = 0.25                          # of the error-detection sample (see enriched_cells)
 READING = "## Reading"                      # from this heading on, docs/quality.md is written by hand
 
 
@@ -63,12 +64,39 @@ def majority_score(task: str, labels: list) -> float:
     return 0.0                           # answering "no" everywhere finds nothing: F1 = 0
 
 
+def enriched_cells(inputs, info, limit: int, seed: int = 0):
+    """The test cells to check for error detection: a seeded sample of `limit` cells, a quarter of them
+    errors. The first cells of these tables hold almost no errors (Hospital: 1 in its first 50, beers:
+    none), which leaves F1 undefined; a sample with errors in it measures whether the model finds them."""
+    import dataclasses
+
+    import pandas as pd
+
+    from wrangling_tasks import get_task
+
+    mod = get_task("error-detection")
+    items = mod.make_items(inputs, inputs.spec or info.spec)
+    errors, clean = items[items["label"] == True], items[items["label"] == False]   # noqa: E712 (nullable)
+    n_err = min(len(errors), round(limit * ERROR_SHARE))
+    pick = pd.concat([errors.sample(n_err, random_state=seed), clean.sample(limit - n_err, random_state=seed)])
+    cells = pick.sample(frac=1, random_state=seed)[list(mod.keys_for(inputs))].reset_index(drop=True)
+    return dataclasses.replace(inputs, cells=cells)
+
+
+def all_yes_f1(positives: int, n: int) -> float:
+    """F1 of answering Yes to all n rows, `positives` of them true: precision p = positives / n, recall 1."""
+    p = positives / n if n else 0.0
+    return 2 * p / (1 + p) if p else 0.0
+
+
 def run_one(llm, model: str, name: str, info, k: int, limit: int, batch_size: int, variant: str = "") -> dict:
     import pandas as pd
 
     from wrangling_tasks import load_benchmark, run
 
     inputs = load_benchmark(info.task, name, "test")
+    if info.task == "error-detection":
+        inputs = enriched_cells(inputs, info, limit)
     if variant in VARIANTS:
         kwargs = VARIANTS[variant]
     elif variant:                            # "more-demos": the plain few-shot text with a larger k
@@ -95,7 +123,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--models", nargs="+", default=MODELS)
-    ap.add_argument("--limit", type=int, default=100, help="first N test rows of each dataset (default: %(default)s)")
+    ap.add_argument("--limit", type=int, default=50, help="first N test rows of each dataset (default: %(default)s)")
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 3])
     ap.add_argument("--datasets", nargs="*", help="default: all")
     ap.add_argument("--variants", nargs="*", default=["qwen2.5-coder-1.5b"], metavar="MODEL",
@@ -162,7 +190,7 @@ def write(rows: list[dict], args, results: Path) -> None:
         return
     models = [m for m in MODELS if any(r["model"] == m for r in rows)] + \
         sorted({r["model"] for r in rows} - set(MODELS))
-    ks = sorted({r["k"] for r in rows})
+    ks = sorted({r["k"] for r in rows if not r["variant"]})
     plain = {(r["model"], r["dataset"], r["k"]): r for r in rows if not r["variant"]}
     datasets = list(dict.fromkeys(r["dataset"] for r in rows if not r["variant"]))
     commits = sorted({r["commit"] for r in rows})
@@ -173,28 +201,34 @@ def write(rows: list[dict], args, results: Path) -> None:
         "",
         "Written by `benchmarks/quality.py` from `benchmarks/results/quality.jsonl`. Greedy decoding, newline "
         f"stop, the project's own prompts; first {', '.join(map(str, limits))} test rows of each dataset (all rows "
-        "where the split is smaller). Scores in percent: F1 (the true harmonic mean) for entity matching and "
-        "error detection, accuracy for imputation. *Majority* answers the most frequent label of the evaluated "
-        "rows everywhere. *GPT-3* is the paper's 175B model (zero-shot / 10 demonstrations) as recorded in "
-        "shared/REFERENCE.md: the paper's numbers, not measured here. At k = 0 the instruct models answer through "
+        "where the split is smaller; for error detection a seeded sample of that many cells, "
+        f"{ERROR_SHARE:.0%} of them errors, because the first cells hold almost none). Scores in percent: F1 "
+        "(the true harmonic mean) for entity matching and error detection, accuracy for imputation. "
+        "*Majority* answers the most frequent label of the evaluated rows everywhere (No, F1 0, on every Yes/No "
+        "set here); *all Yes* answers Yes everywhere: a model that says Yes to almost every pair scores about "
+        "that and has learned nothing. *GPT-3* is the paper's 175B model (zero-shot / 10 demonstrations) as "
+        "recorded in shared/REFERENCE.md: the paper's numbers, not measured here. At k = 0 the instruct models "
+        "answer through "
         "their chat template; at k = 3 the few-shot text is the prompt (the paper's format).",
         "",
         f"{machine_line()}. Runs {when[0]} to {when[-1]}, engine at {', '.join(commits)}. "
-        "Command: `.venv/bin/python benchmarks/quality.py` (`--resume` to continue a cut run).",
+        f"Command: `.venv/bin/python benchmarks/quality.py --limit {', '.join(map(str, limits))}` (`make quality`; "
+        "`--resume` continues a cut run).",
         "",
         "Models: " + "; ".join(f"`{m}` ({_about(m)})" for m in models) + ".",
         "",
         "## Scores",
         "",
-        "| dataset | task | rows | majority | GPT-3 k=0 / k=10 | "
+        "| dataset | task | rows | majority | all Yes | GPT-3 k=0 / k=10 | "
         + " | ".join(f"{LABELS.get(m, m)} k={k}" for m in models for k in ks) + " |",
-        "|---|---|---:|---:|---|" + "---:|" * (len(models) * len(ks)),
+        "|---|---|---:|---:|---:|---|" + "---:|" * (len(models) * len(ks)),
     ]
     for d in datasets:
         any_row = next(r for (m, dd, k), r in plain.items() if dd == d)
         paper = PAPER.get(d)
         cells = [_pct(plain[(m, d, k)]["score"]) if (m, d, k) in plain else "" for m in models for k in ks]
-        lines.append(f"| {d} | {any_row['task']} | {any_row['n']} | {_pct(any_row['majority'])} | "
+        all_yes = "—" if any_row["task"] == "imputation" else _pct(all_yes_f1(any_row["positives"], any_row["n"]))
+        lines.append(f"| {d} | {any_row['task']} | {any_row['n']} | {_pct(any_row['majority'])} | {all_yes} | "
                      f"{f'{paper[0]} / {paper[1]}' if paper else '—'} | " + " | ".join(cells) + " |")
     lines += ["", "## Speed and answer counts", "",
               "Rows/s of the whole run (prompt building, prefill with the shared prefix computed once, decoding). "

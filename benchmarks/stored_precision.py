@@ -29,6 +29,10 @@ SETTINGS = {     # label -> (storage dtype, Policy fields)
     "bfloat16": ("bfloat16", {}),
     "4-bit weights": ("float16", {"compress_weight": True}),
     "4-bit weights + 4-bit cache": ("float16", {"compress_weight": True, "compress_cache": True}),
+    # the same float16 numbers held as float16 in the cpu tier and widened per layer, each layer's
+    # widening shared by a block of 8 micro-batches: half the RAM of the compute-ready copy
+    "float16 in the cpu tier, block 8x8": ("float16", {"w_gpu_percent": 0, "w_cpu_percent": 100,
+                                                        "gpu_batch_size": 8, "num_gpu_batches": 8}),
 }
 
 
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()
     rows, base_logits, base_answers = [], None, None
     for label, (dtype, fields) in SETTINGS.items():
-        llm = LLM.from_pretrained(args.model, dtype=dtype, policy=Policy(gpu_batch_size=16, **fields),
+        llm = LLM.from_pretrained(args.model, dtype=dtype, policy=Policy(**{"gpu_batch_size": 16, **fields}),
                                   progress=False)
         ids = [llm.encode(p) for p in prompts[: args.logit_rows]]
         logits = llm.logits(ids)
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     lines = [
         f"### Stored precision of `{args.model}` (`benchmarks/stored_precision.py`)", "",
         f"The GGUF file converted once to float32 (exact), then stored by the engine in each precision below, "
-        f"computing in float32. {args.dataset} test pairs at k = {args.k} ({len(prompts)} prompts; logits on the "
+        "computing in float32 (on the CPU the gpu tier holds float32 copies rounded to the storage precision, "
+        f"the cpu tier the storage precision itself). {args.dataset} test pairs at k = {args.k} ({len(prompts)} prompts; logits on the "
         f"first {args.logit_rows}), each setting against float32 storage. Run {started}, engine at commit {commit}; "
         f"load average at the end: {load_now()}. Command: `.venv/bin/python benchmarks/stored_precision.py"
         f"{' --model ' + args.model if args.model != 'qwen2.5-coder-1.5b' else ''}`.", "",
