@@ -5,11 +5,15 @@ takes about one. So `convert_gguf` writes the converted checkpoint beside the fi
 (`<file>.flexwrangle/`: config.json, model.safetensors, tokenizer files) and reuses it while the
 file is unchanged. The engine then loads that directory like any other checkpoint.
 
-Numbers: quantized tensors (Q4_1, Q8_0, K-quants, ...) are dequantized with `gguf.quants` and stored
-as float32, because `scale * q + min` with float16 scales is generally not representable in float16
-(SmolLM2 Q4_1: about a quarter of the values would round). F32 / F16 / BF16 tensors are stored
-exactly as they are. llama.cpp permutes the rows of the q and k projections (its rotary pairs
-adjacent dimensions, Hugging Face rotates halves); we undo that permutation here.
+Numbers: quantized tensors (Q4_1, Q5_0, Q8_0, K-quants, ...) are dequantized with `gguf.quants` and
+stored as float32, because `scale * q + min` with float16 scales is generally not representable in
+float16 (SmolLM2 Q4_1: about a quarter of the values would round). So the directory holds exactly
+what transformers' own GGUF loader computes, and the engine can match it in float32; the engine then
+stores weights in the policy's precision (float16 by default, which on Qwen2.5-Coder-1.5B changed no
+greedy answer on the Beer prompts: docs/benchmarks.md, `stored_precision`). F32 / F16 / BF16 tensors
+are stored exactly as they are. For Llama, llama.cpp permutes the rows of the q and k projections
+(its rotary pairs adjacent dimensions, Hugging Face rotates halves); we undo that permutation here.
+Qwen2 files keep Hugging Face's order.
 
 Cache validity: a marker file records the source's sha256, size and mtime. A matching size and mtime
 skip hashing; otherwise the file is hashed and, if the hash still matches, only the marker is
