@@ -374,3 +374,28 @@ def test_engine_loads_a_gguf_path_and_matches_transformers(tmp_path):
         seq.append(int(logits_of(reference, [seq])[0, -1].argmax()))
     assert got == [seq[len(IDS[0]):]]
     assert llm.tokenizer is not None and llm.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_zero_or_uneven_head_counts_are_refused_clearly():
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    for heads, kv in ((0, 0), (4, 3)):
+        meta = {"general.architecture": "qwen2", "qwen2.embedding_length": 64,
+                "qwen2.attention.head_count": heads, "qwen2.attention.head_count_kv": kv}
+        reader = type("Reader", (), {"fields": {k: Field(v) for k, v in meta.items()}, "tensors": []})()
+        with pytest.raises(ValueError, match="key/value heads"):
+            eg.gguf_to_hf_config(reader)
+
+
+def test_qwen2_with_sliding_window_is_refused_with_the_way_out():
+    from engine.config import config_from_hf
+
+    hf = tiny_qwen2(tie=True).config.to_dict()
+    assert config_from_hf(hf).family == "qwen2"
+    with pytest.raises(NotImplementedError, match="use_sliding_window"):
+        config_from_hf({**hf, "use_sliding_window": True})
