@@ -44,7 +44,8 @@ def build_prompts(dataset: str, k: int, limit: int | None) -> tuple[list[str], l
     from wrangling_tasks import load_benchmark, prepare
 
     prep = prepare("entity-matching", load_benchmark("entity-matching", dataset, "test"), None, k=k, limit=limit)
-    return list(prep.items["prompt"]), list(prep.items["label"]), len(prep.prefix)
+    labels = [None if x is None or x != x else bool(x) for x in prep.items["label"]]   # numpy bools -> bool
+    return list(prep.items["prompt"]), labels, len(prep.prefix)
 
 
 def main(args) -> int:
