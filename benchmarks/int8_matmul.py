@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._doc import engine_commit, load_now, write_section  # noqa: E402
+from benchmarks._doc import engine_commit, load_now, publish  # noqa: E402
 
 SECTION = "int8_matmul"
 SHAPES = {"up (1536 -> 8960)": (1536, 8960), "down (8960 -> 1536)": (8960, 1536)}
@@ -87,10 +87,7 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {m} | " + " | ".join(f"{rate[s] / 1e9:.0f}" for s in systems)
                      + f" | {rate['W8A8 _int_mm'] / rate['float32']:.1f}× |")
     md = "\n".join(lines) + "\n"
-    if args.write_doc:
-        write_section(SECTION, md)
-    else:
-        print(md)
+    publish(SECTION, md, args.write_doc)
     return 0
 
 

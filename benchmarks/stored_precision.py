@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._doc import engine_commit, load_now, write_section  # noqa: E402
+from benchmarks._doc import engine_commit, load_now, publish  # noqa: E402
 
 SECTION = "stored_precision"
 SETTINGS = {     # label -> (storage dtype, Policy fields)
@@ -97,10 +97,7 @@ def main(argv=None) -> int:
                      f"{args.logit_rows} | {r['answers_diff']} / {len(prompts)} | {100 * r['f1']:.1f} | "
                      f"{r['weight_gib']:.2f} GiB | {r['rows_per_s']:.2f} |")
     md = "\n".join(lines) + "\n"
-    if args.write_doc:
-        write_section(SECTION, md)
-    else:
-        print(md)
+    publish(SECTION, md, args.write_doc)
     return 0
 
 

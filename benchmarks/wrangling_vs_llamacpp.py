@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._doc import engine_commit, load_now, write_section
-from benchmarks._harness import PY, REPO, gib, run_json
+from benchmarks._doc import engine_commit, load_now, publish
+from benchmarks._harness import PY, gib, run_json
 
 SECTION = "wrangling_vs_llamacpp"
 
@@ -102,10 +102,7 @@ def main(args) -> int:
         f"Command: `.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --model {args.model} "
         f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}`." + note, "",
         *sections])
-    if args.write_doc:
-        write_section(SECTION, md)
-    else:
-        print(md)
+    publish(SECTION, md, args.write_doc)
     return 0
 
 

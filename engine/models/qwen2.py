@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from . import WeightSpec
-from .llama import ATTN_SCALE, _L, attn_out, attn_qkv, embed, head, mlp  # noqa: F401 (the family's API)
+from .llama import ATTN_SCALE, _L, attn_out, attn_qkv, embed, head, mlp
 from .llama import layer_weights as _llama_layer_weights
+
+__all__ = ["ATTN_SCALE", "layer_weights", "embed", "attn_qkv", "attn_out", "mlp", "head"]   # the family's API
 
 
 def layer_weights(c: ModelConfig, kind: str) -> list[WeightSpec]:
