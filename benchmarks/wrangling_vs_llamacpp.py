@@ -41,10 +41,12 @@ def llama_python(explicit: str | None) -> str | None:
 
 def build_prompts(dataset: str, k: int, limit: int | None) -> tuple[list[str], list, int]:
     """The flows' own prompts for the test pairs: (prompts, labels, shared prefix characters)."""
+    import pandas as pd
+
     from wrangling_tasks import load_benchmark, prepare
 
     prep = prepare("entity-matching", load_benchmark("entity-matching", dataset, "test"), None, k=k, limit=limit)
-    labels = [None if x is None or x != x else bool(x) for x in prep.items["label"]]   # numpy bools -> bool
+    labels = [None if pd.isna(x) else bool(x) for x in prep.items["label"]]   # numpy bools -> bool
     return list(prep.items["prompt"]), labels, len(prep.prefix)
 
 
