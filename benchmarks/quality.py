@@ -57,9 +57,8 @@ def majority_score(task: str, labels: list) -> float:
     top, count = Counter(labels).most_common(1)[0]
     if task == "imputation":
         return count / len(labels)
-    if top is True:                      # answering "yes" everywhere: precision = base rate, recall 1
-        p = count / len(labels)
-        return 2 * p / (1 + p)
+    if top is True:                      # answering "yes" everywhere
+        return all_yes_f1(count, len(labels))
     return 0.0                           # answering "no" everywhere finds nothing: F1 = 0
 
 
@@ -88,7 +87,8 @@ def all_yes_f1(positives: int, n: int) -> float:
     return 2 * p / (1 + p) if p else 0.0
 
 
-def run_one(llm, model: str, name: str, info, k: int, limit: int, batch_size: int, variant: str = "") -> dict:
+def run_one(llm, model: str, name: str, info, k: int, limit: int, batch_size: int, variant: str,
+            commit: str) -> dict:
     import pandas as pd
 
     from wrangling_tasks import load_benchmark, run
@@ -114,7 +114,7 @@ def run_one(llm, model: str, name: str, info, k: int, limit: int, batch_size: in
                 metric=metric, score=m.get(metric, float("nan")), unanswered=m.get("unanswered", 0),
                 yes=sum(a is True for a in answers), positives=sum(x is True for x in labels),
                 majority=majority_score(info.task, labels), rows_per_s=res.rows_per_s, demos=res.n_demos,
-                seconds=time.perf_counter() - t0, limit=limit, commit=engine_commit(),
+                seconds=time.perf_counter() - t0, limit=limit, commit=commit,
                 finished=time.strftime("%Y-%m-%d %H:%M"))
 
 
@@ -148,15 +148,21 @@ def load(results: Path) -> list[dict]:
         for line in results.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                rows[(r["model"], r["dataset"], r["k"], r["variant"])] = r
+                rows[_key(r)] = r
     return list(rows.values())
+
+
+def _key(r: dict) -> tuple:
+    """What one run measures: a later run of the same key replaces it."""
+    return r["model"], r["dataset"], r["k"], r["variant"]
 
 
 def measure(args, results: Path) -> None:
     from engine import LLM, Policy
     from wrangling_tasks import DATA
 
-    done = {(r["model"], r["dataset"], r["k"], r["variant"]) for r in load(results)} if args.resume else set()
+    done = {_key(r) for r in load(results)} if args.resume else set()
+    commit = engine_commit()
     results.parent.mkdir(parents=True, exist_ok=True)
     datasets = {n: i for n, i in DATA.items() if not args.datasets or n in args.datasets}
     for model in args.models:
@@ -169,7 +175,7 @@ def measure(args, results: Path) -> None:
             continue
         llm = LLM.from_pretrained(model, policy=Policy(gpu_batch_size=16), progress=False)
         for name, k, variant in plan:
-            r = run_one(llm, model, name, datasets[name], k, args.limit, args.batch_size, variant)
+            r = run_one(llm, model, name, datasets[name], k, args.limit, args.batch_size, variant, commit)
             with open(results, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(f"{model:20s} {name:16s} k={k} {variant or 'plain':6s} n={r['n']:4d} {r['metric']} "

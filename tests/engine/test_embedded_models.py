@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.gguf import convert_gguf
-from engine.registry import EMBEDDED, models_dir
+from engine.registry import MODELS as EMBEDDED_MODELS, models_dir
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-1.5b"]
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def reference(request):
     """(name, GGUF path, model, tokenizer): transformers' float32 load straight from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = models_dir() / EMBEDDED[request.param]
+    path = models_dir() / EMBEDDED_MODELS[request.param].file
     if not path.is_file():
         pytest.skip(f"{path} missing; run `make model`")
     kwargs = dict(gguf_file=path.name, local_files_only=True)
