@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
+from . import int8 as int8_format
 from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape, scratch_elems
 from .config import ModelConfig
 from .hardware import Hardware
@@ -71,6 +72,7 @@ class _Tensor:
     tied: bool = False       # the checkpoint tensor of an earlier kind (a tied LM head): held there, not again
     scratch: tuple = ()      # the buffer borrowed instead when a step multiplies it packed (() = shape)
     scratch_bytes: int = 0
+    int8: bool = False       # held as int8 rows (Policy.int8_matmul): multiplied as stored, never widened
 
     def borrowed(self, packed: bool) -> tuple[tuple, int]:
         """(shape, bytes) of the pool buffer LayerWeights.load borrows for it (weights.borrow_shape)."""
@@ -106,6 +108,7 @@ class Setup:
     caps: dict               # tier -> bytes
     cache_config: CompressionConfig = Policy().comp_cache_config
     weight_config: CompressionConfig = Policy().comp_weight_config
+    int8: bool = False       # Policy.int8_matmul
 
     @property
     def cuda(self) -> bool:
@@ -146,7 +149,7 @@ class Setup:
 
 
 def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes: int, sep_layer: bool,
-           wcfg: CompressionConfig) -> tuple[dict, tuple]:
+           wcfg: CompressionConfig, int8_matmul: bool = False) -> tuple[dict, tuple]:
     """Each layer kind's tensors as the engine places them, and the schedule's sequence of kinds."""
     fam = model_family(cfg.family)
     itemsize = 2 if hw.compute_device == "cuda" else 4
@@ -166,6 +169,13 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             tied = kind == "head" and (hf_name, shape) in seen     # weights.place_layer shares it
             if kind == "embed":
                 seen[(hf_name, shape)] = mid
+            if int8_matmul and kind in ("attn", "mlp", "decoder") and len(shape) == 2:
+                # weights.weight_format: int8 rows on every tier, a copy of the stored bytes off the gpu tier
+                held = int8_format.nbytes(shape)
+                tensors.append(_Tensor(n, mid, (held, held, aligned(held)), False, (held, "uint8"), held,
+                                       int8=True))
+                done += n
+                continue
             q = compress_weight and len(shape) >= 2
             stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
             on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
@@ -275,19 +285,20 @@ def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
     h, f, kv, e = cfg.hidden_size, cfg.ffn_dim, cfg.kv_dim, cfg.word_embed_proj_dim
     rows = b * (st.s if phase == "prefill" else 1)
     mm = lambda flops, m: flops / hw.matmul_rate(m)
+    mm_layer = (lambda flops, m: flops / hw.int8_matmul_rate(m)) if st.int8 else mm    # decoder layers' products
     ew = lambda elems: elems * st.itemsize * 3 / hw.memcpy_bytes_per_s       # read twice, write once
     sec = MAIN_OPS[kind] * hw.op_overhead_s
     sec += hw.attn_layer_overhead_s if kind in ("attn", "decoder") else 0.0    # the layer's own ops, measured
     sec += hw.mlp_layer_overhead_s if kind in ("mlp", "decoder") else 0.0
     if kind in ("attn", "decoder"):
-        sec += mm(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
+        sec += mm_layer(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
         if phase == "prefill":
             sec += 4 * b * st.s * st.s * h / hw.attn_prefill_flops
         else:   # [past | new] segments read once each, where they lie (ops.attend_any)
             sec += 2 * b * (t + 1) * kv / hw.attn_decode_elems_per_s
     if kind in ("mlp", "decoder"):
         mats = 2 if cfg.family == "opt" else 3
-        sec += mm(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
+        sec += mm_layer(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
     if kind == "embed":
         sec += ew(rows * 3 * h) + (mm(2 * rows * h * e, rows) if e != h else 0.0)
     if kind == "head":      # the last position only, then sampling
@@ -311,7 +322,7 @@ def _widen(st: Setup, elems):
 
 def _plain_elems(p: Placement, kind: _Kind) -> dict:
     """tier -> elements of the kind's plain (not 4-bit) weights homed there: what gets widened."""
-    return p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized else x.elems)
+    return p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized or x.int8 else x.elems)
 
 
 def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
@@ -321,6 +332,8 @@ def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
     disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
     n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
     widen = _widen(st, plain["cpu"] + plain["disk"]) if st.cuda else 0.0      # (on a CPU: in finish)
+    copied = p.weights(kind, "int8_bytes", lambda x, tier: x.nbytes[0] if x.int8 and tier != "gpu" else 0)
+    widen += (copied["cpu"] + copied["disk"]) / rate(st, "memcpy_bytes_per_s")
     cpu_work = widen + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
     # a layer's disk-homed tensors share a file read at once: one latency when any is on disk,
     # counted as the share of its tensors on disk so that the LP's expression stays linear
@@ -428,7 +441,7 @@ def _borrows(x: _Tensor, tier: str) -> bool:
 def _widened(st: Setup, x: _Tensor, tier: str) -> bool:
     """Whether x homed on `tier` is a `Widen`: read as stored on the I/O thread, then widened into a
     pool buffer borrowed in LayerWeights.finish, on a CPU compute device only."""
-    return not st.cuda and tier != "gpu" and not x.quantized
+    return not st.cuda and tier != "gpu" and not x.quantized and not x.int8
 
 
 def _cache_copy_bytes(st: Setup, seqs: dict):
@@ -496,7 +509,7 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
     st = make_setup(config, hardware, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches,
                 policy.compress_weight, policy.compress_cache, policy.cpu_cache_compute, policy.overlap,
                 storage_bytes, policy.sep_layer, caps_for(hardware, gpu_mem, cpu_mem, disk_mem),
-                policy.comp_weight_config, policy.comp_cache_config)
+                policy.comp_weight_config, policy.comp_cache_config, int8=policy.int8_matmul)
     p = const_placement(policy)
     breakdown, prefill, step = {}, 0.0, 0.0
     for (kind, nxt), count in st.slots.items():
@@ -560,6 +573,6 @@ def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:
 
 def make_setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_layer, caps,
            wcfg: CompressionConfig = Policy().comp_weight_config,
-           ccfg: CompressionConfig = Policy().comp_cache_config) -> Setup:
-    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg)
-    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg, wcfg)
+           ccfg: CompressionConfig = Policy().comp_cache_config, int8: bool = False) -> Setup:
+    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg, int8)
+    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg, wcfg, int8)

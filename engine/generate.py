@@ -49,7 +49,8 @@ class LLM:
 
         `dtype` is the storage precision of weights and KV cache on every tier (compute runs in
         float32 on CPU, float16 on CUDA). `gpu_mem`/`cpu_mem`/`disk_mem` cap each tier ('2GB').
-        `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32).
+        `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32);
+        `policy={"auto": True, "int8_matmul": True}` lets that search choose int8 products too.
         `stage=(rank, world)` holds only that pipeline stage's layers (see engine.distributed).
         """
         storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -60,7 +61,8 @@ class LLM:
         if isinstance(policy, str) and policy == "auto" or isinstance(policy, dict) and policy.get("auto"):
             from .policy_search import auto_policy
             prompt_len, gen_len = workload or (512, 32)
-            policy = auto_policy(config, tiers, storage=storage, prompt_len=prompt_len, gen_len=gen_len)
+            policy = auto_policy(config, tiers, storage=storage, prompt_len=prompt_len, gen_len=gen_len,
+                                 int8_matmul=isinstance(policy, dict) and bool(policy.get("int8_matmul")))
         elif isinstance(policy, dict):
             policy = Policy.from_dict(policy)
         elif policy is None:
@@ -103,7 +105,8 @@ class LLM:
             specs = self.family.layer_weights(self.config, kind)
         specs = resolve_names(specs, i)
         label = f"{kind}{i if i >= 0 else ''}"
-        return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage, placed))
+        return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage, placed,
+                                          matmul=i >= 0))
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int = 32, do_sample: bool = False,

@@ -3,7 +3,8 @@
 `probe()` measures, with the engine's own code paths where they exist:
   - matmul FLOP/s on the compute device (float32 on CPU, float16 on CUDA), at prefill size and at
     decode shapes (M = 1..512 rows through `ops.linear`, weights cycled through a pool larger than
-    the CPU caches, as decode streams them);
+    the CPU caches, as decode streams them), and int8 products (`Policy.int8_matmul`) at 1, 32 and
+    512 rows;
   - prefill attention FLOP/s and decode attention ([past | new] segments) bytes/s, via `ops.attend` / `ops.attend_segments`;
   - the storage -> compute conversion rate (on CPU: float16 -> float32; on CUDA: host -> device),
     memcpy bandwidth, and 4-bit quantize / dequantize rates;
@@ -33,12 +34,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import ops
+from . import int8, ops
 from .compression import CompressionConfig
 from .tiers import DiskFile, Format, MemoryTracker, fmt_bytes, parse_bytes
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "hardware.json"
 SMALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+INT8_M = (1, 32, 512)
 IO_THREADS = 1      # torch threads of the engine's I/O thread (schedule.BlockRunner)
 
 
@@ -54,6 +56,7 @@ class Hardware:
     matmul_flops: float                # large matmul (prefill-shaped, matmul_rows rows), FLOP/s
     matmul_rows: int                   # the row count (and size) of that square matmul
     matmul_small_m: tuple              # ((M, FLOP/s), ...): decode-shaped matmuls through ops.linear
+    int8_matmul: tuple                 # ((M, op/s), ...) at INT8_M: int8.linear, activations quantized included
     attn_prefill_flops: float          # ops.attend with a causal mask, FLOP/s (4 b nh s t d per call)
     attn_decode_elems_per_s: float     # decode attention: cached k + v elements per second, stored form (ops.attend_any)
     memcpy_bytes_per_s: float          # a large tensor copy (bytes copied)
@@ -92,16 +95,11 @@ class Hardware:
         """FLOP/s of `ops.linear` with `rows` rows (log-log interpolation over the measured table)."""
         table = dict(self.matmul_small_m)
         table[self.matmul_rows] = max(self.matmul_flops, table.get(self.matmul_rows, 0.0))
-        table = _monotone(sorted(table.items()))
-        if rows >= table[-1][0]:
-            return table[-1][1]
-        if rows <= table[0][0]:
-            return table[0][1] * rows / table[0][0]
-        for (m0, r0), (m1, r1) in zip(table, table[1:]):
-            if m0 <= rows <= m1:
-                a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
-                return math.exp(math.log(r0) + a * (math.log(r1) - math.log(r0)))
-        return table[-1][1]
+        return _interpolate(_monotone(sorted(table.items())), rows)
+
+    def int8_matmul_rate(self, rows: int) -> float:
+        """Operations/s of `int8.linear` (Policy.int8_matmul) with `rows` rows, as matmul_rate."""
+        return _interpolate(_monotone(sorted(self.int8_matmul)), rows)
 
     def with_caps(self, gpu_mem=None, cpu_mem=None, disk_mem=None) -> "Hardware":
         """A copy whose capacities are the given caps ('2GB', bytes) where given."""
@@ -112,12 +110,14 @@ class Hardware:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["matmul_small_m"] = [list(p) for p in self.matmul_small_m]
+        d["int8_matmul"] = [list(p) for p in self.int8_matmul]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hardware":
         d = dict(d)
         d["matmul_small_m"] = tuple(tuple(p) for p in d["matmul_small_m"])
+        d["int8_matmul"] = tuple(tuple(p) for p in d["int8_matmul"])      # (KeyError: an old cache, probed again)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -129,6 +129,7 @@ class Hardware:
                     f"compute {self.compute_device} {self.compute_dtype})",
             "matmul": f"{g(self.matmul_flops)} GFLOP/s; decode-shaped "
                       + ", ".join(f"M={m}: {g(r)}" for m, r in self.matmul_small_m),
+            "int8 matmul": ", ".join(f"M={m}: {g(r)}" for m, r in self.int8_matmul) + " G op/s",
             "attention": f"prefill {g(self.attn_prefill_flops)} GFLOP/s, decode {g(self.attn_decode_elems_per_s)} Gelem/s",
             "memory": f"memcpy {g(self.memcpy_bytes_per_s)} GB/s, fp16->compute {g(self.convert_elems_per_s)} "
                       f"Gelem/s, compute->fp16 {g(self.narrow_elems_per_s)} Gelem/s"
@@ -200,7 +201,15 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
             dt = _timeit(lambda: [ops.linear(x, w) for w in use], 1, sync)
             samples[m].append(2 * m * k_in * n_out * len(use) / dt)
     small = _monotone([(m, sorted(r)[(len(r) - 1) // 2]) for m, r in samples.items()])   # lower median
-    del pool, shapes
+    # the same for int8 products (Policy.int8_matmul); each call quantizes its input again, as the
+    # engine does for every input it has not just quantized
+    int8_pool = [int8.quantize(w) for w in pool]
+    int8_rates = []
+    for m in INT8_M:
+        x, use = shapes[m][0], int8_pool[: len(shapes[m][1])]
+        dt = _timeit(lambda: [(int8.forget(), ops.linear(x, w)) for w in use], reps, sync)
+        int8_rates.append((m, 2 * m * k_in * n_out * len(use) / dt))
+    del pool, shapes, int8_pool
 
     # attention: prefill (causal mask) and decode ([past | new] segments, no concat), as the engine runs them
     s, nh, d = (256, 12, 64) if quick else (512, 16, 64)
@@ -242,7 +251,8 @@ def probe(quick: bool = False, disk_dir: str | Path | None = None) -> Hardware:
     return Hardware(
         host=host, cpu_count=os.cpu_count() or 1, torch_threads=torch.get_num_threads(),
         compute_device=dev.type, compute_dtype=str(dtype).replace("torch.", ""),
-        matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small), attn_prefill_flops=attn_prefill,
+        matmul_flops=matmul_flops, matmul_rows=n, matmul_small_m=tuple(small),
+        int8_matmul=tuple(_monotone(int8_rates)), attn_prefill_flops=attn_prefill,
         attn_decode_elems_per_s=attn_decode, **rates, **{f"io_{k}": v for k, v in io_rates.items()
                                                          if not k.startswith(("h2d", "d2h"))},
         io_threads=IO_THREADS, op_overhead_s=overhead, attn_layer_overhead_s=attn_overhead,
@@ -316,6 +326,20 @@ def _probe_transfers(dev, dtype, elems: int, quant_elems: int, reps: int, sync) 
     c = c.to(dev, dtype)
     out["quant_elems_per_s"] = c.numel() / _timeit(lambda: c_fmt.encode(c), reps, sync)
     return out
+
+
+def _interpolate(table: list[tuple[int, float]], rows: int) -> float:
+    """The rate at `rows` from a sorted (rows, rate) table: log-log between measured points, the
+    last rate above them, proportional to rows below the first (per-call costs dominate there)."""
+    if rows >= table[-1][0]:
+        return table[-1][1]
+    if rows <= table[0][0]:
+        return table[0][1] * rows / table[0][0]
+    for (m0, r0), (m1, r1) in zip(table, table[1:]):
+        if m0 <= rows <= m1:
+            a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
+            return math.exp(math.log(r0) + a * (math.log(r1) - math.log(r0)))
+    return table[-1][1]
 
 
 def _monotone(table: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -6,18 +6,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import compression, kernels
+from . import compression, int8, kernels
 from .compression import QuantizedTensor, QuantizedWeight, gather_rows
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias; `weight` is a tensor or a QuantizedWeight (dequantized as it multiplies,
-    `compression.linear`). On CPU with 2..512 rows `weight @ x.T` beats MKL's small-M path (OPT-1.3b
+    """x @ weight.T + bias; `weight` is a tensor, a QuantizedWeight (dequantized as it multiplies,
+    `compression.linear`) or an Int8Weight (an int8 product, `int8.linear`). On CPU with 2..512 rows `weight @ x.T` beats MKL's small-M path (OPT-1.3b
     shapes, weights streamed from memory: 1.1-2.4x faster at 33..256 rows, never slower up to 512),
     except for a transposed weight (a dequantized 4-bit weight grouped along its output dimension is
     a column-major view) below 16 rows: that case falls into a slow kernel (8192 x 2048, 2 rows:
     229 ms against 8 ms through F.linear)."""
     rows = x.numel() // x.shape[-1]
+    if isinstance(weight, int8.Int8Weight):
+        return int8.linear(x, weight, bias)
     if isinstance(weight, QuantizedWeight):
         out = compression.linear(x.reshape(rows, -1), weight).view(*x.shape[:-1], -1)
         return out + bias if bias is not None else out

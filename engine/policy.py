@@ -32,6 +32,8 @@ class Policy:
     compress_weight: bool = False      # group-wise quantization of weights (2-D tensors)
     comp_weight_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+    int8_matmul: bool = False          # decoder weights as int8 rows, multiplied by int8 activations
+    #                                    (engine/int8.py): faster prefill on CPUs, changes logits slightly
     compress_cache: bool = False       # group-wise quantization of the KV cache
     comp_cache_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))

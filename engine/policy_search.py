@@ -171,7 +171,7 @@ def _policy_from(st: Setup, p: Placement, sep_layer: bool) -> Policy:
                   cache_gpu_percent=100 * n_g / st.b, cache_cpu_percent=100 * (n_gc - n_g) / st.b,
                   act_gpu_percent=100.0 if act == "gpu" else 0.0, act_cpu_percent=100.0 if act == "cpu" else 0.0,
                   overlap=st.overlap, sep_layer=sep_layer, cpu_cache_compute=st.cpu_cache_compute,
-                  compress_weight=st.compress_weight, compress_cache=st.compress_cache)
+                  compress_weight=st.compress_weight, compress_cache=st.compress_cache, int8_matmul=st.int8)
 
 
 # ---- the search ------------------------------------------------------------------------------------
@@ -191,7 +191,8 @@ def _lower_bound_seconds(st: Setup) -> float:
     if not st.cuda:
         widen = quant / rate(st, "dequant_elems_per_s")
         if not st.compress_weight and st.storage_bytes != st.itemsize:
-            widen += max(0.0, elems - st.caps["gpu"] / st.itemsize) / rate(st, "convert_elems_per_s")
+            plain = sum(x.elems * n for x, n in tensors if not x.int8)      # int8 weights are never widened
+            widen += max(0.0, plain - st.caps["gpu"] / st.itemsize) / rate(st, "convert_elems_per_s")
     total = 0.0
     for phase, steps in (("prefill", 1), ("decode", max(0, st.gen - 1))):
         compute = sum(count * st.nb * compute_mb(st, kind, phase, t) for (kind, _), count in st.slots.items())
@@ -224,11 +225,12 @@ def _surely_too_big(st: Setup) -> bool:
 def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, *,
                   gpu_mem=None, cpu_mem=None, disk_mem=None, compress_weight: bool | None = None,
                   compress_cache: bool | None = None, storage_bytes: int = 2, max_block_size: int = 64,
-                  overlap: bool = True, sep_layer: bool = True) -> PolicyChoice:
+                  overlap: bool = True, sep_layer: bool = True, int8_matmul: bool = False) -> PolicyChoice:
     """The fastest policy (by the cost model) that fits the caps, with its predicted figures.
 
     Caps default to the hardware's capacities. `compress_weight`/`compress_cache` None lets the
-    search decide; True/False forces. Raises PolicySearchError (a MemoryBudgetError) naming the
+    search decide; True/False forces. `int8_matmul` True lets it choose int8 products
+    (Policy.int8_matmul, which changes answers slightly: never chosen unless allowed). Raises PolicySearchError (a MemoryBudgetError) naming the
     tier that is short, and by how much, when even the smallest policy does not fit.
     """
     started = time.perf_counter()
@@ -245,15 +247,16 @@ def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_
     for cw in options(compress_weight):
         for cc in options(compress_cache):
             for ccc in ((False, True) if cuda else (False,)):
-                for b, nb in shapes:
-                    st = make_setup(config, hardware, prompt_len, gen_len, b, nb, cw, cc, ccc, overlap,
-                                storage_bytes, sep_layer, caps)
-                    candidates.append((b * nb * gen_len / _lower_bound_seconds(st), st))
+                for i8 in ((False, True) if int8_matmul and not cuda else (False,)):
+                    for b, nb in shapes:
+                        st = make_setup(config, hardware, prompt_len, gen_len, b, nb, cw, cc, ccc, overlap,
+                                        storage_bytes, sep_layer, caps, int8=i8)
+                        candidates.append((b * nb * gen_len / _lower_bound_seconds(st), st))
     candidates.sort(key=lambda c: -c[0])
     state = {"best": None, "rate": 0.0, "solved": 0, "infeasible": [], "tried": set()}
 
     def attempt(st: Setup) -> None:
-        key = (st.compress_weight, st.compress_cache, st.cpu_cache_compute)
+        key = (st.compress_weight, st.compress_cache, st.cpu_cache_compute, st.int8)
         if id(st) in state["tried"] or any(k == key and b <= st.b and nb <= st.nb for k, b, nb in state["infeasible"]):
             return                                  # done, or a smaller block with these options did not fit
         state["tried"].add(id(st))
@@ -319,8 +322,9 @@ def _shortfall_error(config, hw, s, gen, caps, cw, cc, storage_bytes, overlap, s
 
 
 def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
-                gen_len: int = 32, max_block_size: int = 64) -> PolicyChoice:
-    """The searched policy and its predictions for this machine (cached probe) under the caps of `tiers`."""
+                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool = False) -> PolicyChoice:
+    """The searched policy and its predictions for this machine (cached probe) under the caps of `tiers`;
+    `int8_matmul` allows int8 products (see search_policy)."""
     hw = load_hardware()
     caps = {t: tiers.trackers[t].capacity - tiers.trackers[t].current for t in TIERS}
     caps["disk"] = min(caps["disk"], hw.disk_mem)
@@ -330,10 +334,10 @@ def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16
     gen_len = max(1, min(gen_len, config.max_positions - prompt_len))
     storage_bytes = torch.empty((), dtype=storage).element_size()
     return search_policy(config, hw, prompt_len, gen_len, storage_bytes=storage_bytes,
-                         max_block_size=max_block_size, **_cap_kwargs(caps))
+                         max_block_size=max_block_size, int8_matmul=int8_matmul, **_cap_kwargs(caps))
 
 
 def auto_policy(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
-                gen_len: int = 32, max_block_size: int = 64) -> Policy:
+                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool = False) -> Policy:
     """The searched policy for this machine (cached probe) under the caps of `tiers`."""
-    return auto_choice(config, tiers, storage, prompt_len, gen_len, max_block_size).policy
+    return auto_choice(config, tiers, storage, prompt_len, gen_len, max_block_size, int8_matmul).policy

@@ -21,6 +21,7 @@ from typing import Callable
 import psutil
 import torch
 
+from . import int8 as int8_format
 from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, padded_shape, quantize
 
 ALIGN = 4096
@@ -79,8 +80,11 @@ class Format:
     dtype: torch.dtype                       # element dtype held (plain formats)
     round_to: torch.dtype | None = None      # values pass through this dtype first (storage precision)
     quant: CompressionConfig | None = None   # group-wise quantization instead of plain elements
+    int8: bool = False                       # a 2-D weight as int8 rows with scales (engine/int8.py)
 
     def row_bytes(self, shape: tuple) -> int:
+        if self.int8:
+            return int8_format.nbytes(shape)
         if self.quant is not None:
             return compressed_nbytes(shape, self.quant)
         n = 1
@@ -95,6 +99,8 @@ class Format:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, *shape) float -> uint8 (n, row_bytes)."""
         n = x.shape[0]
+        if self.int8:
+            return int8_format.encode(x)
         if self.quant is None:
             if self.round_to is not None and self.round_to != self.dtype:
                 x = x.to(self.round_to)
@@ -108,6 +114,9 @@ class Format:
         return value: a quantized format may hand back a transposed view of it), else a view when no
         conversion is needed."""
         n = raw.shape[0]
+        if self.int8:
+            vals = torch.stack([int8_format.dequantize(int8_format.unpack(r, shape), dtype) for r in raw])
+            return out.copy_(vals) if out is not None else vals
         if self.quant is None:
             vals = raw.view(self.dtype).view(n, *shape)        # rows may be strided; elements contiguous
             if out is not None:

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import int8
 from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
 from .models import WeightSpec
 from .policy import Policy
@@ -239,7 +240,9 @@ class LayerWeights:
         try:
             for name, arr in self.arrays.items():
                 raw = raws.get(name)
-                if name in lookup and arr.fmt.quant is not None:
+                if arr.fmt.int8:                       # multiplied as stored: bytes, not a float copy
+                    out[name] = self._read_int8(arr, pool, raw, borrowed)
+                elif name in lookup and arr.fmt.quant is not None:
                     buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"packed copy of {arr.what}") \
                         if arr.tier != "gpu" else None
                     out[name] = arr.read_quantized(dev, buf, raw)[0]
@@ -263,6 +266,20 @@ class LayerWeights:
             if staging is not None:
                 staging.release()                 # this function's hold; Packed weights keep theirs
         return out, borrowed
+
+    @staticmethod
+    def _read_int8(arr: TierArray, pool: BufferPool, raw, borrowed: list) -> int8.Int8Weight:
+        """An int8 weight on the compute device: a view of the gpu tier's bytes, else copied into a
+        borrowed buffer of its stored bytes (from the CPU tier, or from the disk read `raw`)."""
+        dev = arr.tiers.compute_device
+        if arr.tier == "gpu":
+            return int8.unpack(arr.data[0], arr.shape)
+        buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"int8 copy of {arr.what}")
+        borrowed.append(buf)
+        own, release = arr.read_bytes(raw)
+        buf.copy_(own[0])
+        release()
+        return int8.unpack(buf, arr.shape)
 
     def _read_shared(self) -> tuple[dict[str, torch.Tensor], "_SharedStaging | None"]:
         """Every disk-homed tensor of the layer in one read of the file they share (place_layer):
@@ -331,7 +348,7 @@ class LayerWeights:
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         total = 0
         for name, a in self.arrays.items():
-            if name in lookup and a.fmt.quant is not None:
+            if (name in lookup and a.fmt.quant is not None) or a.fmt.int8:
                 total += a.row_bytes if a.tier != "gpu" else 0
             elif not self._ready(a):
                 total += _numel(self.borrow_shape(a, packed)) * itemsize
@@ -345,7 +362,12 @@ class LayerWeights:
             a.close()
 
 
-def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype) -> Format:
+def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype,
+                  matmul: bool = False) -> Format:
+    """How a weight of `shape` is held on `tier`. `matmul`: a decoder layer's 2-D weight that only
+    `ops.linear` reads, held as int8 (engine/int8.py) under `policy.int8_matmul`."""
+    if matmul and policy.int8_matmul and len(shape) == 2:
+        return Format(torch.int8, int8=True)
     quant = policy.comp_weight_config if policy.compress_weight and len(shape) >= 2 else None
     if tier == "gpu":
         return Format(tiers.compute_dtype, round_to=storage, quant=quant)
@@ -353,7 +375,8 @@ def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage
 
 
 def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], label: str,
-                storage: torch.dtype, placed: dict[str, TierArray] | None = None) -> LayerWeights:
+                storage: torch.dtype, placed: dict[str, TierArray] | None = None,
+                matmul: bool = False) -> LayerWeights:
     """Read a layer's tensors from `source` and home each on its tier. The disk-homed ones share one
     file, each at an aligned offset, so that loading the layer is one read. Small tensors pay a
     request's latency each: SmolLM2-135M's 4-bit layers are 4-5 tensors of 0.1-0.5 MB, and its 62
@@ -361,12 +384,13 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
 
     `placed` maps checkpoint names to arrays placed by earlier layers (and gets this layer's): a
     tensor already there of the same shape is shared, not stored again, wherever it lives. That is
-    a tied LM head, which names the embedding (SmolLM2-135M: 54 of its 311 MiB of fp16 weights)."""
+    a tied LM head, which names the embedding (SmolLM2-135M: 54 of its 311 MiB of fp16 weights).
+    `matmul`: the layer is a decoder layer (attention, MLP), whose 2-D weights only `ops.linear` reads."""
     placed = {} if placed is None else placed
     sizes = [_numel(s.shape) for s in specs]
     homes = choose_tiers(sizes, policy.percents("w"))
     tied = [spec.hf_name in placed and placed[spec.hf_name].shape == tuple(spec.shape) for spec in specs]
-    formats = [weight_format(tiers, policy, tier, spec.shape, storage) for spec, tier in zip(specs, homes)]
+    formats = [weight_format(tiers, policy, tier, spec.shape, storage, matmul) for spec, tier in zip(specs, homes)]
     spans = [aligned(f.row_bytes(s.shape)) if tier == "disk" and not t else 0
              for s, f, tier, t in zip(specs, formats, homes, tied)]
     shared = tiers.new_file(f"{label}.weights", sum(spans), 1) if sum(map(bool, spans)) > 1 else None

@@ -14,6 +14,7 @@ def fake_hardware(**changes) -> Hardware:
     hw = Hardware(
         host="box", cpu_count=2, torch_threads=2, compute_device="cpu", compute_dtype="float32",
         matmul_flops=140e9, matmul_rows=2048, matmul_small_m=((1, 5e9), (8, 30e9), (64, 90e9), (512, 120e9)),
+        int8_matmul=((1, 20e9), (32, 150e9), (512, 300e9)),
         attn_prefill_flops=60e9, attn_decode_elems_per_s=1e9, memcpy_bytes_per_s=12e9, convert_elems_per_s=1e9,
         narrow_elems_per_s=1e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0, dequant_elems_per_s=1e8,
         quant_elems_per_s=1e8, cache_dequant_elems_per_s=5e8, io_cache_dequant_elems_per_s=5e8,
@@ -126,4 +127,5 @@ def test_quick_probe_measures_positive_rates(tmp_path):
         if rate and f.name not in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
             assert value > 0, f.name
     assert [m for m, _ in hw.matmul_small_m] == list(hardware.SMALL_M)
+    assert [m for m, _ in hw.int8_matmul] == list(hardware.INT8_M) and all(r > 0 for _, r in hw.int8_matmul)
     assert not list(tmp_path.glob("probe-*"))                  # the probe's disk files are gone

@@ -25,6 +25,7 @@ def hw():
         matmul_flops=140e9, matmul_rows=2048,
         matmul_small_m=((1, 6e9), (2, 10e9), (4, 18e9), (8, 30e9), (16, 50e9), (32, 70e9), (64, 90e9),
                         (128, 110e9), (256, 120e9), (512, 130e9)),
+        int8_matmul=((1, 20e9), (32, 150e9), (512, 300e9)),
         attn_prefill_flops=60e9, attn_decode_elems_per_s=1e9, memcpy_bytes_per_s=12e9,
         convert_elems_per_s=1.2e9, narrow_elems_per_s=1.0e9, h2d_bytes_per_s=0.0, d2h_bytes_per_s=0.0,
         dequant_elems_per_s=0.15e9, cache_dequant_elems_per_s=0.5e9, quant_elems_per_s=0.1e9,
@@ -116,6 +117,9 @@ PLACEMENTS = [
     # prefill's 320 rows dequantize whole 4-bit copies, decode's 32 multiply packed and borrow scratch
     dict(gpu_batch_size=32, w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
          compress_weight=True),
+    # int8 decoder weights on all three tiers (copied into pool buffers off the gpu tier), 4-bit embeddings
+    dict(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=50,
+         int8_matmul=True, compress_weight=True),
 ]
 
 

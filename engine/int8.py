@@ -1,0 +1,96 @@
+"""int8 weights multiplied by int8 activations (W8A8): the opt-in `Policy.int8_matmul` path.
+
+A weight (out, in) is held as int8 values with one float32 scale per output row (symmetric,
+absmax / 127). At multiply time each row of activations gets its own scale the same way, and
+`torch._int_mm` (oneDNN's VNNI/AMX kernels on CPUs that have them) multiplies the int8 matrices
+into int32, which the two scales bring back to float:
+
+    y[m, n] = sum_k x[m, k] w[n, k]  ~=  a_scale[m] * w_scale[n] * sum_k xq[m, k] wq[n, k]
+
+Why per row and per output channel: both scales then factor out of the sum over k, so one integer
+product does the whole matmul. Each row is quantized on its own, so a row's answer does not depend on
+which other rows share its batch (the same tokens under every batching and placement).
+
+It changes logits (about 1-2 % relative error per product on Qwen2.5-1.5B, up to 5-10 % on the MLP's
+down projection, whose inputs have outlier channels), so it is opt-in; docs/benchmarks.md reports
+its logits error, greedy agreement and F1 beside the float32 path.
+"""
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import torch
+
+
+class Int8Weight(NamedTuple):
+    values: torch.Tensor     # int8 (out, in)
+    scale: torch.Tensor      # float32 (out,)
+
+
+def nbytes(shape) -> int:
+    """Bytes of a 2-D weight (out, in) in this format: the int8 values and a float32 scale per row."""
+    out_f, in_f = shape
+    return out_f * in_f + out_f * 4
+
+
+def quantize(w: torch.Tensor) -> Int8Weight:
+    """w (..., out, in) float -> int8 values and per-row scales (symmetric absmax)."""
+    w = w.float()
+    scale = w.abs().amax(dim=-1).clamp_min(1e-30) / 127.0
+    values = (w / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(values, scale)
+
+
+def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (w.values.to(dtype) * w.scale[..., None].to(dtype))
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    """x (n, out, in) float -> uint8 (n, nbytes): each row's values, then its scales."""
+    q = quantize(x)
+    n = x.shape[0]
+    return torch.cat([q.values.reshape(n, -1).view(torch.uint8),
+                      q.scale.reshape(n, -1).contiguous().view(torch.uint8)], dim=1)
+
+
+def unpack(raw: torch.Tensor, shape) -> Int8Weight:
+    """uint8 (nbytes,) or (1, nbytes) -> an Int8Weight viewing those bytes (no copy)."""
+    out_f, in_f = shape
+    flat = raw.reshape(-1)
+    return Int8Weight(flat[: out_f * in_f].view(torch.int8).view(out_f, in_f),
+                      flat[out_f * in_f: out_f * in_f + out_f * 4].view(torch.float32))
+
+
+# The last input quantized, and its int8 form: q, k and v (and gate and up) multiply the same input,
+# so it is quantized once for them. Keyed on the tensor object itself (held, so a new tensor at the
+# same address is never mistaken for it) and its version counter (an in-place change invalidates).
+_last = threading.local()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, in) float -> (int8 values, float32 scales (rows, 1)), symmetric absmax per row."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(127.0)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ dequantize(w).T + bias, computed as an int8 product (module docstring)."""
+    if x.device.type != "cpu":          # (CUDA's int8 product wants M > 16 and multiples of 8: not wired)
+        return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
+    rows = x.numel() // x.shape[-1]
+    key = getattr(_last, "key", None)
+    if key is not None and key[0] is x and key[1] == x._version:
+        xq, a_scale = _last.value
+    else:
+        xq, a_scale = quantize_rows(x.reshape(rows, x.shape[-1]).float())
+        _last.key, _last.value = (x, x._version), (xq, a_scale)
+    y = torch._int_mm(xq, w.values.t()).to(torch.float32).mul_(w.scale).mul_(a_scale)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], w.values.shape[0]).to(x.dtype)
+
+
+def forget() -> None:
+    """Drop the cached quantized input (its memory), e.g. at the end of a generate call."""
+    _last.key = _last.value = None
