@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ def build_prompts(dataset: str, k: int, limit: int | None) -> tuple[list[str], l
 
 
 def main(args) -> int:
-    from engine.registry import embedded_model, models_dir, resolve_model
+    from engine.registry import DEFAULT_MODEL, embedded_model, models_dir, resolve_model
     from wrangling_tasks import get_task
 
     model = embedded_model(args.model)
@@ -70,7 +71,8 @@ def main(args) -> int:
     engine = lambda policy: lambda pf, out: [PY, "benchmarks/_engine_answer.py", "--model", args.model,
                                              "--prompts", str(pf), "--json", str(out), "--policy", policy]
     systems = {"engine": engine(args.policy), "engine int8": engine(int8_policy)}
-    own = model.file.rsplit(".", 1)[0].rsplit("-", 1)[-1].upper()          # e.g. Q4_K_M
+    own = re.search(r"(?i)(q\d_[a-z0-9_]*[a-z0-9]|bf16|f16|f32)(?=\.gguf$)", model.file)
+    own = own.group(1).upper() if own else "own type"                        # e.g. Q4_K_M
     for label, extra in ((f"llama.cpp {own}", []), ("llama.cpp Q4_0", ["--requantize", "Q4_0"])):
         if peer:
             systems[label] = lambda pf, out, extra=extra: [peer, "benchmarks/_llamacpp_answer.py", "--gguf", str(gguf),
@@ -112,7 +114,8 @@ def main(args) -> int:
         f"Command: `.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --model {args.model} "
         f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}`." + note, "",
         *sections])
-    publish(SECTION, md, args.write_doc)
+    # one section per model: the default model's keeps the plain name
+    publish(SECTION if args.model == DEFAULT_MODEL else f"{SECTION}_{args.model}", md, args.write_doc)
     return 0
 
 

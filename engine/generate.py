@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import int8, ops
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .models import LOOKUP_TABLES, family as model_family
@@ -49,8 +49,10 @@ class LLM:
 
         `dtype` is the storage precision of weights and KV cache on every tier (compute runs in
         float32 on CPU, float16 on CUDA). `gpu_mem`/`cpu_mem`/`disk_mem` cap each tier ('2GB').
-        `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32);
-        `policy={"auto": True, "int8_matmul": True}` lets that search choose int8 products too.
+        `policy="auto"` searches a policy for `workload` = (prompt_len, gen_len), default (512, 32),
+        choosing 4-bit weights and cache where the cost model says they pay (never int8 products);
+        `policy={"auto": True, ...}` searches placement and batch only, at the precision the dict
+        names (`compress_weight`, `compress_cache`, `int8_matmul`; absent = off): see auto_precision.
         `stage=(rank, world)` holds only that pipeline stage's layers (see engine.distributed).
         """
         storage = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -62,7 +64,7 @@ class LLM:
             from .policy_search import auto_policy
             prompt_len, gen_len = workload or (512, 32)
             policy = auto_policy(config, tiers, storage=storage, prompt_len=prompt_len, gen_len=gen_len,
-                                 int8_matmul=isinstance(policy, dict) and bool(policy.get("int8_matmul")))
+                                 **auto_precision(policy))
         elif isinstance(policy, dict):
             policy = Policy.from_dict(policy)
         elif policy is None:
@@ -206,6 +208,7 @@ class LLM:
                 yield from mbs
         finally:
             self._progress_close()
+            int8.forget()                          # the last input int8 products quantized
             for c in (prefix or {}).values():
                 c.close()
             stats["peak_bytes"] = self.tiers.peaks()
@@ -403,3 +406,22 @@ def stage_layers(num_layers: int, rank: int, world: int) -> tuple[int, int]:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
+
+
+PRECISION_FIELDS = ("compress_weight", "compress_cache", "int8_matmul")
+
+
+def auto_precision(policy: str | dict) -> dict:
+    """The precision an automatic policy search keeps, as search_policy arguments.
+
+    "auto" lets the search choose 4-bit weights and cache (None), as FlexGen's does, and never int8
+    products. A dict {"auto": True, ...} fixes them to what it names (absent = False): answers then
+    depend only on the dict, not on the machine's budget, so callers that key results by their
+    parameters (the flows' run keys) stay exact."""
+    if not isinstance(policy, dict):
+        return {"compress_weight": None, "compress_cache": None, "int8_matmul": False}
+    unknown = set(policy) - {"auto", *PRECISION_FIELDS}
+    if unknown:
+        raise ValueError(f"an automatic policy takes only {['auto', *PRECISION_FIELDS]}, got {sorted(unknown)}: "
+                         "the search chooses the placement and batch itself")
+    return {f: bool(policy.get(f, False)) for f in PRECISION_FIELDS}

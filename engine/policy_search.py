@@ -181,7 +181,6 @@ def _lower_bound_seconds(st: Setup) -> float:
     every weight not on the gpu tier (and dequantizing every 4-bit one)."""
     hw, t = st.hw, st.s + max(0, st.gen - 2) / 2
     tensors = [(x, st.counts[k]) for k, kind in st.kinds.items() for x in kind.tensors]
-    elems = sum(x.elems * n for x, n in tensors)
     quant = sum(x.elems * n for x, n in tensors if x.quantized)
     min_bytes = min(x.nbytes[1] / x.elems for x, _ in tensors)             # cheapest bytes per element
     room = st.caps["gpu"] + st.caps["cpu"] if st.cuda else min(st.caps["gpu"] + st.caps["cpu"], st.hw.ram_available)
@@ -225,12 +224,12 @@ def _surely_too_big(st: Setup) -> bool:
 def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, *,
                   gpu_mem=None, cpu_mem=None, disk_mem=None, compress_weight: bool | None = None,
                   compress_cache: bool | None = None, storage_bytes: int = 2, max_block_size: int = 64,
-                  overlap: bool = True, sep_layer: bool = True, int8_matmul: bool = False) -> PolicyChoice:
+                  overlap: bool = True, sep_layer: bool = True, int8_matmul: bool | None = False) -> PolicyChoice:
     """The fastest policy (by the cost model) that fits the caps, with its predicted figures.
 
     Caps default to the hardware's capacities. `compress_weight`/`compress_cache` None lets the
-    search decide; True/False forces. `int8_matmul` True lets it choose int8 products
-    (Policy.int8_matmul, which changes answers slightly: never chosen unless allowed). Raises PolicySearchError (a MemoryBudgetError) naming the
+    search decide; True/False forces. So does `int8_matmul` (Policy.int8_matmul, which changes
+    answers slightly: off unless asked for). Raises PolicySearchError (a MemoryBudgetError) naming the
     tier that is short, and by how much, when even the smallest policy does not fit.
     """
     started = time.perf_counter()
@@ -247,7 +246,7 @@ def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_
     for cw in options(compress_weight):
         for cc in options(compress_cache):
             for ccc in ((False, True) if cuda else (False,)):
-                for i8 in ((False, True) if int8_matmul and not cuda else (False,)):
+                for i8 in options(int8_matmul) if not cuda else (False,):
                     for b, nb in shapes:
                         st = make_setup(config, hardware, prompt_len, gen_len, b, nb, cw, cc, ccc, overlap,
                                         storage_bytes, sep_layer, caps, int8=i8)
@@ -322,9 +321,10 @@ def _shortfall_error(config, hw, s, gen, caps, cw, cc, storage_bytes, overlap, s
 
 
 def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
-                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool = False) -> PolicyChoice:
+                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool | None = False,
+                compress_weight: bool | None = None, compress_cache: bool | None = None) -> PolicyChoice:
     """The searched policy and its predictions for this machine (cached probe) under the caps of `tiers`;
-    `int8_matmul` allows int8 products (see search_policy)."""
+    `int8_matmul`, `compress_weight`, `compress_cache` as for search_policy."""
     hw = load_hardware()
     caps = {t: tiers.trackers[t].capacity - tiers.trackers[t].current for t in TIERS}
     caps["disk"] = min(caps["disk"], hw.disk_mem)
@@ -334,10 +334,13 @@ def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16
     gen_len = max(1, min(gen_len, config.max_positions - prompt_len))
     storage_bytes = torch.empty((), dtype=storage).element_size()
     return search_policy(config, hw, prompt_len, gen_len, storage_bytes=storage_bytes,
-                         max_block_size=max_block_size, int8_matmul=int8_matmul, **_cap_kwargs(caps))
+                         max_block_size=max_block_size, int8_matmul=int8_matmul, compress_weight=compress_weight,
+                         compress_cache=compress_cache, **_cap_kwargs(caps))
 
 
 def auto_policy(config: ModelConfig, tiers, storage: torch.dtype = torch.float16, prompt_len: int = 512,
-                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool = False) -> Policy:
+                gen_len: int = 32, max_block_size: int = 64, int8_matmul: bool | None = False,
+                compress_weight: bool | None = None, compress_cache: bool | None = None) -> Policy:
     """The searched policy for this machine (cached probe) under the caps of `tiers`."""
-    return auto_choice(config, tiers, storage, prompt_len, gen_len, max_block_size, int8_matmul).policy
+    return auto_choice(config, tiers, storage, prompt_len, gen_len, max_block_size, int8_matmul,
+                       compress_weight, compress_cache).policy

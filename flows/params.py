@@ -15,6 +15,7 @@ from wrangling_tasks.base import InputError, TaskSpec
 from flows.llms import policy_json
 
 TASK_NAMES = ("entity-matching", "imputation", "error-detection")
+BUDGET_FIELDS = ("gpu_mem", "cpu_mem", "disk_mem", "offload_dir")    # the engine's caps and disk folder
 RUN_KEY_VERSION = 1
 
 # Which table parameters each task reads (any other given table parameter is an error).
@@ -45,6 +46,10 @@ class WrangleParams:
     database: str = "data/wrangle.duckdb"
     model: str = "qwen2.5-coder-1.5b"
     policy: Mapping[str, Any] | str | None = None
+    gpu_mem: str | int | None = None
+    cpu_mem: str | int | None = None
+    disk_mem: str | int | None = None
+    offload_dir: str | None = None
     k: int = 0
     seed: int = 0
     chat: bool = False
@@ -79,11 +84,22 @@ class WrangleParams:
             raise InputError("batch_size and chunk_size must be >= 1")
         if isinstance(self.policy, str) and self.policy != "auto":
             raise InputError(f'policy must be a dict of Policy fields, "auto" or None, got {self.policy!r}')
+        if isinstance(self.policy, Mapping) and self.policy.get("auto"):
+            from engine.generate import PRECISION_FIELDS   # the precision an automatic policy keeps
+
+            extra = set(self.policy) - {"auto", *PRECISION_FIELDS}
+            if extra:
+                raise InputError(f"an automatic policy takes only {['auto', *PRECISION_FIELDS]} (the precision "
+                                 f"it keeps), not {sorted(extra)}: the search chooses placement and batch itself")
+        for name in BUDGET_FIELDS[:3]:
+            if getattr(self, name) is not None:
+                _check_size(name, getattr(self, name))
 
     def identity(self) -> dict[str, Any]:
-        """Everything that can change an answer (not: database, limit, batch and chunk sizes)."""
+        """Everything that can change an answer (not: database, limit, batch and chunk sizes, the
+        engine's memory budget: a placement never changes the tokens, and precision is in `policy`)."""
         d = asdict(self)
-        for k in ("database", "limit", "batch_size", "chunk_size"):
+        for k in ("database", "limit", "batch_size", "chunk_size", *BUDGET_FIELDS):
             d.pop(k)
         d["columns"] = list(self.columns) if self.columns else None
         d["policy"] = json.loads(policy_json(self.policy))
@@ -95,6 +111,17 @@ class WrangleParams:
         """Deterministic name of the logical run: same parameters, same key (resume)."""
         text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def _check_size(name: str, value: Any) -> None:
+    from engine.tiers import parse_bytes   # the engine's own grammar: what it will be given
+
+    try:
+        ok = not isinstance(value, bool) and parse_bytes(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{name}={value!r} is not a size: write e.g. '2GB', '512MB' or a number of bytes")
 
 
 def _spec_field(spec: str | Mapping[str, Any] | None, name: str) -> Any:

@@ -34,7 +34,8 @@ from prefect.runtime import flow_run
 from flows import llms, steps, store
 from flows import partitions as parts
 from flows.params import WrangleParams
-from flows.wrangle import TaskName, extract, finish, infer, load_model, parse, prompt, start_run, validate
+from flows.wrangle import (TaskName, extract, finish, infer, load_model, model_shape, parse, prompt, start_run,
+                           validate)
 from wrangling_tasks import tables
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -61,15 +62,31 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     ``params`` are the ``wrangle`` flow's parameters; ``run_key`` must be the one they give here
     (the parent's), or the worker has other code or data than the parent and the run stops.
     """
-    log = get_run_logger()
     started = time.perf_counter()
     p = WrangleParams(**{**params, "columns": tuple(params["columns"]) if params.get("columns") else None})
     if p.run_key() != run_key:
         raise RuntimeError(f"run key {p.run_key()} here but {run_key} in the parent: this worker has "
                            "other code or input tables than the parent")
     extracted = extract(p)
-    llm = load_model(p.model, p.policy)
-    prompts = prompt(p, extracted, llm)
+    shape = model_shape(p.model, p.policy)
+    prompts = prompt(p, extracted, shape)
+    budget = steps.budget(p, f"{run_id}-partition-{partition}")
+    llm = None
+    try:
+        llm = load_model(p.model, p.policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
+        summary = _answer_share(p, prompts, extracted.spec.target, llm, partition, partitions, run_key, run_id,
+                                output_dir)
+    finally:
+        budget.release(llm)
+    summary |= {"seconds": time.perf_counter() - started, "engine": llms.engine_report(llm)}
+    parts.write_manifest(Path(summary.pop("directory")), summary)
+    return summary
+
+
+def _answer_share(p: WrangleParams, prompts: steps.Prompts, target: str | None, llm: Any, partition: int,
+                  partitions: int, run_key: str, run_id: str, output_dir: str) -> dict[str, Any]:
+    """This partition's pending rows answered into Parquet files; its summary (manifest)."""
+    log = get_run_logger()
     mine = parts.share(prompts.items, partition, partitions)
     with tables.connect(p.database, read_only=True) as con:
         answered = store.answered_rows(con, p.task, run_key)
@@ -77,7 +94,7 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     log.info("partition %d/%d: %d of %d item(s), %d to do", partition, partitions, len(mine),
              len(prompts.items), len(todo))
     ctx = steps.RunContext(task=p.task, run_key=run_key, run_id=run_id, model=p.model,
-                           policy=llms.policy_json(p.policy), target=extracted.spec.target)
+                           policy=llms.policy_json(p.policy), target=target)
     directory = str(parts.partition_dir(output_dir, run_key, partition, partitions))
     written, infer_s, tokens = 0, 0.0, 0
     for chunk in steps.chunks(todo, p.chunk_size):
@@ -88,12 +105,10 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
                                  steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
         infer_s += inference.seconds
         tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
-    summary = {"partition": partition, "partitions": partitions, "items": len(mine), "written": written,
-               "skipped": len(mine) - len(todo), "infer_s": infer_s, "tokens": tokens,
-               "seconds": time.perf_counter() - started, "host": socket.gethostname(), "pid": os.getpid(),
-               "ppid": os.getppid(), "flow_run_id": str(flow_run.id) if flow_run.id else None}
-    parts.write_manifest(Path(directory), summary)
-    return summary
+    return {"partition": partition, "partitions": partitions, "items": len(mine), "written": written,
+            "skipped": len(mine) - len(todo), "infer_s": infer_s, "tokens": tokens, "directory": directory,
+            "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
+            "flow_run_id": str(flow_run.id) if flow_run.id else None}
 
 
 @flow(name="wrangle-scale-out", flow_run_name="wrangle-scale-out-{task}-{table}")
@@ -112,6 +127,10 @@ def wrangle_scale_out(
     database: str = "data/wrangle.duckdb",
     model: str = "qwen2.5-coder-1.5b",
     policy: dict[str, Any] | Literal["auto"] | None = None,
+    gpu_mem: str | int | None = None,
+    cpu_mem: str | int | None = None,
+    disk_mem: str | int | None = None,
+    offload_dir: str | None = None,
     k: int = 0,
     seed: int = 0,
     chat: bool = False,
@@ -125,7 +144,8 @@ def wrangle_scale_out(
     poll_seconds: float = 2.0,
 ) -> dict[str, Any]:
     """The ``wrangle`` flow (same parameters, same outputs and run key) over ``partitions``
-    flow runs of ``deployment`` (``None``: subflows in this process).
+    flow runs of ``deployment`` (``None``: subflows in this process). Each partition places its own
+    engine within the same budget (``gpu_mem``, ``cpu_mem``, ``disk_mem``: per worker).
 
     ``database`` and ``output_dir`` must name the same storage on every worker (a shared mount
     when workers are on several machines); the parent alone writes ``database``.
@@ -138,8 +158,8 @@ def wrangle_scale_out(
         task=task, table=table, left_table=left_table, right_table=right_table, demos_table=demos_table,
         labels_table=labels_table, cells_table=cells_table, clean_table=clean_table, target=target,
         columns=tuple(columns) if columns else None, spec=spec, database=database, model=model,
-        policy=policy, k=k, seed=seed, chat=chat, limit=limit, batch_size=batch_size,
-        chunk_size=chunk_size, tag=tag)
+        policy=policy, gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, offload_dir=offload_dir, k=k,
+        seed=seed, chat=chat, limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag)
     run_key = params.run_key()
     # Before the first write: the inputs, the rows (identities only: no model here), the deployment.
     extracted = extract(params)

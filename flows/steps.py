@@ -10,9 +10,11 @@ write, so a bad input leaves the database untouched.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -150,6 +152,53 @@ def pending(items: pd.DataFrame, answered: pd.DataFrame) -> pd.DataFrame:
 
 def chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [frame.iloc[i:i + size] for i in range(0, len(frame), size)]
+
+
+# --- the engine's budget and workload ---------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """The engine's caps and offload folder for one run; `created`: the folder this run made (and removes)."""
+
+    caps: dict[str, Any]
+    created: Path | None = None
+
+    def release(self, llm: Any) -> None:
+        """Free the engine's tiers (its offload files go with them) and the folder this run made."""
+        close = getattr(llm, "close", None)
+        if close is not None:
+            close()
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+
+def budget(params: WrangleParams, run_id: str) -> Budget:
+    """The engine's budget from the flow's parameters. Without ``offload_dir`` the disk tier gets a
+    folder of its own for this run next to the database (``<database folder>/offload/<run id>``),
+    removed after the run; a folder that cannot be created is an input error, before any write."""
+    caps = {"gpu_mem": params.gpu_mem, "cpu_mem": params.cpu_mem, "disk_mem": params.disk_mem}
+    folder = Path(params.offload_dir) if params.offload_dir else \
+        Path(params.database).resolve().parent / "offload" / run_id.replace("/", "_")
+    created = None if params.offload_dir or folder.exists() else folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"offload_dir {str(folder)!r} cannot be created ({exc}); pass offload_dir= a folder "
+                         "on a local disk you can write to") from exc
+    return Budget({**caps, "offload_dir": str(folder)}, created)
+
+
+def workload(prompts: Prompts, tokenizer: Any) -> tuple[int, int] | None:
+    """(prompt tokens, new tokens) an automatic engine policy is searched for: the longest row's tokens
+    after the prefix all prompts share (the engine computes that prefix once per batch and keeps one
+    copy of its cache), and the task's new tokens. None without a tokenizer or rows."""
+    if tokenizer is None or prompts.items.empty:
+        return None
+    from engine.prompts import common_prefix_len
+
+    ids = tokenizer(list(prompts.items["prompt"]))["input_ids"]
+    return max(1, max(map(len, ids)) - common_prefix_len(ids)), prompts.max_new_tokens
 
 
 # --- infer / parse ---------------------------------------------------------------------------

@@ -75,7 +75,7 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("task", "VARCHAR NOT NULL"),
     ("parameters", "VARCHAR"),       # JSON text
     ("model", "VARCHAR"),
-    ("policy", "VARCHAR"),           # JSON text
+    ("policy", "VARCHAR"),           # JSON text: the engine's policy as placed (every field), else the parameter
     ("status", "VARCHAR NOT NULL"),  # running | completed | failed | interrupted
     ("started_at", "TIMESTAMP"),
     ("finished_at", "TIMESTAMP"),
@@ -89,6 +89,9 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tokens_per_s", "DOUBLE"),      # generated tokens / s, when the model reports it
     ("metrics", "VARCHAR"),          # JSON text: the task's scores over the run's items
     ("error", "VARCHAR"),
+    ("budget", "VARCHAR"),           # JSON text: the engine's caps per tier and its offload folder
+    ("peak_bytes", "VARCHAR"),       # JSON text: the engine's measured peak bytes per tier
+    ("peak_rss_bytes", "BIGINT"),    # the process's peak resident memory
 )
 
 QUARANTINE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -137,6 +140,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         _create(con, QUARANTINE_TABLE, QUARANTINE_COLUMNS,
                 ("run_key", "row_key", "occurrence", "reason"))
         _create(con, RUNS_TABLE, RUN_COLUMNS)
+        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = ?", [RUNS_TABLE]).fetchall()}
+        for column, kind in RUN_COLUMNS:      # a database written by an older version gains new columns
+            if column not in have:
+                con.execute(f"ALTER TABLE {tables.quote_ident(RUNS_TABLE)} ADD COLUMN "
+                            f"{tables.quote_ident(column)} {kind}")
         con.execute(SCORES_SQL)
 
 

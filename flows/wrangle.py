@@ -1,6 +1,11 @@
 """The ``wrangle`` flow: answer every row of a DuckDB table with a language model.
 
-    extract -> load model -> prompt -> [per chunk: infer -> parse -> validate -> load] -> finish
+    extract -> prompt -> load model -> [per chunk: infer -> parse -> validate -> load] -> finish
+
+Prompts are built with the model's tokenizer before its weights are placed, so that an automatic
+policy (``policy="auto"``) is searched for this run's prompt lengths inside the engine's budget
+(``gpu_mem``, ``cpu_mem``, ``disk_mem``, ``offload_dir``); the run record keeps the placed policy
+and the measured peaks.
 
 Each Prefect task below is a decorator around a plain function in :mod:`flows.steps`.
 Results are written chunk by chunk (one transaction each) under a deterministic ``run_key``,
@@ -32,10 +37,21 @@ def extract(params: WrangleParams) -> steps.Extracted:
     return steps.extract(params)
 
 
+@prefect.task(name="model-shape", cache_policy=NO_CACHE)
+def model_shape(model: str, policy: dict[str, Any] | str | None) -> Any:
+    """The model's tokenizer and context size (no weights yet), to build prompts with."""
+    return llms.model_shape(model, policy)
+
+
 @prefect.task(name="load-model", cache_policy=NO_CACHE)
-def load_model(model: str, policy: dict[str, Any] | str | None) -> Any:
-    """Load the model once for the whole flow run."""
-    return llms.load_llm(model, policy)
+def load_model(model: str, policy: dict[str, Any] | str | None, budget: dict[str, Any] | None = None,
+               workload: tuple[int, int] | None = None) -> Any:
+    """Load the model once for the whole flow run, placed for its workload inside the budget."""
+    llm = llms.load_llm(model, policy, budget, workload)
+    report = llms.engine_report(llm)
+    if report:
+        get_run_logger().info("engine policy for workload %s within %s: %s", workload, budget, report["policy"])
+    return llm
 
 
 @prefect.task(name="prompt", cache_policy=NO_CACHE)
@@ -101,6 +117,10 @@ def wrangle(
     database: str = "data/wrangle.duckdb",
     model: str = "qwen2.5-coder-1.5b",
     policy: dict[str, Any] | Literal["auto"] | None = None,
+    gpu_mem: str | int | None = None,
+    cpu_mem: str | int | None = None,
+    disk_mem: str | int | None = None,
+    offload_dir: str | None = None,
     k: int = 0,
     seed: int = 0,
     chat: bool = False,
@@ -121,7 +141,10 @@ def wrangle(
 
     ``spec``: a benchmark dataset name (e.g. "Beer") or a dict of TaskSpec fields. ``model``:
     an engine model name/path, or ``"constant:<answer>"`` (a baseline). ``policy``: Policy
-    fields or "auto". ``chat``: wrap prompts in the model's chat template (helps a small
+    fields, or "auto" to search one for this run's prompts inside the budget (``{"auto": true,
+    "int8_matmul": true}`` and the like: at that precision). ``gpu_mem``/``cpu_mem``/``disk_mem``:
+    the engine's caps per tier ("2GB"); ``offload_dir``: where its disk tier lives (default: a
+    folder next to the database, removed after the run). ``chat``: wrap prompts in the model's chat template (helps a small
     instruct model at k = 0). ``limit``: first N items only. ``chunk_size``: rows per committed
     chunk. ``tag``: any text; a different tag starts a fresh run instead of resuming.
     """
@@ -131,26 +154,42 @@ def wrangle(
         task=task, table=table, left_table=left_table, right_table=right_table,
         demos_table=demos_table, labels_table=labels_table, cells_table=cells_table,
         clean_table=clean_table, target=target, columns=tuple(columns) if columns else None,
-        spec=spec, database=database, model=model, policy=policy, k=k, seed=seed, chat=chat,
+        spec=spec, database=database, model=model, policy=policy, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+        disk_mem=disk_mem, offload_dir=offload_dir, k=k, seed=seed, chat=chat,
         limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag,
     )
     run_key = params.run_key()
+    run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
 
     # Everything that can fail on the caller's input happens before the first write.
     extracted = extract(params)
-    llm = load_model(model, policy)
-    prompts = prompt(params, extracted, llm)
+    shape = model_shape(model, policy)
+    prompts = prompt(params, extracted, shape)
     for w in prompts.warnings:
         log.warning(w)
+    budget = steps.budget(params, run_id)
+    llm = None
+    try:
+        llm = load_model(model, policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
+        return _answer(params, run_key, run_id, extracted, prompts, llm, budget, started)
+    finally:
+        budget.release(llm)
 
-    run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
-    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=model,
-                           policy=llms.policy_json(policy), target=extracted.spec.target)
+
+def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.Extracted,
+            prompts: steps.Prompts, llm: Any, budget: steps.Budget, started: float) -> dict[str, Any]:
+    """The run from its record on: every pending chunk answered, checked and written."""
+    log = get_run_logger()
+    task, database = params.task, params.database
+    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
+                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
     items = prompts.items
+    engine = llms.engine_report(llm)
     answered = start_run(database, {
         "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
-        "parameters": llms.policy_json(params.identity() | {"limit": limit, "database": database}),
-        "model": model, "policy": ctx.policy, "input_rows": len(items),
+        "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database}),
+        "model": params.model, "policy": engine.get("policy", ctx.policy), "input_rows": len(items),
+        "budget": llms.policy_json(budget.caps),
     }, task, run_key)
     todo = steps.pending(items, answered)
     log.info("run %s: %d item(s), %d already answered, %d to do", run_key, len(items),
@@ -160,7 +199,7 @@ def wrangle(
     try:
         parts = steps.chunks(todo, params.chunk_size)
         for n, chunk in enumerate(parts, 1):
-            inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, batch_size, chat)
+            inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, params.batch_size, params.chat)
             answers = parse(task, inference.raw)
             preds = steps.predictions(chunk, inference.raw, answers, task)
             check = validate(task, preds, prompts.key_columns, len(chunk))
@@ -175,7 +214,8 @@ def wrangle(
         if summary["table_failures"]:
             raise RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
     except BaseException as exc:
-        _record_failure(database, run_id, exc, started, written, len(items) - len(todo))
+        _record_failure(database, run_id, exc, started, written, len(items) - len(todo),
+                        llms.engine_report(llm))
         raise
 
     seconds = time.perf_counter() - started
@@ -187,22 +227,26 @@ def wrangle(
         "tokens_per_s": tokens / infer_s if tokens and infer_s > 0 else None,
         "seconds": seconds, "metrics": summary["metrics"],
     }
+    engine = llms.engine_report(llm)
     with tables.connect(database) as con:
         store.finish_run(con, run_id, finished_at=store.utcnow(),
-                         **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")})
+                         **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")},
+                         **{k: v for k, v in engine.items() if k != "policy"})
+    result |= {k: v for k, v in engine.items()}
     log.info("run %s completed: %d valid, %d quarantined, metrics %s", run_key,
              result["valid_rows"], result["quarantined_rows"], result["metrics"])
     return result
 
 
 def _record_failure(database: str, run_id: str, exc: BaseException, started: float,
-                    written: int, skipped: int) -> None:
+                    written: int, skipped: int, engine: dict[str, Any]) -> None:
     status = "failed" if isinstance(exc, Exception) else "cancelled"
     try:
         with tables.connect(database, lock_timeout_s=5) as con:
             store.finish_run(con, run_id, status=status, error=f"{type(exc).__name__}: {exc}",
                              finished_at=store.utcnow(), seconds=time.perf_counter() - started,
-                             written_rows=written, skipped_rows=skipped)
+                             written_rows=written, skipped_rows=skipped,
+                             **{k: v for k, v in engine.items() if k != "policy"})
     except Exception as record_exc:  # the original error matters more; keep it
         get_run_logger().warning("could not record the failure of run %s: %s", run_id, record_exc)
 

@@ -289,3 +289,22 @@ def test_search_options_are_honoured_and_the_engine_runs_them(hw, small_opt, tmp
     for tier in ("gpu", "cpu", "disk"):
         assert peaks[tier] <= caps[f"{tier}_mem"]
         assert peaks[tier] <= choice.predicted_peaks[tier]
+
+
+def test_int8_products_are_chosen_only_when_asked(hw):
+    """int8 products change answers, so the search never picks them unasked; left to it (None), it
+    picks them where the probe says they are faster (this fake machine: about 2x float32 at prefill)."""
+    cfg = opt_config("opt-125m")
+    plain = search_policy(cfg, hw, 128, 2, max_block_size=16)
+    free = search_policy(cfg, hw, 128, 2, max_block_size=16, int8_matmul=None)
+    assert not plain.policy.int8_matmul
+    assert free.policy.int8_matmul and free.predicted_tokens_per_s > plain.predicted_tokens_per_s
+
+
+def test_an_auto_dict_fixes_the_precision_and_a_string_leaves_it_to_the_search():
+    from engine.generate import auto_precision
+    assert auto_precision("auto") == {"compress_weight": None, "compress_cache": None, "int8_matmul": False}
+    assert auto_precision({"auto": True, "int8_matmul": True}) == {
+        "compress_weight": False, "compress_cache": False, "int8_matmul": True}
+    with pytest.raises(ValueError, match="chooses the placement"):
+        auto_precision({"auto": True, "gpu_batch_size": 4})

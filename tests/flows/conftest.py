@@ -46,3 +46,14 @@ def em_db(tmp_path) -> Path:
     return flow_testkit.make_db(tmp_path / "em.duckdb", flow_testkit.magellan_frames())
 
 
+@pytest.fixture
+def tiny_engine_model(tmp_path):
+    """A tiny random OPT with a character tokenizer and room for a few-shot prompt."""
+    import importlib.util
+    kit = Path(__file__).resolve().parents[1] / "engine" / "enginekit.py"
+    spec = importlib.util.spec_from_file_location("enginekit", kit)
+    enginekit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(enginekit)
+    path = tmp_path / "opt-tiny"
+    enginekit._save_opt(path, max_position_embeddings=1024)
+    return path

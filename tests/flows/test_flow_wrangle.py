@@ -143,3 +143,42 @@ def test_imputation_and_error_detection_on_benchmark_tables(bench_db):
     runs = query(bench_db, "SELECT task, status FROM wrangle_runs ORDER BY started_at")
     assert runs["task"].tolist() == ["imputation", "error-detection"]
     assert (runs["status"] == "completed").all()
+
+
+def test_a_tight_budget_puts_weights_on_disk_writes_every_row_and_records_the_policy(tmp_path, tiny_engine_model):
+    """policy "auto" inside caps too small for the weights: the search puts part of them on disk
+    (the folder next to the database, removed after the run), every row is answered, and the run
+    record says which policy ran and what each tier held at its peak."""
+    db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=6))
+    out = wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(tiny_engine_model),
+                  policy="auto", gpu_mem="256KB", cpu_mem="32KB")
+    assert out["written_rows"] == 6 and out["valid_rows"] + out["quarantined_rows"] == 6
+    run = query(db, "SELECT policy, budget, peak_bytes, peak_rss_bytes FROM wrangle_runs").iloc[0]
+    policy, peaks = json.loads(run["policy"]), json.loads(run["peak_bytes"])
+    assert policy["w_gpu_percent"] + policy["w_cpu_percent"] < 100 and peaks["disk"] > 0
+    assert not policy["compress_weight"] and not policy["int8_matmul"]     # "auto" keeps the precision
+    assert peaks["gpu"] <= 256 * 1024 and peaks["cpu"] <= 32 * 1024 and run["peak_rss_bytes"] > 0
+    assert json.loads(run["budget"])["cpu_mem"] == "32KB"
+    assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
+    # the same answers as with no budget at all (a placement never changes the tokens)
+    free_db = make_db(tmp_path / "free.duckdb", magellan_frames(n_pairs=6))
+    wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(free_db), model=str(tiny_engine_model),
+            policy={"gpu_batch_size": 1})
+    sql = "SELECT row_key, raw_output FROM wrangle_entity_matching ORDER BY row_key"
+    assert query(db, sql).equals(query(free_db, sql))
+
+
+def test_a_budget_no_policy_fits_fails_before_any_write_with_the_searchs_reason(tmp_path, tiny_engine_model):
+    db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=6))
+    with pytest.raises(Exception, match="does not fit the memory budget.*short by"):
+        wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(tiny_engine_model),
+                policy="auto", gpu_mem="1KB", cpu_mem="1KB", disk_mem="1KB")
+    tables_now = query(db, "SELECT table_name FROM information_schema.tables")["table_name"].tolist()
+    assert "wrangle_runs" not in tables_now or query(db, "SELECT count(*) AS n FROM wrangle_runs")["n"][0] == 0
+
+
+@pytest.mark.parametrize("bad", [dict(cpu_mem="two gigabytes"), dict(gpu_mem=-1),
+                                 dict(policy={"auto": True, "gpu_batch_size": 4})])
+def test_budget_parameters_are_checked_up_front(em_db, bad):
+    with pytest.raises(Exception, match="is not a size|automatic policy takes only"):
+        wrangle(**EM_PARAMS, database=str(em_db), model="rule:same", **bad)

@@ -261,15 +261,3 @@ def test_two_workers_each_answer_a_share_with_their_own_engine(tmp_path, tiny_en
     assert len(rows) == 12 and rows["row_key"].is_unique and (rows["model"] == str(tiny_engine_model)).all()
     runs = query(db, "SELECT status, written_rows FROM wrangle_runs")
     assert runs.to_dict("records") == [{"status": "completed", "written_rows": 12}]
-
-
-@pytest.fixture
-def tiny_engine_model(tmp_path):
-    """A tiny random OPT with a character tokenizer and room for a few-shot prompt."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("enginekit", ROOT / "tests/engine/enginekit.py")
-    enginekit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(enginekit)
-    path = tmp_path / "opt-tiny"
-    enginekit._save_opt(path, max_position_embeddings=1024)
-    return path
