@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -54,13 +55,18 @@ def main(argv=None) -> int:
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args(argv)
 
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # a Prefect of its own, offline (the flows start a temporary server in each process)
+    for key, value in (("PREFECT_HOME", str(work / "prefect")), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                       ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(key, value)
+    os.environ.pop("PREFECT_API_URL", None)
     import duckdb
 
     from flows.load_benchmarks import load_benchmarks
 
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     master = work / "master.duckdb"
     load_benchmarks(datasets=["Beer"], database=str(master))
     started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()

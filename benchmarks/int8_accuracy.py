@@ -41,7 +41,7 @@ def measure(model: str, limit: int, logit_rows: int) -> list[dict]:
     tok = llms["fp32"].tokenizer
     chat = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=True)
             for c in CHAT]
-    chat = [c["input_ids"] if isinstance(c, dict) else list(c) for c in chat]
+    chat = [list(c["input_ids"]) if hasattr(c, "keys") else list(c) for c in chat]     # (a BatchEncoding in transformers 5)
     greedy = {name: llm.generate(chat, max_new_tokens=16, ignore_eos=True) for name, llm in llms.items()}
     rows = [dict(model=model, dataset="4 chat prompts x 16 tokens", chat_same=sum(
         a == b for a, b in zip(greedy["fp32"], greedy["int8"])), chat_n=len(chat))]
