@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.answer_prefix is not None:
         spec = spec.replace(answer_prefix=args.answer_prefix.encode().decode("unicode_escape"))
 
-    from engine import LLM, Policy  # lazy: the engine is heavy and only the CLI needs it
+    from engine import LLM  # lazy: the engine is heavy and only the CLI needs it
 
     t0 = time.perf_counter()
     # progress=False: one progress bar (ours, per row) is enough
-    llm = LLM.from_pretrained(args.model, progress=False, policy=Policy(int8_matmul=args.int8))
+    llm = LLM.from_pretrained(args.model, progress=False, policy={"int8_matmul": True} if args.int8 else None)
     load_s = time.perf_counter() - t0
     result = run(mod.NAME, inputs, llm, k=args.k, seed=args.seed, spec=spec, limit=args.limit,
                  batch_size=args.batch_size, progress=not args.no_progress,
