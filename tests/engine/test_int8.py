@@ -8,10 +8,11 @@ from engine import LLM, Policy, int8
 PROMPTS = MIXED_PROMPTS * 2
 
 
-def test_format_round_trips_within_half_a_step_per_row():
-    w = torch.randn(48, 40) * torch.logspace(-2, 1, 48)[:, None]       # rows of very different ranges
+@pytest.mark.parametrize("shape", [(48, 40), (7, 13)])                 # (7, 13): 91 value bytes, odd
+def test_format_round_trips_within_half_a_step_per_row(shape):
+    w = torch.randn(*shape) * torch.logspace(-2, 1, shape[0])[:, None]  # rows of very different ranges
     q = int8.quantize(w)
-    assert q.values.dtype == torch.int8 and q.scale.shape == (48,)
+    assert q.values.dtype == torch.int8 and q.scale.shape == (shape[0],)
     assert ((int8.dequantize(q) - w).abs() <= q.scale[:, None] / 2 + 1e-7).all()
     raw = int8.encode(w[None])
     assert raw.shape == (1, int8.nbytes(w.shape))
