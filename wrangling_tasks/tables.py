@@ -83,6 +83,9 @@ def connect(
     A missing file raises :class:`DatabaseNotFoundError` unless ``create`` (a typo in a path
     must not silently create an empty database). While another process holds the file's
     lock, retry for up to ``lock_timeout_s`` seconds.
+
+    A ``read_only`` connection reads a caller's input database, which may not be the caller's
+    own: it runs without external access, so a view in it cannot read local files or URLs.
     """
     path = os.fspath(database)
     if path != ":memory:" and not os.path.exists(path):
@@ -95,7 +98,8 @@ def connect(
     delay = 0.1
     while True:
         try:
-            con = duckdb.connect(path, read_only=read_only)
+            con = duckdb.connect(path, read_only=read_only,
+                                 config={"enable_external_access": False} if read_only else {})
             break
         except duckdb.IOException as exc:
             locked = any(m in str(exc).lower() for m in _LOCK_MARKERS)
@@ -188,7 +192,11 @@ def read_table(
             raise TableError(f"limit must be >= 0, got {limit}")
         sql += " LIMIT ?"
         params.append(int(limit))
-    return con.execute(sql, params).df()
+    try:
+        return con.execute(sql, params).df()
+    except duckdb.PermissionException as exc:   # a view over files or URLs, read without external access
+        raise TableError(f"{name!r} reads files or URLs outside the database ({exc}); input tables are read "
+                         "without external access: store the data in a table of the database instead") from exc
 
 
 def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:

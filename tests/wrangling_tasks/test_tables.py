@@ -39,6 +39,19 @@ def test_connect_refuses_a_missing_file_unless_asked_to_create(tmp_path):
     assert missing.exists()
 
 
+def test_an_input_view_cannot_read_local_files(db, tmp_path):
+    """Input databases are read without external access: a view over a local file (or a URL) in
+    someone else's database fails with a clear error instead of handing the file to the flow."""
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nhunter2\n")
+    with tb.connect(db) as con:
+        con.execute(f"CREATE VIEW leak AS SELECT * FROM read_csv('{secret}')")
+    with tb.connect(db, read_only=True) as con:
+        assert tb.read_table(con, "people")["id"].tolist() == [3, 1, 2]          # tables read as before
+        with pytest.raises(tb.TableError, match="reads files or URLs outside the database"):
+            tb.read_table(con, "leak")
+
+
 def test_read_table_keeps_stored_order_and_binds_limit(db):
     with tb.connect(db, read_only=True) as con:
         assert tb.read_table(con, "people")["id"].tolist() == [3, 1, 2]
