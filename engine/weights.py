@@ -61,6 +61,10 @@ class SafetensorsFile:
                 raise ValueError(f"{name}: dtype {m['dtype']} is not one this engine reads")
             if not 0 <= begin <= end <= size - self.data_start:
                 raise ValueError(f"{name}: data at bytes {begin}-{end} lies past the end of the file")
+            want = _numel(m["shape"]) * torch.empty((), dtype=_SAFETENSORS_DTYPES[m["dtype"]]).element_size()
+            if end - begin != want:      # e.g. empty offsets for a non-empty shape: uninitialised weights
+                raise ValueError(f"{name}: shape {m['shape']} of {m['dtype']} needs {want} bytes, the header "
+                                 f"gives {end - begin}")
 
     def keys(self) -> list[str]:
         return list(self.meta)

@@ -117,3 +117,14 @@ def test_a_safetensors_header_past_the_end_is_corrupt(tmp_path, tiny_opt):
     (tmp_path / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
     with pytest.raises(CheckpointError, match="corrupt"):
         LLM.from_pretrained(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("offsets", [[0, 0], [0, 8]])
+def test_a_safetensors_entry_whose_bytes_do_not_match_its_shape_is_corrupt(tmp_path, tiny_opt, offsets):
+    """Empty data offsets for a (4, 4) float32 tensor would have become uninitialised weights."""
+    import json
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": offsets}}).encode()
+    (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(CheckpointError, match="needs 64 bytes"):
+        LLM.from_pretrained(tmp_path, progress=False)
