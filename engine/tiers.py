@@ -10,6 +10,8 @@ quantized. Disk rows live in files under the offload directory, read and written
 from __future__ import annotations
 
 import ctypes
+import errno
+import itertools
 import mmap
 import os
 import threading
@@ -25,6 +27,7 @@ from . import int8 as int8_format
 from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, padded_shape, quantize
 
 ALIGN = 4096
+_FILE_NUMBERS = itertools.count(1)     # offload file names, process-wide
 
 
 class MemoryBudgetError(MemoryError):
@@ -186,13 +189,19 @@ class DiskFile:
         self.tracker = tracker
         self.users = 1
         tracker.alloc(self.stride * rows, f"disk file {self.path.name}")
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL     # never open (and clobber) a file someone else has
         try:
-            self.fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o600)
-            self.direct = hasattr(os, "O_DIRECT")
-        except OSError:  # e.g. tmpfs: buffered I/O, pages dropped after use
-            self.fd = os.open(self.path, flags, 0o600)
-            self.direct = False
+            try:
+                self.fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o600)
+                self.direct = hasattr(os, "O_DIRECT")
+            except FileExistsError:
+                raise
+            except OSError:  # e.g. tmpfs: buffered I/O, pages dropped after use
+                self.fd = os.open(self.path, flags, 0o600)
+                self.direct = False
+        except BaseException:
+            tracker.free(self.stride * rows)
+            raise
         os.ftruncate(self.fd, self.stride * rows)
         # delete the file even when its owner is dropped without close() (e.g. an exception mid-run)
         self._finalizer = weakref.finalize(self, _remove_file, self.fd, self.path)
@@ -210,6 +219,12 @@ class DiskFile:
             view = torch.frombuffer(buf, dtype=torch.uint8).view(n, stride)
             view[:, : raw.shape[1]] = raw
             _full(os.pwrite, self.fd, buf, base + start * stride)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left for the offload file {self.path} ({n * stride} bytes "
+                              "more): free space there, pass another offload_dir, or lower disk_mem so the "
+                              "policy keeps less on disk") from exc
+            raise
         finally:
             del view
             STAGING.put(buf)
@@ -279,8 +294,6 @@ class Tiers:
             "cpu": MemoryTracker("cpu", parse_bytes(cpu_mem) if cpu_mem is not None else avail),
             "disk": MemoryTracker("disk", parse_bytes(disk_mem) if disk_mem is not None else disk_cap),
         }
-        self._file_counter = 0
-        self._lock = threading.Lock()
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -294,10 +307,12 @@ class Tiers:
             raise ValueError("this policy puts data on disk: pass offload_dir (--offload-dir) to a folder "
                              "on a local disk with room for it")
         self.offload_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self._file_counter += 1
-            name = f"{os.getpid()}-{self._file_counter}-{stem}.bin"
-        return DiskFile(self.offload_dir / name, row_bytes, rows, self.trackers["disk"])
+        while True:   # unique in the process (several LLMs may share a folder); O_EXCL skips a dead process's file
+            name = f"{os.getpid()}-{next(_FILE_NUMBERS)}-{stem}.bin"
+            try:
+                return DiskFile(self.offload_dir / name, row_bytes, rows, self.trackers["disk"])
+            except FileExistsError:
+                continue
 
     def peaks(self) -> dict[str, int]:
         return {name: t.peak for name, t in self.trackers.items()}

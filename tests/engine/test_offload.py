@@ -109,3 +109,35 @@ def test_a_tied_lm_head_shares_the_embedding_instead_of_a_second_copy(tiny_opt, 
     assert os.listdir(tmp_path) == []
     untied = LLM.from_pretrained(tiny_llama[0], progress=False)             # its own lm_head.weight
     assert untied.layers[-1].weights.arrays["lm_head"] is not untied.layers[0].weights.arrays["embed_tokens"]
+
+
+def test_offload_files_are_never_shared_or_clobbered(tmp_path):
+    """Two engines in one process may share a folder; a file left by a dead process is skipped, not truncated."""
+    from engine.tiers import Tiers
+    a, b = Tiers(tmp_path), Tiers(tmp_path)
+    fa, fb = a.new_file("layer0.weights", 4096, 1), b.new_file("layer0.weights", 4096, 1)
+    assert fa.path != fb.path
+    import engine.tiers as tiers
+    stale = tmp_path / f"{os.getpid()}-{next(tiers._FILE_NUMBERS) + 1}-layer1.weights.bin"
+    stale.write_bytes(b"someone else's")
+    fc = a.new_file("layer1.weights", 4096, 1)
+    assert fc.path != stale and stale.read_bytes() == b"someone else's"
+    for f in (fa, fb, fc):
+        f.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
+    assert a.trackers["disk"].current == b.trackers["disk"].current == 0
+
+
+def test_a_full_disk_names_the_offload_file_and_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    import engine.tiers as tiers
+    f = tiers.Tiers(tmp_path).new_file("layer0.weights", 4096, 1)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tiers.os, "pwrite", full)
+    with pytest.raises(OSError, match="no space left for the offload file .*layer0.weights.*offload_dir"):
+        f.write_rows(0, torch.zeros(1, 4096, dtype=torch.uint8))
+    monkeypatch.undo()
+    f.close()
