@@ -415,13 +415,14 @@ def auto_precision(policy: str | dict) -> dict:
     """The precision an automatic policy search keeps, as search_policy arguments.
 
     "auto" lets the search choose 4-bit weights and cache (None), as FlexGen's does, and never int8
-    products. A dict {"auto": True, ...} fixes them to what it names (absent = False): answers then
-    depend only on the dict, not on the machine's budget, so callers that key results by their
-    parameters (the flows' run keys) stay exact."""
+    products. A dict {"auto": True, ...} fixes each to what it names (absent = False), or leaves it
+    to the search where it says None: with every field fixed, answers depend only on the dict, not on
+    the machine's budget, so callers that key results by their parameters stay exact (the flows add
+    the chosen precision to the run key otherwise)."""
     if not isinstance(policy, dict):
         return {"compress_weight": None, "compress_cache": None, "int8_matmul": False}
     unknown = set(policy) - {"auto", *PRECISION_FIELDS}
     if unknown:
         raise ValueError(f"an automatic policy takes only {['auto', *PRECISION_FIELDS]}, got {sorted(unknown)}: "
                          "the search chooses the placement and batch itself")
-    return {f: bool(policy.get(f, False)) for f in PRECISION_FIELDS}
+    return {f: None if policy.get(f, False) is None else bool(policy.get(f, False)) for f in PRECISION_FIELDS}

@@ -6,7 +6,8 @@
   ``engine.LLM.from_pretrained(model, policy=..., gpu_mem=..., cpu_mem=..., disk_mem=...,
   offload_dir=...)``. ``policy="auto"`` (or ``{"auto": true, ...}``) searches a placement for the
   run's own workload inside that budget at the precision the policy names -- never a different
-  precision than asked for, since precision changes answers and is part of the run key;
+  precision than asked for, since precision changes answers and is part of the run key (a field
+  given as None is left to the search, and the flow puts its choice into the run key);
 * ``"constant:<text>"``: a baseline that answers ``<text>`` to every prompt, with no model at
   all. ``"constant:No"`` is the majority-class baseline of entity matching and error
   detection, and a deterministic, instant stand-in wherever a flow's wiring is what is under
@@ -32,6 +33,7 @@ __all__ = [
     "load_llm",
     "model_shape",
     "engine_report",
+    "precision",
     "policy_json",
 ]
 
@@ -143,6 +145,13 @@ def model_shape(model: str, policy: Mapping[str, Any] | str | None = None) -> An
     except (OSError, ValueError, KeyError, LookupError) as exc:
         raise ModelLoadError(f"cannot load model {model!r}: {exc}") from exc
     return _Shape(tokenizer, config.max_positions)
+
+
+def precision(llm: Any) -> dict[str, Any]:
+    """The fields of the engine's placed policy that change answers (engine.generate.PRECISION_FIELDS)."""
+    from engine.generate import PRECISION_FIELDS
+
+    return {f: getattr(llm.policy, f) for f in PRECISION_FIELDS}
 
 
 def engine_report(llm: Any) -> dict[str, Any]:

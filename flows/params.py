@@ -107,9 +107,17 @@ class WrangleParams:
         d["version"] = RUN_KEY_VERSION
         return d
 
-    def run_key(self) -> str:
-        """Deterministic name of the logical run: same parameters, same key (resume)."""
-        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+    def precision_left_to_search(self) -> bool:
+        """Whether an automatic policy lets the search choose a precision ({"auto": true,
+        "compress_weight": null}): the run key must then name the one it chose."""
+        return isinstance(self.policy, Mapping) and bool(self.policy.get("auto")) and any(
+            k != "auto" and v is None for k, v in self.policy.items())
+
+    def run_key(self, precision: Mapping[str, Any] | None = None) -> str:
+        """Deterministic name of the logical run: same parameters, same key (resume). ``precision``:
+        what the search chose where the policy left it open (see precision_left_to_search)."""
+        identity = self.identity() | ({"precision": dict(precision)} if precision else {})
+        text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 

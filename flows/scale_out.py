@@ -160,6 +160,9 @@ def wrangle_scale_out(
         columns=tuple(columns) if columns else None, spec=spec, database=database, model=model,
         policy=policy, gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, offload_dir=offload_dir, k=k,
         seed=seed, chat=chat, limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag)
+    if params.precision_left_to_search():
+        raise ValueError("a scaled-out run cannot leave the precision to the policy search (each worker would "
+                         "choose its own): name it in the policy, e.g. {\"auto\": true, \"compress_weight\": true}")
     run_key = params.run_key()
     # Before the first write: the inputs, the rows (identities only: no model here), the deployment.
     extracted = extract(params)

@@ -171,6 +171,8 @@ def wrangle(
     llm = None
     try:
         llm = load_model(model, policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
+        if params.precision_left_to_search():     # the search chose a precision: the key names it
+            run_key = params.run_key(llms.precision(llm))
         return _answer(params, run_key, run_id, extracted, prompts, llm, budget, started)
     finally:
         budget.release(llm)

@@ -306,5 +306,7 @@ def test_an_auto_dict_fixes_the_precision_and_a_string_leaves_it_to_the_search()
     assert auto_precision("auto") == {"compress_weight": None, "compress_cache": None, "int8_matmul": False}
     assert auto_precision({"auto": True, "int8_matmul": True}) == {
         "compress_weight": False, "compress_cache": False, "int8_matmul": True}
+    assert auto_precision({"auto": True, "compress_weight": None}) == {        # None: left to the search
+        "compress_weight": None, "compress_cache": False, "int8_matmul": False}
     with pytest.raises(ValueError, match="chooses the placement"):
         auto_precision({"auto": True, "gpu_batch_size": 4})

@@ -182,3 +182,19 @@ def test_a_budget_no_policy_fits_fails_before_any_write_with_the_searchs_reason(
 def test_budget_parameters_are_checked_up_front(em_db, bad):
     with pytest.raises(Exception, match="is not a size|automatic policy takes only"):
         wrangle(**EM_PARAMS, database=str(em_db), model="rule:same", **bad)
+
+
+def test_a_precision_left_to_the_search_is_named_in_the_run_key(tmp_path, tiny_engine_model):
+    """{"auto": true, "compress_weight": null}: the search may choose 4-bit weights, and the run key
+    then says what it chose, so a 4-bit run never resumes into a float16 run's rows."""
+    from flows.params import WrangleParams
+    db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=4))
+    policy = {"auto": True, "compress_weight": None}
+    args = dict(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(tiny_engine_model))
+    out = wrangle(**args, policy=policy, gpu_mem="256KB", cpu_mem="32KB")
+    chosen = json.loads(out["policy"])
+    params = WrangleParams(**args, policy=policy)
+    assert params.precision_left_to_search() and not WrangleParams(**args, policy="auto").precision_left_to_search()
+    precision = {f: chosen[f] for f in ("compress_weight", "compress_cache", "int8_matmul")}
+    assert out["run_key"] == params.run_key(precision)
+    assert params.run_key(precision) != params.run_key(dict(precision, compress_weight=not precision["compress_weight"]))

@@ -147,6 +147,16 @@ def test_a_missing_deployment_fails_before_any_write(tmp_path):
         assert not [t for (t,) in con.execute("SHOW TABLES").fetchall() if t.startswith("wrangle_")]
 
 
+@pytest.mark.usefixtures("prefect_api")
+def test_a_precision_left_to_each_workers_search_is_refused(tmp_path):
+    from flows.scale_out import wrangle_scale_out
+
+    db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=4))
+    with pytest.raises(ValueError, match="cannot leave the precision to the policy search"):
+        wrangle_scale_out(**EM_PARAMS, model="rule:same", database=str(db), deployment=None,
+                          policy={"auto": True, "compress_weight": None}, output_dir=str(tmp_path / "parts"))
+
+
 # ---- for real: a Prefect server on loopback and two process workers -----------------------------
 def _free_port() -> int:
     import socket
