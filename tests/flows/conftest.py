@@ -46,14 +46,24 @@ def em_db(tmp_path) -> Path:
     return flow_testkit.make_db(tmp_path / "em.duckdb", flow_testkit.magellan_frames())
 
 
-@pytest.fixture
-def tiny_engine_model(tmp_path):
-    """A tiny random OPT with a character tokenizer and room for a few-shot prompt."""
+def _engine_model(path: Path, **shape) -> Path:
     import importlib.util
     kit = Path(__file__).resolve().parents[1] / "engine" / "enginekit.py"
     spec = importlib.util.spec_from_file_location("enginekit", kit)
     enginekit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(enginekit)
-    path = tmp_path / "opt-tiny"
-    enginekit._save_opt(path, max_position_embeddings=1024)
+    enginekit._save_opt(path, max_position_embeddings=1024, **shape)
     return path
+
+
+@pytest.fixture
+def wider_engine_model(tmp_path):
+    """A small random OPT whose weights (1 MiB in float32) outweigh the engine's working buffers, so a
+    budget can leave no room for them in RAM whatever the search chooses."""
+    return _engine_model(tmp_path / "opt-wider", hidden_size=64, ffn_dim=256, num_hidden_layers=4)
+
+
+@pytest.fixture
+def tiny_engine_model(tmp_path):
+    """A tiny random OPT with a character tokenizer and room for a few-shot prompt."""
+    return _engine_model(tmp_path / "opt-tiny")

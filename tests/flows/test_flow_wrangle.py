@@ -145,24 +145,26 @@ def test_imputation_and_error_detection_on_benchmark_tables(bench_db):
     assert (runs["status"] == "completed").all()
 
 
-def test_a_tight_budget_puts_weights_on_disk_writes_every_row_and_records_the_policy(tmp_path, tiny_engine_model):
-    """policy "auto" inside caps too small for the weights: the search puts part of them on disk
-    (the folder next to the database, removed after the run), every row is answered, and the run
-    record says which policy ran and what each tier held at its peak."""
+def test_a_tight_budget_puts_weights_on_disk_writes_every_row_and_records_the_policy(tmp_path, wider_engine_model):
+    """policy "auto" inside caps that cannot hold the weights in RAM whatever the search chooses
+    (768 KiB for float32 compute copies and buffers, 64 KiB of CPU tier, 1 MiB of weights): part of
+    them go to disk (a folder next to the database, removed after the run), every row is answered,
+    and the run record says which policy ran and what each tier held at its peak."""
+    model = str(wider_engine_model)
     db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=6))
-    out = wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(tiny_engine_model),
-                  policy="auto", gpu_mem="256KB", cpu_mem="32KB")
+    out = wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=model,
+                  policy="auto", gpu_mem="768KB", cpu_mem="64KB")
     assert out["written_rows"] == 6 and out["valid_rows"] + out["quarantined_rows"] == 6
     run = query(db, "SELECT policy, budget, peak_bytes, peak_rss_bytes FROM wrangle_runs").iloc[0]
     policy, peaks = json.loads(run["policy"]), json.loads(run["peak_bytes"])
     assert policy["w_gpu_percent"] + policy["w_cpu_percent"] < 100 and peaks["disk"] > 0
     assert not policy["compress_weight"] and not policy["int8_matmul"]     # "auto" keeps the precision
-    assert peaks["gpu"] <= 256 * 1024 and peaks["cpu"] <= 32 * 1024 and run["peak_rss_bytes"] > 0
-    assert json.loads(run["budget"])["cpu_mem"] == "32KB"
+    assert peaks["gpu"] <= 768 * 1024 and peaks["cpu"] <= 64 * 1024 and run["peak_rss_bytes"] > 0
+    assert json.loads(run["budget"])["cpu_mem"] == "64KB"
     assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
     # the same answers as with no budget at all (a placement never changes the tokens)
     free_db = make_db(tmp_path / "free.duckdb", magellan_frames(n_pairs=6))
-    wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(free_db), model=str(tiny_engine_model),
+    wrangle(**EM_PARAMS, demos_table="em_demos", k=1, database=str(free_db), model=model,
             policy={"gpu_batch_size": 1})
     sql = "SELECT row_key, raw_output FROM wrangle_entity_matching ORDER BY row_key"
     assert query(db, sql).equals(query(free_db, sql))
@@ -184,14 +186,14 @@ def test_budget_parameters_are_checked_up_front(em_db, bad):
         wrangle(**EM_PARAMS, database=str(em_db), model="rule:same", **bad)
 
 
-def test_a_precision_left_to_the_search_is_named_in_the_run_key(tmp_path, tiny_engine_model):
+def test_a_precision_left_to_the_search_is_named_in_the_run_key(tmp_path, wider_engine_model):
     """{"auto": true, "compress_weight": null}: the search may choose 4-bit weights, and the run key
     then says what it chose, so a 4-bit run never resumes into a float16 run's rows."""
     from flows.params import WrangleParams
     db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=4))
     policy = {"auto": True, "compress_weight": None}
-    args = dict(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(tiny_engine_model))
-    out = wrangle(**args, policy=policy, gpu_mem="256KB", cpu_mem="32KB")
+    args = dict(**EM_PARAMS, demos_table="em_demos", k=1, database=str(db), model=str(wider_engine_model))
+    out = wrangle(**args, policy=policy, gpu_mem="768KB", cpu_mem="64KB")
     chosen = json.loads(out["policy"])
     params = WrangleParams(**args, policy=policy)
     assert params.precision_left_to_search() and not WrangleParams(**args, policy="auto").precision_left_to_search()
