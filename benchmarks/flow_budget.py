@@ -85,7 +85,6 @@ def main(argv=None) -> int:
             with duckdb.connect(str(db), read_only=True) as con:
                 answers[name] = con.execute("SELECT row_key, raw_output FROM wrangle_entity_matching "
                                             "ORDER BY row_key").fetchall()
-            got["peak_bytes"] = json.loads(got["peak_bytes"]) if isinstance(got["peak_bytes"], str) else got["peak_bytes"]
             runs[name].append(dict(rows_per_s=got["rows_per_s"], f1=got["metrics"]["f1"], peak=got["peak_bytes"],
                                    rss=res["peak_rss_bytes"], policy=json.loads(got["policy"])))
             print(f"round {r + 1}: {name}: {got['rows_per_s']:.2f} rows/s, F1 {got['metrics']['f1']:.3f}, "

@@ -127,9 +127,12 @@ class Format:
             return vals if self.dtype == dtype else vals.to(dtype)
         return dequantize(self.unpack(raw, shape, self._row_config()), dtype, out)
 
-    def unpack(self, raw: torch.Tensor, shape: tuple, config: CompressionConfig | None = None) -> QuantizedTensor:
+    def unpack(self, raw: torch.Tensor, shape: tuple, config: CompressionConfig | None = None):
         """uint8 (n, row_bytes) of a quantized format -> its parts (views when `raw` is contiguous);
-        without `config` the rows are one tensor of `shape` (n must be 1)."""
+        without `config` the rows are one tensor of `shape` (n must be 1). An int8 format gives the
+        Int8Weight its one row holds."""
+        if self.int8:
+            return int8_format.unpack(raw, shape)
         n = raw.shape[0]
         groups = compressed_nbytes(shape, self.quant) // (self.quant.group_size * self.quant.num_bits // 8 + 4)
         packed_w = self.quant.group_size * self.quant.num_bits // 8
@@ -454,7 +457,7 @@ class TierArray:
 
     def read_quantized(self, device: torch.device, out: torch.Tensor | None = None,
                        raw: torch.Tensor | None = None):
-        """Row 0 of a quantized array as its packed parts on `device`, not dequantized, and a function
+        """Row 0 of a quantized (or int8) array as its packed parts on `device`, not dequantized, and a function
         to call once they are used. With `out` (a uint8 buffer of row_bytes) the bytes are copied into
         it; without, the parts may view a disk staging buffer (held until that call) or this array.
         `raw`: row 0's bytes already read by the caller, who keeps them alive (a shared read)."""

@@ -19,7 +19,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import int8
 from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
 from .models import WeightSpec
 from .policy import Policy
@@ -244,9 +243,7 @@ class LayerWeights:
         try:
             for name, arr in self.arrays.items():
                 raw = raws.get(name)
-                if arr.fmt.int8:                       # multiplied as stored: bytes, not a float copy
-                    out[name] = self._read_int8(arr, pool, raw, borrowed)
-                elif name in lookup and arr.fmt.quant is not None:
+                if self._as_stored(name, arr, lookup):     # a copy of the bytes off the gpu tier
                     buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"packed copy of {arr.what}") \
                         if arr.tier != "gpu" else None
                     out[name] = arr.read_quantized(dev, buf, raw)[0]
@@ -272,18 +269,10 @@ class LayerWeights:
         return out, borrowed
 
     @staticmethod
-    def _read_int8(arr: TierArray, pool: BufferPool, raw, borrowed: list) -> int8.Int8Weight:
-        """An int8 weight on the compute device: a view of the gpu tier's bytes, else copied into a
-        borrowed buffer of its stored bytes (from the CPU tier, or from the disk read `raw`)."""
-        dev = arr.tiers.compute_device
-        if arr.tier == "gpu":
-            return int8.unpack(arr.data[0], arr.shape)
-        buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"int8 copy of {arr.what}")
-        borrowed.append(buf)
-        own, release = arr.read_bytes(raw)
-        buf.copy_(own[0])
-        release()
-        return int8.unpack(buf, arr.shape)
+    def _as_stored(name: str, arr: TierArray, lookup) -> bool:
+        """Whether `arr` is computed with in its stored bytes: a quantized table `embed` gathers rows
+        from, or int8 rows `ops.linear` multiplies by."""
+        return (name in lookup and arr.fmt.quant is not None) or arr.fmt.int8
 
     def _read_shared(self) -> tuple[dict[str, torch.Tensor], "_SharedStaging | None"]:
         """Every disk-homed tensor of the layer in one read of the file they share (place_layer):
@@ -352,7 +341,7 @@ class LayerWeights:
         itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
         total = 0
         for name, a in self.arrays.items():
-            if (name in lookup and a.fmt.quant is not None) or a.fmt.int8:
+            if self._as_stored(name, a, lookup):
                 total += a.row_bytes if a.tier != "gpu" else 0
             elif not self._ready(a):
                 total += _numel(self.borrow_shape(a, packed)) * itemsize

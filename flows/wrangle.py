@@ -234,7 +234,7 @@ def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.E
         store.finish_run(con, run_id, finished_at=store.utcnow(),
                          **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")},
                          **{k: v for k, v in engine.items() if k != "policy"})
-    result |= {k: v for k, v in engine.items()}
+    result |= engine
     log.info("run %s completed: %d valid, %d quarantined, metrics %s", run_key,
              result["valid_rows"], result["quarantined_rows"], result["metrics"])
     return result
