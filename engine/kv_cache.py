@@ -70,6 +70,22 @@ class CachePart:
     lo: int            # first sequence of the micro-batch in this part
     hi: int
     array: TierArray
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None   # a 4-bit part's (mean, scale), channel_norm
+
+
+def channel_norm(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, scale) of cache rows (s, 2, n, n_kv, d), over positions, per sequence:
+    (1, 2, n, n_kv, d) each.
+
+    A 4-bit cache groups values along head_dim, and some models' keys have a few channels far
+    larger than the rest (Qwen2's key bias): min-max groups spanning such a channel leave the others
+    one or two levels, and attention over that cache picks the wrong tokens. Storing
+    (x - mean) / scale puts every channel in [-1, 1] first, so each keeps its share of the 16
+    levels, as quantizing per channel would; the statistics come from a sequence's first write
+    (its prompt), and per sequence, so a split of the micro-batch across tiers does not change them."""
+    mean = rows.mean(dim=0, keepdim=True)
+    scale = (rows - mean).abs().amax(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float16).tiny)
+    return mean, scale
 
 
 @dataclass
@@ -104,7 +120,13 @@ class KVCache:
         """Store keys/values (b, n_kv, s, d) at positions [start, start + s)."""
         rows = torch.stack((k, v)).permute(3, 0, 1, 2, 4)            # (s, 2, b, n_kv, d)
         for p in self.parts:
-            p.array.write(start, rows[:, :, p.lo: p.hi])
+            part = rows[:, :, p.lo: p.hi]
+            if p.array.fmt.quant is not None:
+                if p.norm is None:
+                    p.norm = channel_norm(part.float())
+                mean, scale = p.norm
+                part = (part - mean) / scale
+            p.array.write(start, part)
 
     def read(self, length: int, policy: Policy, pool: BufferPool) -> list[LoadedPart]:
         """The first `length` positions of every part, each on the device that will attend over it
@@ -123,6 +145,9 @@ class KVCache:
             else:
                 buf = pool.get((arr.rows, *arr.shape), dtype, dev, f"working copy of {arr.what}")
                 rows = arr.read(0, length, dev, dtype, out=buf[:length])
+                if p.norm is not None:
+                    mean, scale = p.norm
+                    rows.mul_(scale.to(rows.device)).add_(mean.to(rows.device))
             kv = rows.permute(1, 2, 3, 0, 4)                           # (2, n, n_kv, t, d)
             out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1], buf))
         return out
