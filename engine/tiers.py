@@ -22,7 +22,7 @@ import torch
 
 from . import int8 as int8_format
 from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, padded_shape, quantize
-from .disk import ALIGN, STAGING, DiskFile, aligned  # noqa: F401  (the tiers' names: importers keep them)
+from .disk import ALIGN, STAGING, DiskFile, aligned, process_folder, sweep_stale  # noqa: F401  (re-exported)
 
 _FILE_NUMBERS = itertools.count(1)     # offload file names, process-wide
 
@@ -161,6 +161,8 @@ class Tiers:
     def __init__(self, offload_dir: str | Path | None, gpu_mem=None, cpu_mem=None, disk_mem=None):
         self.compute_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.offload_dir = Path(offload_dir) if offload_dir else None
+        if self.offload_dir is not None:
+            sweep_stale(self.offload_dir)               # before measuring the free space it frees
         avail = psutil.virtual_memory().available
         if self.compute_device.type == "cuda":
             gpu_cap = torch.cuda.get_device_properties(0).total_memory
@@ -185,13 +187,9 @@ class Tiers:
         if self.offload_dir is None:
             raise ValueError("this policy puts data on disk: pass offload_dir (--offload-dir) to a folder "
                              "on a local disk with room for it")
-        self.offload_dir.mkdir(parents=True, exist_ok=True)
-        while True:   # unique in the process (several LLMs may share a folder); O_EXCL skips a dead process's file
-            name = f"{os.getpid()}-{next(_FILE_NUMBERS)}-{stem}.bin"
-            try:
-                return DiskFile(self.offload_dir / name, row_bytes, rows, self.trackers["disk"])
-            except FileExistsError:
-                continue
+        with process_folder(self.offload_dir) as folder:     # the name is unique: the folder is this process's
+            return DiskFile(folder / f"{next(_FILE_NUMBERS)}-{stem}.bin", row_bytes, rows, self.trackers["disk"],
+                            folder=self.offload_dir)
 
     def peaks(self) -> dict[str, int]:
         return {name: t.peak for name, t in self.trackers.items()}
