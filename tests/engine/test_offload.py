@@ -170,3 +170,23 @@ def test_a_full_disk_names_the_offload_folder_the_bytes_and_what_to_do(tmp_path,
         f.write_rows(0, torch.zeros(1, 4096, dtype=torch.uint8))
     monkeypatch.undo()
     f.close()
+
+
+def test_folders_of_dead_processes_are_swept_at_start_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from engine.disk import _folder_name
+    from engine.tiers import Tiers
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    live, reused = _folder_name(os.getpid()), f"flexwrangle-{os.getpid()}-1@{host}"    # same pid, other start
+    gone, elsewhere = f"flexwrangle-{dead.stdout.strip()}-1@{host}", f"flexwrangle-{dead.stdout.strip()}-1@other-host"
+    for name in (live, reused, gone, elsewhere):
+        (tmp_path / name).mkdir(mode=0o700)
+        (tmp_path / name / "1-layer0.weights.bin").write_bytes(b"x")    # killed before the unlink
+    not_a_folder = f"flexwrangle-{dead.stdout.strip()}-2@{host}"
+    (tmp_path / not_a_folder).write_bytes(b"")
+    Tiers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, elsewhere, not_a_folder])
