@@ -23,6 +23,7 @@ DEFAULT_ALIGNMENT = 32           # GGUF_DEFAULT_ALIGNMENT
 MAX_METADATA_ITEMS = 1 << 21
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_MIN_KV, _MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8      # the smallest entries: key, type, a byte; name, dims, ...
 
 
 class _Layout:
@@ -59,12 +60,15 @@ class _Layout:
         if vtype != _ARRAY:
             raise self.fail(f"{what} has value type {vtype}, which GGUF does not define")
         itype, count = self.scalar("I", what), self.scalar("Q", what)
+        item = struct.calcsize(_SCALARS[itype]) if itype in _SCALARS else 8     # a string's length at least
+        if count * item > len(self.data) - self.offs:
+            self.take(count * item, f"{what}'s {count} items")
         self.items += count
         if self.items > MAX_METADATA_ITEMS:
             raise self.fail(f"{what} brings the metadata to {self.items} array items; a model's metadata "
                             f"holds under {MAX_METADATA_ITEMS}")
         if itype in _SCALARS:
-            self.take(count * struct.calcsize(_SCALARS[itype]), what)
+            self.take(count * item, what)
         else:
             for _ in range(count):
                 self.value(itype, what)
@@ -92,8 +96,11 @@ def check_layout(path: Path) -> None:
         if version not in (2, 3):
             raise cur.fail(f"GGUF version {version}; the converter reads versions 2 and 3")
         n_tensors, n_kv = cur.scalar("Q", "the tensor count"), cur.scalar("Q", "the metadata count")
+        if n_tensors * _MIN_TENSOR + n_kv * _MIN_KV > size - cur.offs:
+            raise cur.fail(f"the header lists {n_tensors} tensors and {n_kv} metadata entries, more than the "
+                           f"{size - cur.offs} bytes after it can hold")
         alignment = DEFAULT_ALIGNMENT
-        for i in range(n_kv):                     # each takes at least 12 bytes: a bad count runs out of file
+        for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
             what = f"metadata {key.decode(errors='replace')!r}"
             value = cur.value(cur.scalar("I", what), what)

@@ -157,8 +157,8 @@ def test_a_config_claiming_more_than_the_weights_hold_allocates_nothing_not_even
     config = {**json.loads((tiny_opt[0] / "config.json").read_text()), "vocab_size": 1 << 31}
     (ckpt / "config.json").write_text(json.dumps(config))
     (ckpt / "model.safetensors").write_bytes((tiny_opt[0] / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match=rf"{ckpt / 'model.safetensors'}: tensor 'model.decoder.embed_tokens"
-                                              r".weight' has shape \(100, 32\), config.json implies \(2147483648, 32\)"):
+    with pytest.raises(CheckpointError, match=rf"{ckpt / 'model.safetensors'}: tensor 'model.decoder.embed_tokens."
+                                              r"weight' has shape \(100, 32\), config.json implies \(2147483648, 32\)"):
         LLM.from_pretrained(ckpt, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=offload,
                             disk_mem="1024TB", progress=False)
     assert os.listdir(offload) == []
