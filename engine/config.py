@@ -16,6 +16,7 @@ FAMILIES = ("opt", "llama", "qwen2")
 class CheckpointError(ValueError):
     """A checkpoint (config.json, weight files, a GGUF file) is missing, incomplete or corrupt."""
 
+
 # Published OPT shapes (Zhang et al. 2022): hidden, layers, heads, ffn.
 OPT_SIZES: dict[str, tuple[int, int, int, int]] = {
     "opt-125m": (768, 12, 12, 3072),

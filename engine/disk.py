@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -235,6 +236,7 @@ def sweep_stale(offload_dir: Path) -> list[Path]:
     return removed
 
 
+@functools.lru_cache(maxsize=None)
 def _folder_name(pid: int) -> str:
     return f"flexwrangle-{pid}-{_start_time(pid)}@{socket.gethostname()}"
 
@@ -243,8 +245,11 @@ def _start_time(pid: int) -> int | None:
     """When process `pid` started, in hundredths of a second since the epoch (None: no such
     process); with the pid, it names one process, so a reused pid does not keep a folder alive."""
     try:
-        return round(psutil.Process(pid).create_time() * 100)
-    except psutil.NoSuchProcess:          # zombies included: their descriptors are closed
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:      # dead: its descriptors are closed
+            return None
+        return round(process.create_time() * 100)
+    except psutil.NoSuchProcess:
         return None
 
 
