@@ -23,6 +23,7 @@ DEFAULT_ALIGNMENT = 32           # GGUF_DEFAULT_ALIGNMENT
 MAX_METADATA_ITEMS = 1 << 21
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_CONVERT = "re-quantize the model with llama.cpp to a type it reads (F32, F16, BF16, Q4_0 .. Q8_0, K-quants, IQ-quants)"
 _MIN_KV, _MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8      # the smallest entries: key, type, a byte; name, dims, ...
 
 
@@ -32,8 +33,8 @@ class _Layout:
     def __init__(self, path: Path, data: mmap.mmap, order: str):
         self.path, self.data, self.order, self.offs, self.items = path, data, order, 0, 0
 
-    def fail(self, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: {problem}; the GGUF file is truncated or corrupt: fetch it again")
+    def fail(self, problem: str, hint: str = "the GGUF file is truncated or corrupt: fetch it again"):
+        return CheckpointError(f"{self.path}: {problem}; {hint}")
 
     def take(self, n: int, what: str) -> int:
         """Skip n bytes; their offset."""
@@ -94,7 +95,7 @@ def check_layout(path: Path) -> None:
         cur.take(4, "the magic")
         version = cur.scalar("I", "the version")
         if version not in (2, 3):
-            raise cur.fail(f"GGUF version {version}; the converter reads versions 2 and 3")
+            raise cur.fail(f"GGUF version {version}; the converter reads versions 2 and 3", _CONVERT)
         n_tensors, n_kv = cur.scalar("Q", "the tensor count"), cur.scalar("Q", "the metadata count")
         if n_tensors * _MIN_TENSOR + n_kv * _MIN_KV > size - cur.offs:
             raise cur.fail(f"the header lists {n_tensors} tensors and {n_kv} metadata entries, more than the "
@@ -102,7 +103,7 @@ def check_layout(path: Path) -> None:
         alignment = DEFAULT_ALIGNMENT
         for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
-            what = f"metadata {key.decode(errors='replace')!r}"
+            what = f"metadata {key[:80].decode(errors='replace')!r}"
             value = cur.value(cur.scalar("I", what), what)
             if key == b"general.alignment":
                 if not isinstance(value, int) or value <= 0 or value & (value - 1):
@@ -126,9 +127,9 @@ def check_layout(path: Path) -> None:
             except ValueError:
                 raise cur.fail(f"tensor {name!r} has type {type_id}, which GGUF does not define") from None
             if not _dequantizable(qtype):
-                raise cur.fail(f"tensor {name!r} is {qtype.name}, a type the converter cannot dequantize")
+                raise cur.fail(f"tensor {name!r} is {qtype.name}, a type the converter cannot dequantize", _CONVERT)
             if any(d < 1 or d >= 1 << 63 for d in dims):
-                raise cur.fail(f"tensor {name!r} has dimensions {dims}; each must be at least 1")
+                raise cur.fail(f"tensor {name!r} has dimensions {dims}; each must be at least 1 and below 2^63")
             block, type_size = GGML_QUANT_SIZES[qtype]
             if dims[0] % block:
                 raise cur.fail(f"tensor {name!r} has rows of {dims[0]} values, not whole {qtype.name} blocks "
