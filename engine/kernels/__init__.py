@@ -115,7 +115,7 @@ def _load(source: Path) -> ctypes.CDLL:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexwrangle" / "kernels"
     try:
         folder = _open_private(cache)
-    except PermissionError as e:
+    except OSError as e:                          # not private, or not writable (a read-only home)
         log.warning("flexwrangle: not using the kernel cache %s (%s); building %s for this process only",
                     cache, e, name)
         with _compiled(cc, source) as path:
