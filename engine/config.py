@@ -12,6 +12,11 @@ from pathlib import Path
 
 FAMILIES = ("opt", "llama", "qwen2")
 
+
+class CheckpointError(ValueError):
+    """A checkpoint (config.json, weight files, a GGUF file) is missing, incomplete or corrupt."""
+
+
 # Published OPT shapes (Zhang et al. 2022): hidden, layers, heads, ffn.
 OPT_SIZES: dict[str, tuple[int, int, int, int]] = {
     "opt-125m": (768, 12, 12, 3072),
@@ -55,6 +60,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; FlexWrangle runs {', '.join(FAMILIES)}")
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions",
+                    "num_kv_heads", "word_embed_proj_dim"):
+            value, least = getattr(self, key), 0 if key in ("num_kv_heads", "word_embed_proj_dim") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{self.name}: {key} is {value!r}; it must be an integer >= {least}")
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.word_embed_proj_dim == 0:
@@ -168,12 +178,25 @@ def config_from_hf(hf: dict, name: str = "") -> ModelConfig:
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory; CheckpointError naming its config.json when that is
+    not JSON, lacks a key the family needs, or holds sizes no model has."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json; pass a Hugging Face checkpoint directory "
                                 "(config.json + *.safetensors or pytorch_model*.bin)")
-    with open(path) as f:
-        return config_from_hf(json.load(f), name=Path(directory).name)
+    try:
+        with open(path, "rb") as f:
+            hf = json.load(f)
+    except ValueError as e:                       # JSON and UTF-8 errors alike
+        raise CheckpointError(f"{path}: not a JSON file ({e}); it is corrupt: save the model again") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(hf).__name__}, not an object of settings")
+    try:
+        return config_from_hf(hf, name=Path(directory).name)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: lacks {e.args[0]!r}, which a {hf.get('model_type')!r} model needs") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def _first(x):

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import CheckpointError
+from .gguf_check import check_layout, check_tensors
+
 CONVERTER_VERSION = 1            # bump when the output format changes: old caches are rebuilt
 MARKER = "flexwrangle_gguf.json"
 SHARD_BYTES = 2 << 30            # above this, weights are split into model-0000i-of-0000n.safetensors
@@ -79,6 +82,19 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
     digest = digest or file_sha256(src)
     _convert_into(src, out, digest, stat)
     return out
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader over the file, once its layout is checked (engine/gguf_check.py); every
+    malformed header a CheckpointError naming the file."""
+    from gguf import GGUFReader
+
+    check_layout(path)
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:   # what the checks do not foresee
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                              "fetch it again") from e
 
 
 def file_sha256(path: str | Path) -> str:
@@ -199,10 +215,12 @@ def read_tensors(reader, config: dict):
 # ---- conversion ------------------------------------------------------------------------------
 
 def _convert_into(src: Path, out: Path, digest: str, stat: os.stat_result) -> None:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(src)
-    config = gguf_to_hf_config(reader)
+    reader = open_gguf(src)
+    try:
+        config = gguf_to_hf_config(reader)
+    except (TypeError, ValueError) as e:          # a metadata value of the wrong kind, or out of range
+        raise CheckpointError(f"{src}: {e}") from e
+    check_tensors(src, reader, config)            # before anything is dequantized
     has_tokenizer = _field(reader, "tokenizer.ggml.model") is not None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

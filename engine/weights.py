@@ -20,13 +20,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
-from .models import WeightSpec
+from .config import CheckpointError, ModelConfig
+from .models import WeightSpec, family
 from .policy import Policy
 from .tiers import STAGING, BufferPool, Format, TierArray, Tiers, aligned
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete or corrupt."""
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -51,19 +48,17 @@ class SafetensorsFile:
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < n <= size - 8:
             raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-        self.meta = json.loads(os.pread(self.fd, n, 8))
-        self.meta.pop("__metadata__", None)
+        try:
+            meta = json.loads(os.pread(self.fd, n, 8))
+        except ValueError as e:
+            raise ValueError(f"the header is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {type(meta).__name__}, not an object")
+        meta.pop("__metadata__", None)
         self.data_start = 8 + n
-        for name, m in self.meta.items():
-            begin, end = m["data_offsets"]
-            if m["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{name}: dtype {m['dtype']} is not one this engine reads")
-            if not 0 <= begin <= end <= size - self.data_start:
-                raise ValueError(f"{name}: data at bytes {begin}-{end} lies past the end of the file")
-            want = _numel(m["shape"]) * torch.empty((), dtype=_SAFETENSORS_DTYPES[m["dtype"]]).element_size()
-            if end - begin != want:      # e.g. empty offsets for a non-empty shape: uninitialised weights
-                raise ValueError(f"{name}: shape {m['shape']} of {m['dtype']} needs {want} bytes, the header "
-                                 f"gives {end - begin}")
+        for name, m in meta.items():
+            _check_entry(name, m, size - self.data_start)
+        self.meta = meta
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -78,6 +73,28 @@ class SafetensorsFile:
         if os.preadv(self.fd, [buf], self.data_start + begin) != len(buf):
             raise ValueError(f"{name}: short read")
         return torch.frombuffer(buf, dtype=dtype).reshape(m["shape"])
+
+
+def _check_entry(name: str, m, data_bytes: int) -> None:
+    """A header entry names a dtype this engine reads, a shape of sizes >= 0, and exactly the bytes
+    that shape needs, inside the file's `data_bytes` of data: nothing is read or allocated otherwise."""
+    if not isinstance(m, dict) or not {"dtype", "shape", "data_offsets"} <= set(m):
+        raise ValueError(f"{name}: the header entry {m!r} lacks dtype, shape or data_offsets")
+    shape, offsets = m["shape"], m["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{name}: shape {shape!r} is not a list of sizes >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise ValueError(f"{name}: data_offsets {offsets!r} is not a pair of byte offsets")
+    if m["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{name}: dtype {m['dtype']!r} is not one this engine reads "
+                         f"({', '.join(_SAFETENSORS_DTYPES)})")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise ValueError(f"{name}: data at bytes {begin}-{end} lies past the end of the file "
+                         f"({data_bytes} bytes of data)")
+    want = _numel(shape) * torch.empty((), dtype=_SAFETENSORS_DTYPES[m["dtype"]]).element_size()
+    if end - begin != want:      # e.g. empty offsets for a non-empty shape: uninitialised weights
+        raise ValueError(f"{name}: shape {shape} of {m['dtype']} needs {want} bytes, the header gives {end - begin}")
 
 
 class Checkpoint:
@@ -113,23 +130,32 @@ class Checkpoint:
         h = self._handle(f)
         return list(h.keys())
 
-    def get(self, name: str, shape: tuple) -> torch.Tensor:
+    def check(self, name: str, shape: tuple) -> None:
+        """CheckpointError unless the checkpoint holds `name` with this shape: from the headers alone,
+        so that a config.json claiming sizes the files do not hold allocates nothing."""
         if name not in self.where:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint; is it "
                                   "a checkpoint of the model its config.json describes?")
         h = self._handle(self.where[name])
+        held = h.meta[name]["shape"] if isinstance(h, SafetensorsFile) else h[name].shape
+        if tuple(held) != tuple(shape):
+            raise CheckpointError(f"{self.where[name]}: tensor {name!r} has shape {tuple(held)}, config.json "
+                                  f"implies {tuple(shape)}; the weights and config.json are of different models")
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        self.check(name, shape)
+        h = self._handle(self.where[name])
         try:
-            t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+            return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
         except Exception as e:
             raise CheckpointError(f"{self.where[name]}: cannot read {name!r} ({e}); the file is corrupt") from e
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{name}: shape {tuple(t.shape)} in the checkpoint, {tuple(shape)} "
-                                  "expected from config.json")
-        return t
 
 
 class DummyWeights:
     """Deterministic random weights, made on demand (for benchmarks without a checkpoint)."""
+
+    def check(self, name: str, shape: tuple) -> None:
+        pass
 
     def get(self, name: str, shape: tuple) -> torch.Tensor:
         if "norm" in name and name.endswith("weight") and len(shape) == 1:
@@ -160,6 +186,17 @@ def unmapped_on_free(threshold: int = 1 << 20):
         yield
     finally:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def checkpoint_shapes(config: ModelConfig):
+    """(checkpoint name, shape) of every tensor a model of `config` reads, layer by layer (a tied
+    head names the embedding again)."""
+    fam = family(config.family)
+    yield from ((s.hf_name, s.shape) for s in fam.layer_weights(config, "embed"))
+    for i in range(config.num_layers):
+        for kind in ("attn", "mlp"):
+            yield from ((s.hf_name, s.shape) for s in resolve_names(fam.layer_weights(config, kind), i))
+    yield from ((s.hf_name, s.shape) for s in fam.layer_weights(config, "head"))
 
 
 def resolve_names(specs: list[WeightSpec], index: int) -> list[WeightSpec]:
@@ -380,6 +417,8 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
     a tied LM head, which names the embedding (SmolLM2-135M: 54 of its 311 MiB of fp16 weights).
     `matmul`: the layer is a decoder layer (attention, MLP), whose 2-D weights only `ops.linear` reads."""
     placed = {} if placed is None else placed
+    for spec in specs:                         # before anything is allocated for them
+        source.check(spec.hf_name, spec.shape)
     sizes = [_numel(s.shape) for s in specs]
     homes = choose_tiers(sizes, policy.percents("w"))
     tied = [spec.hf_name in placed and placed[spec.hf_name].shape == tuple(spec.shape) for spec in specs]

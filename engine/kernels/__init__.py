@@ -14,14 +14,27 @@ The library is built for this CPU (-march=native) into $XDG_CACHE_HOME/flexwrang
 ~/.cache/...), named by a hash of the source, the flags, the compiler and the CPU's feature flags, so
 a cache shared between machines never hands one machine another's instructions. Set
 FLEXWRANGLE_KERNELS=0 to use the torch path only.
+
+Loading a library runs its code in this process, so the cache is trusted only as far as it can be:
+- the folder must be this user's and writable by nobody else (it is created with mode 0700, and
+  tightened to 0700 when only its owner can write to it); any other folder (another owner, group- or
+  world-writable, a symbolic link) is not used: the kernel is built for this process alone in a
+  private temporary folder, with a warning;
+- a library is loaded only if its sha256 matches the one recorded beside it (`<name>.so.sha256`)
+  when it was built; a corrupt or foreign library is rebuilt, not loaded. The file is opened once,
+  hashed and loaded through /proc/self/fd, so what was checked is what runs;
+- builds into the cache take an flock on the folder (released by the kernel if the builder dies).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import threading
@@ -35,6 +48,9 @@ HERE = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
+# descriptors of loaded libraries, never closed: the loader knows a library by the path it was opened
+# with (/proc/self/fd/<n>), so a reused number would hand back the library already loaded under it
+_held: list[int] = []
 
 
 class Segment(ctypes.Structure):
@@ -78,7 +94,7 @@ def _kernel(name: str):
 def _build_and_load(name: str):
     symbol, argtypes, fallback = _KERNELS[name]
     try:
-        lib = ctypes.CDLL(str(_build(HERE / f"{name}.c")))
+        lib = _load(HERE / f"{name}.c")
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("flexwrangle: C kernel %s unavailable (%s); using %s", name, e, fallback)
         return None
@@ -88,26 +104,132 @@ def _build_and_load(name: str):
     return fn
 
 
-def _build(source: Path) -> Path:
+# Not torch.utils.cpp_extension: a C++ module with torch's headers takes about 50 s and 1.5 GB to build
+# on 2 cores (these C files: 0.5 s), it needs ninja, and its cache checks neither ownership nor hashes.
+def _load(source: Path) -> ctypes.CDLL:
+    """The library built from `source`: from the cache when it holds a verified build, else built."""
     cc = os.environ.get("CC", "gcc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    name = f"{source.stem}-{key.hexdigest()[:16]}.so"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexwrangle" / "kernels"
-    target = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)      # build aside, then rename: concurrent builds are safe
-    os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+        folder = _open_private(cache)
+    except OSError as e:                          # not private, or not writable (a read-only home)
+        log.warning("flexwrangle: not using the kernel cache %s (%s); building %s for this process only",
+                    cache, e, name)
+        with _compiled(cc, source) as path:
+            return _dlopen(os.open(path, os.O_RDONLY))
+    try:
+        lib = _load_verified(folder, name)
+        if lib is None:
+            with _flock(folder):                  # one build at a time; another may have finished meanwhile
+                lib = _load_verified(folder, name)
+                if lib is None:
+                    with _compiled(cc, source) as path:
+                        data = path.read_bytes()
+                    _write(folder, name + ".sha256", (hashlib.sha256(data).hexdigest() + "\n").encode())
+                    _write(folder, name, data)
+                    lib = _load_verified(folder, name)
+        if lib is None:
+            raise OSError(f"{cache / name} does not read back as it was written")
+        return lib
+    finally:
+        os.close(folder)
+
+
+def _open_private(cache: Path) -> int:
+    """A descriptor of the cache folder (made with mode 0700 when missing), once it is known that only
+    this user can write to it; PermissionError saying why not."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        cache.mkdir(mode=0o700)
+    try:
+        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:                          # a symbolic link, or not a folder
+        raise PermissionError(f"not a folder of its own: {e.strerror}") from e
+    st = os.fstat(fd)
+    problem = (f"owned by uid {st.st_uid}, not {os.geteuid()}" if st.st_uid != os.geteuid() else
+               f"writable by others (mode {stat.filemode(st.st_mode)})" if st.st_mode & 0o022 else None)
+    if problem:
+        os.close(fd)
+        raise PermissionError(f"{problem}; remove it and the next run makes it again, private to this user")
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _load_verified(folder: int, name: str) -> ctypes.CDLL | None:
+    """The library `name` in the cache if its bytes match the sha256 recorded when it was built."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+    except OSError:                               # missing, or a symbolic link: (re)built
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    h = hashlib.sha256()
+    with open(fd, "rb", closefd=False) as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            h.update(block)
+    try:
+        recorded = _read(folder, name + ".sha256")
+    except OSError:
+        recorded = None
+    if recorded != h.hexdigest():
+        os.close(fd)
+        if recorded is not None:
+            log.warning("flexwrangle: the cached kernel %s does not match the sha256 recorded when it was built; "
+                        "rebuilding it", name)
+        return None
+    return _dlopen(fd)
+
+
+def _dlopen(fd: int) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError:
+        os.close(fd)
+        raise
+    _held.append(fd)
+    return lib
+
+
+@contextlib.contextmanager
+def _compiled(cc: str, source: Path):
+    """The path of `source` compiled in a private temporary folder, while the block runs."""
+    with tempfile.TemporaryDirectory(prefix="flexwrangle-kernel-") as tmp:
+        out = Path(tmp) / f"{source.stem}.so"
+        r = subprocess.run([cc, *FLAGS, "-o", str(out), str(source), "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
-        os.replace(tmp, target)
+        yield out
+
+
+@contextlib.contextmanager
+def _flock(folder: int):
+    fcntl.flock(folder, fcntl.LOCK_EX)
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        fcntl.flock(folder, fcntl.LOCK_UN)
+
+
+def _read(folder: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+    with open(fd, "rb") as f:
+        return f.read(256).decode(errors="replace").strip()
+
+
+def _write(folder: int, name: str, data: bytes) -> None:
+    """`name` in the folder holds `data`, replaced whole (a reader sees the old bytes or the new)."""
+    tmp = f".{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=folder)
+    with open(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
 
 
 def _cpu_flags() -> str:

@@ -1,4 +1,6 @@
 """Bad input gets a clear exception that names the problem and the fix; nothing hangs."""
+import os
+
 import pytest
 from enginekit import MIXED_PROMPTS
 
@@ -127,4 +129,51 @@ def test_a_safetensors_entry_whose_bytes_do_not_match_its_shape_is_corrupt(tmp_p
     (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
     with pytest.raises(CheckpointError, match="needs 64 bytes"):
+        LLM.from_pretrained(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_attention_heads": 0}, "num_heads is 0; it must be an integer >= 1"),
+    ({"hidden_size": -32}, "hidden_size is -32"),
+    ({"ffn_dim": 64.5}, "ffn_dim is 64.5"),
+    ({"vocab_size": None}, "vocab_size is None"),
+])
+def test_a_config_with_sizes_no_model_has_is_a_checkpoint_error_naming_it(tmp_path, tiny_opt, change, match):
+    import json
+    config = {**json.loads((tiny_opt[0] / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((tiny_opt[0] / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'}: .*{match}"):
+        LLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_a_config_claiming_more_than_the_weights_hold_allocates_nothing_not_even_on_disk(tmp_path, tiny_opt):
+    """The claim (a 2^31-token vocabulary: a 128 GiB embedding) is held against the files' headers first;
+    without that, the disk tier would reserve room for it before reading a byte."""
+    import json
+    ckpt, offload = tmp_path / "ckpt", tmp_path / "offload"
+    ckpt.mkdir()
+    offload.mkdir()
+    config = {**json.loads((tiny_opt[0] / "config.json").read_text()), "vocab_size": 1 << 31}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "model.safetensors").write_bytes((tiny_opt[0] / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=rf"{ckpt / 'model.safetensors'}: tensor 'model.decoder.embed_tokens."
+                                              r"weight' has shape \(100, 32\), config.json implies \(2147483648, 32\)"):
+        LLM.from_pretrained(ckpt, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=offload,
+                            disk_mem="1024TB", progress=False)
+    assert os.listdir(offload) == []
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"dtype": "F32", "shape": [-4, 4], "data_offsets": [0, 64]}, r"shape \[-4, 4\] is not a list of sizes >= 0"),
+    ({"dtype": "F8_E4M3", "shape": [4, 4], "data_offsets": [0, 16]}, "dtype 'F8_E4M3' is not one this engine reads"),
+    ({"dtype": "F32", "shape": [4, 4]}, "lacks dtype, shape or data_offsets"),
+    ({"dtype": "F32", "shape": [1 << 40, 4], "data_offsets": [0, 1 << 44]}, "lies past the end of the file"),
+])
+def test_a_malformed_safetensors_entry_is_a_checkpoint_error_naming_the_file(tmp_path, tiny_opt, entry, match):
+    import json
+    header = json.dumps({"w": entry}).encode()
+    (tmp_path / "config.json").write_text((tiny_opt[0] / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'model.safetensors'}: .*{match}"):
         LLM.from_pretrained(tmp_path, progress=False)

@@ -399,3 +399,60 @@ def test_qwen2_with_sliding_window_is_refused_with_the_way_out():
     assert config_from_hf(hf).family == "qwen2"
     with pytest.raises(NotImplementedError, match="use_sliding_window"):
         config_from_hf({**hf, "use_sliding_window": True})
+
+
+# ---- malformed files: a CheckpointError naming the file, before anything is dequantized ----------
+
+def _patch(path, offset: int, fmt: str, value) -> None:
+    import struct
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<" + fmt, value))
+
+
+def _after(path, name: str) -> int:
+    """The offset just past a GGUF string (a metadata key or a tensor name) in the file."""
+    import struct
+    data = path.read_bytes()
+    at = data.index(struct.pack("<Q", len(name)) + name.encode())
+    return at + 8 + len(name)
+
+
+def test_a_head_count_of_zero_in_the_file_is_a_checkpoint_error(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+    _patch(path, _after(path, "llama.attention.head_count") + 4, "I", 0)      # past the value type
+
+    with pytest.raises(eg.CheckpointError, match=f"{path}: GGUF metadata: 0 attention heads"):
+        eg.convert_gguf(path)
+    assert not (tmp_path / "tiny.gguf.flexwrangle").exists()
+
+
+def test_a_tensor_claiming_more_than_the_file_holds_is_never_read(tmp_path, monkeypatch):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+    _patch(path, _after(path, "blk.0.ffn_up.weight") + 4 + 8, "Q", 1 << 40)   # (64, 2^40): 256 TiB of float32
+
+    def never(*args, **kwargs):
+        raise AssertionError("the reader must not see this file")
+    monkeypatch.setattr(gguf, "GGUFReader", never)
+    with pytest.raises(eg.CheckpointError, match=rf"{path}: tensor 'blk.0.ffn_up.weight' \(F32, dimensions "
+                                                 r"\[64, 1099511627776\]\) .* past the end of the file"):
+        eg.convert_gguf(path)
+
+
+def test_metadata_claiming_more_layers_than_the_file_has_is_refused_before_converting(tmp_path, monkeypatch):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+    _patch(path, _after(path, "llama.block_count") + 4, "I", 1_000_000_000)
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be dequantized")
+    monkeypatch.setattr(eg, "read_tensors", never)
+    with pytest.raises(eg.CheckpointError, match=f"{path}: tensor for model.layers.2.* is missing; the metadata "
+                                                 "describes 1000000000 layers"):
+        eg.convert_gguf(path)
+
+
+def test_a_truncated_file_names_the_tensor_past_its_end(tmp_path):
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf", tokenizer=False)
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(eg.CheckpointError, match=f"{path}: tensor .* past the end of the file"):
+        eg.convert_gguf(path)

@@ -6,6 +6,7 @@ import torch
 from enginekit import MIXED_PROMPTS, POLICIES
 
 from engine import LLM, MemoryBudgetError, Policy
+from engine.tiers import STAGING
 from engine.weights import LayerWeights
 
 PROMPTS = MIXED_PROMPTS * 2          # 12 sequences: blocks of 2x3 and 4x1 both leave a remainder
@@ -45,10 +46,12 @@ def test_qwen2_policy_gives_the_all_in_memory_tokens(name, tiny_qwen2, tmp_path)
 def test_disk_tier_is_real_direct_io(tiny_opt, tmp_path):
     policy = Policy(w_gpu_percent=0, w_cpu_percent=0)
     llm = LLM.from_pretrained(tiny_opt[0], policy=policy, offload_dir=tmp_path, progress=False)
-    files = os.listdir(tmp_path)
-    assert files and all(os.path.getsize(tmp_path / f) % 4096 == 0 for f in files)
     arrays = [a for layer in llm.layers for a in layer.weights.arrays.values()]
     assert all(a.file is not None and a.file.direct for a in arrays)
+    files = {a.file.fd: os.fstat(a.file.fd) for a in arrays}
+    assert os.listdir(tmp_path) == []                                   # unlinked once open
+    assert all(st.st_nlink == 0 and st.st_size % 4096 == 0 and st.st_blocks * 512 >= st.st_size
+               for st in files.values())                                # and every byte reserved
     assert llm.tiers.peaks()["disk"] >= llm.weight_bytes()["disk"] > 0
     # a layer's disk-homed tensors share one file, and loading the layer reads it once
     assert len(files) == len(llm.layers)
@@ -111,33 +114,79 @@ def test_a_tied_lm_head_shares_the_embedding_instead_of_a_second_copy(tiny_opt, 
     assert untied.layers[-1].weights.arrays["lm_head"] is not untied.layers[0].weights.arrays["embed_tokens"]
 
 
-def test_offload_files_are_never_shared_or_clobbered(tmp_path):
-    """Two engines in one process may share a folder; a file left by a dead process is skipped, not truncated."""
+def test_offload_files_are_private_unlinked_once_open_and_never_clobbered(tmp_path):
+    """Two engines in one process may share a folder; what is in it already is left alone."""
     from engine.tiers import Tiers
+    (tmp_path / "someone-elses.bin").write_bytes(b"someone else's")
     a, b = Tiers(tmp_path), Tiers(tmp_path)
     fa, fb = a.new_file("layer0.weights", 4096, 1), b.new_file("layer0.weights", 4096, 1)
-    assert fa.path != fb.path
-    import engine.tiers as tiers
-    stale = tmp_path / f"{os.getpid()}-{next(tiers._FILE_NUMBERS) + 1}-layer1.weights.bin"
-    stale.write_bytes(b"someone else's")
-    fc = a.new_file("layer1.weights", 4096, 1)
-    assert fc.path != stale and stale.read_bytes() == b"someone else's"
-    for f in (fa, fb, fc):
+    assert fa.path != fb.path and fa.path.parent == fb.path.parent != tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["someone-elses.bin"]   # nothing to see, or to kill
+    fa.write_rows(0, torch.full((1, 4096), 7, dtype=torch.uint8))
+    fb.write_rows(0, torch.full((1, 4096), 9, dtype=torch.uint8))
+    for f, value in ((fa, 7), (fb, 9)):
+        raw, buf = f.read_rows(0, 1)
+        assert bool((raw == value).all())
+        del raw
+        STAGING.put(buf)
         f.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
     assert a.trackers["disk"].current == b.trackers["disk"].current == 0
+    assert (tmp_path / "someone-elses.bin").read_bytes() == b"someone else's"
 
 
-def test_a_full_disk_names_the_offload_file_and_what_to_do(tmp_path, monkeypatch):
+def test_a_private_folder_that_is_not_private_is_refused(tmp_path):
+    import stat
+
+    from engine.disk import _folder_name
+    from engine.tiers import Tiers
+    planted = tmp_path / _folder_name(os.getpid())
+    planted.mkdir()
+    planted.chmod(0o777)
+    with pytest.raises(PermissionError, match="not this process's private folder.*drwxrwxrwx"):
+        Tiers(tmp_path).new_file("layer0.weights", 4096, 1)
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o777
+
+
+def test_a_full_disk_names_the_offload_folder_the_bytes_and_what_to_do(tmp_path, monkeypatch):
     import errno
 
-    import engine.tiers as tiers
-    f = tiers.Tiers(tmp_path).new_file("layer0.weights", 4096, 1)
+    import engine.disk as disk
+    from engine.tiers import Tiers
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(tiers.os, "pwrite", full)
-    with pytest.raises(OSError, match="no space left for the offload file .*layer0.weights.*offload_dir"):
+    monkeypatch.setattr(disk.os, "posix_fallocate", full)
+    tiers = Tiers(tmp_path)
+    with pytest.raises(OSError, match=f"no space left in the offload folder {tmp_path}: the offload file "
+                                      r"\d+-layer0.weights.bin needs 8192 bytes .*offload_dir.*disk_mem") as e:
+        tiers.new_file("layer0.weights", 4096, 2)
+    assert e.value.errno == errno.ENOSPC
+    assert tiers.trackers["disk"].current == 0 and os.listdir(tmp_path) == []
+
+    monkeypatch.undo()
+    f = tiers.new_file("layer0.weights", 4096, 1)
+    monkeypatch.setattr(disk.os, "pwrite", full)     # a copy-on-write file system can still fill up on a write
+    with pytest.raises(OSError, match=f"no space left in the offload folder {tmp_path}.* needs 4096 bytes"):
         f.write_rows(0, torch.zeros(1, 4096, dtype=torch.uint8))
     monkeypatch.undo()
     f.close()
+
+
+def test_folders_of_dead_processes_are_swept_at_start_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from engine.disk import _folder_name
+    from engine.tiers import Tiers
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    live, reused = _folder_name(os.getpid()), f"flexwrangle-{os.getpid()}-1@{host}"    # same pid, other start
+    gone, elsewhere = f"flexwrangle-{dead.stdout.strip()}-1@{host}", f"flexwrangle-{dead.stdout.strip()}-1@other-host"
+    for name in (live, reused, gone, elsewhere):
+        (tmp_path / name).mkdir(mode=0o700)
+        (tmp_path / name / "1-layer0.weights.bin").write_bytes(b"x")    # killed before the unlink
+    not_a_folder = f"flexwrangle-{dead.stdout.strip()}-2@{host}"
+    (tmp_path / not_a_folder).write_bytes(b"")
+    Tiers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, elsewhere, not_a_folder])
