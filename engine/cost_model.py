@@ -73,6 +73,7 @@ class _Tensor:
     scratch: tuple = ()      # the buffer borrowed instead when a step multiplies it packed (() = shape)
     scratch_bytes: int = 0
     int8: bool = False       # held as int8 rows (Policy.int8_matmul): multiplied as stored, never widened
+    requant: bool = False    # held 4-bit, made int8 rows in its working copy at each load (weights.requantized)
 
     def borrowed(self, packed: bool) -> tuple[tuple, int]:
         """(shape, bytes) of the pool buffer LayerWeights.load borrows for it (weights.borrow_shape)."""
@@ -169,7 +170,8 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             tied = kind == "head" and (hf_name, shape) in seen     # weights.place_layer shares it
             if kind == "embed":
                 seen[(hf_name, shape)] = mid
-            if int8_matmul and kind in ("attn", "mlp", "decoder") and len(shape) == 2:
+            matmul = kind in ("attn", "mlp", "decoder") and len(shape) == 2
+            if int8_matmul and matmul and not compress_weight:
                 # weights.weight_format: int8 rows on every tier, a copy of the stored bytes off the gpu tier
                 held = int8_format.nbytes(shape)
                 tensors.append(_Tensor(n, mid, (held, held, aligned(held)), False, (held, "uint8"), held,
@@ -183,10 +185,12 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
             # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
             work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
             work_bytes = stored if lookup else math.prod(work) * itemsize
+            requant = q and int8_matmul and matmul         # always a whole working copy, never packed
             # ... and when a step multiplies 2-D 4-bit weights packed, only linear's scratch
-            scratch = (scratch_elems(shape, wcfg),) if q and not lookup and len(shape) == 2 else ()
+            scratch = (scratch_elems(shape, wcfg),) if q and not lookup and len(shape) == 2 and not requant else ()
             tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, aligned(stored)), q,
-                                   work, work_bytes, lookup, tied, scratch, math.prod(scratch) * itemsize))
+                                   work, work_bytes, lookup, tied, scratch, math.prod(scratch) * itemsize,
+                                   requant=requant))
             done += n
         kinds[kind] = _Kind(kind, tuple(tensors))
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
@@ -349,13 +353,16 @@ def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
     at the probe's dequantize rate plus the multiply that compute_mb counts: since it multiplies four
     rows per unpacked value in registers, that overstates it (16 rows by a 16M-value weight: 7.4 ms,
     against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
-    quant = p.weights(kind, "quantized_elems", lambda x, tier: x.elems if x.quantized and not x.lookup else 0)
+    quant = p.weights(kind, "quantized_elems",
+                      lambda x, tier: x.elems if x.quantized and not x.lookup and not x.requant else 0)
+    # requantized weights: dequantized once per block, then made int8 (counted at the same rate)
+    requant = p.weights(kind, "requant_elems", lambda x, tier: 2 * x.elems if x.requant else 0)
     uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
     widen = 0.0
     if not st.cuda and st.storage_bytes != st.itemsize:
         plain = _plain_elems(p, kind)
         widen = (plain["cpu"] + plain["disk"]) / st.hw.convert_elems_per_s
-    return widen + uses * (quant["gpu"] + quant["cpu"] + quant["disk"]) / st.hw.dequant_elems_per_s
+    return widen + (uses * sum(quant.values()) + sum(requant.values())) / st.hw.dequant_elems_per_s
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:

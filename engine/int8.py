@@ -45,6 +45,40 @@ def quantize(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(values, scale)
 
 
+# Rows converted per pass of `quantize_over`: a cache-sized run of float32, so its temporaries stay small
+CHUNK_ELEMS = 1 << 19
+
+
+def quantize_over(w: torch.Tensor) -> Int8Weight:
+    """`quantize(w)` for a float32 weight (out, in) whose memory it may reuse: the int8 values are
+    written over the start of that memory, so a layer's 4-bit weights become int8 rows in the working
+    copy they were dequantized into, with no second buffer. `w` is contiguous, or the transpose of
+    a contiguous (in, out) tensor (compression.dequantize's layout for groups along the output
+    dim); the values keep that layout. Same numbers as `quantize`.
+
+    Safe in place: a run of rows is converted into a temporary before it is written, and the int8
+    rows [r0, r1) land in the bytes of float rows below r1, which are already converted."""
+    rows_major = w.stride(1) == 1
+    m = w if rows_major else w.t()                 # the memory, row by row (rows may be padded apart)
+    if w.dtype != torch.float32 or m.stride(1) != 1 or m.stride(0) < m.shape[1]:
+        raise ValueError("quantize_over takes a float32 weight laid out by rows, or the transpose of one")
+    per = max(1, CHUNK_ELEMS // m.shape[1])
+    chunks = range(0, m.shape[0], per)
+    if rows_major:
+        scale = torch.cat([m[r0:r0 + per].abs().amax(dim=1) for r0 in chunks])
+    else:
+        scale = m.new_zeros(m.shape[1])
+        for r0 in chunks:
+            torch.maximum(scale, m[r0:r0 + per].abs().amax(dim=0), out=scale)
+    scale = scale.clamp_min_(1e-30).div_(127.0)                              # (out,)
+    q = torch.empty(0, dtype=torch.int8, device=m.device).set_(    # packed int8 rows from m's first byte
+        m.untyped_storage(), m.storage_offset() * m.element_size(), m.shape, (m.shape[1], 1))
+    for r0 in chunks:
+        s = scale[r0:r0 + per, None] if rows_major else scale
+        q[r0:r0 + per] = (m[r0:r0 + per] / s).round_().clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q if rows_major else q.t(), scale)
+
+
 def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (w.values.to(dtype) * w.scale[..., None].to(dtype))
 

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import int8 as int8_format
 from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
 from .config import CheckpointError, ModelConfig
 from .models import WeightSpec, family
@@ -220,6 +221,7 @@ class Packed(NamedTuple):
     parts: QuantizedTensor
     release: Callable[[], None]    # gives back the disk staging buffer `parts` may view
     out: torch.Tensor              # the working buffer it dequantizes into
+    int8: bool = False             # then made int8 rows in that buffer (int8.quantize_over)
 
 
 class Widen(NamedTuple):
@@ -255,8 +257,9 @@ class _SharedStaging:
 class LayerWeights:
     """One layer's weights, each homed on one tier in that tier's format."""
 
-    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray]):
+    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray], requant: frozenset = frozenset()):
         self.tiers, self.arrays = tiers, arrays
+        self.requant = requant     # 4-bit weights multiplied as int8 rows (Policy.int8_matmul with compress_weight)
 
     def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> tuple[dict, list[torch.Tensor]]:
         """The layer's tensors on the compute device, and the pool buffers borrowed for them (give
@@ -291,12 +294,13 @@ class LayerWeights:
                     own, release = arr.read_bytes(raw)
                     out[name] = Widen(arr, own, staging.hold() if raw is not None else release, pool)
                 else:
-                    shape = self.borrow_shape(arr, packed)
-                    buf = pool.get(shape, dtype, dev, f"{'scratch' if packed else 'working copy'} of {arr.what}")
+                    whole = name in self.requant                   # requantized whole, never multiplied packed
+                    shape = self.borrow_shape(arr, packed and not whole)
+                    buf = pool.get(shape, dtype, dev, f"{'scratch' if packed and not whole else 'working copy'} of {arr.what}")
                     if arr.fmt.quant is not None and raw is not None:      # views the shared read
-                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf)
+                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, whole)
                     elif arr.fmt.quant is not None:
-                        out[name] = Packed(*arr.read_quantized(dev), buf)
+                        out[name] = Packed(*arr.read_quantized(dev), buf, whole)
                     else:
                         out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
                     borrowed.append(buf)
@@ -333,7 +337,8 @@ class LayerWeights:
         multiplies by straight from the packed values (compression.linear), with the working buffer
         as scratch; their staging buffers are given back by the returned calls. Every `Widen`
         weight is widened into a working buffer it borrows, its staging buffer given back, and the
-        working buffer returned by the returned calls."""
+        working buffer returned by the returned calls. A `Packed` weight marked `int8` is dequantized
+        and then made int8 rows in the same buffer (int8.quantize_over), whatever `defer` says."""
         pending = []
         for name, t in w.items():
             if isinstance(t, Widen):
@@ -344,7 +349,10 @@ class LayerWeights:
                 t.release()
                 pending.append(lambda pool=t.pool, buf=buf: pool.put(buf))
             elif isinstance(t, Packed):
-                if defer and len(t.parts.shape) == 2:
+                if t.int8 and t.out.dtype == torch.float32:      # (CUDA computes in fp16: multiplied as float)
+                    w[name] = int8_format.quantize_over(dequantize(t.parts, torch.float32, t.out))
+                    t.release()
+                elif defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)
                     pending.append(t.release)
                 elif t.out.numel() < _numel(padded_shape(t.parts.shape, t.parts.config)):
@@ -381,7 +389,7 @@ class LayerWeights:
             if self._as_stored(name, a, lookup):
                 total += a.row_bytes if a.tier != "gpu" else 0
             elif not self._ready(a):
-                total += _numel(self.borrow_shape(a, packed)) * itemsize
+                total += _numel(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
         return total
 
     def bytes_on(self, tier: str) -> int:
@@ -395,13 +403,22 @@ class LayerWeights:
 def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype,
                   matmul: bool = False) -> Format:
     """How a weight of `shape` is held on `tier`. `matmul`: a decoder layer's 2-D weight that only
-    `ops.linear` reads, held as int8 (engine/int8.py) under `policy.int8_matmul`."""
+    `ops.linear` reads, held as int8 (engine/int8.py) under `policy.int8_matmul`, unless the policy
+    also compresses weights: then it is held 4-bit and made int8 rows as each block loads it
+    (`requantized`)."""
+    if requantized(policy, shape, matmul):
+        return weight_format(tiers, policy, tier, shape, storage)
     if matmul and policy.int8_matmul and len(shape) == 2:
         return Format(torch.int8, int8=True)
     quant = policy.comp_weight_config if policy.compress_weight and len(shape) >= 2 else None
     if tier == "gpu":
         return Format(tiers.compute_dtype, round_to=storage, quant=quant)
     return Format(storage, quant=quant)
+
+
+def requantized(policy: Policy, shape: tuple, matmul: bool) -> bool:
+    """Whether a weight is held 4-bit and multiplied as int8 rows made at each load."""
+    return matmul and policy.int8_matmul and policy.compress_weight and len(shape) == 2
 
 
 def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], label: str,
@@ -446,7 +463,7 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
     finally:
         if shared is not None:
             shared.close()                     # the arrays hold it now
-    return LayerWeights(tiers, arrays)
+    return LayerWeights(tiers, arrays, frozenset(s.name for s in specs if requantized(policy, s.shape, matmul)))
 
 
 def _numel(shape) -> int:

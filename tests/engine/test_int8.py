@@ -39,17 +39,35 @@ def test_an_input_changed_in_place_is_quantized_again():
     assert torch.allclose(int8.linear(x, q), 2 * before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 70), (70, 300), (5, 3)])
+def test_quantizing_over_a_weight_s_own_memory_gives_quantize_s_numbers(shape, monkeypatch):
+    monkeypatch.setattr(int8, "CHUNK_ELEMS", 256)               # several runs of rows
+    w = torch.randn(*shape)
+    w[0, 1] = 40.0
+    want = int8.quantize(w)
+    padded = torch.zeros(shape[1], shape[0] + 6)[:, :shape[0]]      # dequantize's layout for unpadded groups
+    padded.copy_(w.t())
+    for layout in (w.clone(), w.t().contiguous().t(), padded.t()):     # (out, in), and (in, out).T
+        got = int8.quantize_over(layout)
+        assert torch.equal(got.values, want.values) and torch.equal(got.scale, want.scale)
+        assert got.values.untyped_storage().data_ptr() == layout.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["int8 held", "4-bit held"])
 @pytest.mark.parametrize("name", POLICIES)
-def test_every_placement_gives_the_in_memory_int8_tokens(name, tiny_qwen2, tmp_path):
+def test_every_placement_gives_the_in_memory_int8_tokens(name, compress, tiny_qwen2, tmp_path):
+    """Decoder matrices held as int8 rows, or held 4-bit and made int8 rows as each block loads them."""
     want = LLM.from_pretrained(tiny_qwen2[0], progress=False,
-                               policy=Policy(gpu_batch_size=12, int8_matmul=True)).generate(
+                               policy=Policy(gpu_batch_size=12, int8_matmul=True, compress_weight=compress)).generate(
         PROMPTS, max_new_tokens=8, ignore_eos=True)
-    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, int8_matmul=True, **POLICIES[name])
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, int8_matmul=True, **{"compress_weight": compress,
+                                                                           **POLICIES[name]})
     llm = LLM.from_pretrained(tiny_qwen2[0], policy=policy, offload_dir=tmp_path, progress=False)
     assert llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True) == want
     held = [a for layer in llm.layers if layer.index >= 0 for a in layer.weights.arrays.values()
             if len(a.shape) == 2]
-    assert held and all(a.fmt.int8 for a in held)          # decoder matrices only; embeddings stay float
+    # decoder matrices only; embeddings stay float
+    assert held and all((a.fmt.quant is not None) if compress else a.fmt.int8 for a in held)
     llm.close()
 
 

@@ -117,9 +117,12 @@ PLACEMENTS = [
     # prefill's 320 rows dequantize whole 4-bit copies, decode's 32 multiply packed and borrow scratch
     dict(gpu_batch_size=32, w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100,
          compress_weight=True),
-    # int8 decoder weights on all three tiers (copied into pool buffers off the gpu tier), 4-bit embeddings
+    # int8 decoder weights on all three tiers (copied into pool buffers off the gpu tier)
     dict(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=50,
-         int8_matmul=True, compress_weight=True),
+         int8_matmul=True),
+    # 4-bit weights on three tiers made int8 rows in whole working copies, also for decode's 32 rows
+    dict(gpu_batch_size=32, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=50, int8_matmul=True,
+         compress_weight=True, compress_cache=True),
 ]
 
 
