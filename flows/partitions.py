@@ -8,8 +8,11 @@ writes its chunks as Parquet files, typed exactly like the DuckDB output tables,
 
 and the parent merges every file of the run with ``INSERT ... ON CONFLICT DO NOTHING`` on the
 results' primary key ``(run_key, row_key, occurrence)``: a row is written once, however many
-times a partition or the merge is retried. Files are written under a temporary name and renamed,
-so a killed partition leaves whole files only; they are deleted after the merge commits.
+times a partition or the merge is retried. When the files hold an item more than once (a file
+left by an earlier attempt, answered under a prompt that has since changed), the newest answer
+wins, and it replaces a stored answer given under another prompt. Files are written under a
+temporary name and renamed, so a killed partition leaves whole files only; they are deleted after
+the merge commits.
 """
 
 from __future__ import annotations
@@ -77,40 +80,57 @@ def write_chunk(directory: Path, task: str, results: pd.DataFrame, quarantine: p
 
 
 def written_keys(output_dir: str | os.PathLike, run_key: str) -> pd.DataFrame:
-    """``row_key, occurrence`` of every row in the run's results files (answered, not yet merged)."""
+    """``row_key, occurrence, prompt_hash`` of every row in the run's results files (answered, not yet
+    merged)."""
     paths = files(output_dir, run_key, "results")
     if not paths:
-        return pd.DataFrame({"row_key": pd.Series([], dtype=object),
-                             "occurrence": pd.Series([], dtype="int64")})
+        return pd.DataFrame({"row_key": pd.Series([], dtype=object), "occurrence": pd.Series([], dtype="int64"),
+                             "prompt_hash": pd.Series([], dtype=object)})
     with duckdb.connect(":memory:") as con:
-        return con.execute("SELECT row_key, occurrence FROM read_parquet(?) WHERE run_key = ?",
+        return con.execute("SELECT row_key, occurrence, prompt_hash FROM read_parquet(?) WHERE run_key = ?",
                            [[str(p) for p in paths], run_key]).df()
 
 
 def merge(database: str, task: str, output_dir: str | os.PathLike, run_key: str) -> dict[str, int]:
-    """Load every Parquet file of the run into the DuckDB output tables in one transaction
-    (rows already there are skipped), then delete the files. Returns rows inserted per kind."""
+    """Load every Parquet file of the run into the DuckDB output tables in one transaction (rows
+    already there under the same prompt are skipped; the newest answer of an item wins), then delete
+    the files. Returns rows inserted per kind, and the stored answers replaced."""
     found = {kind: files(output_dir, run_key, kind) for kind in KINDS}
-    inserted = {kind: 0 for kind in KINDS}
-    if any(found.values()):
+    out = {"results": 0, "quarantine": 0, "replaced": 0}
+    if found["results"]:
         with tables.connect(database) as con:
             store.ensure_schema(con)
             with tables.transaction(con):
-                for kind, paths in found.items():
-                    if paths:
-                        inserted[kind] = _insert(con, KINDS[kind] or store.RESULT_TABLES[task], paths)
+                out |= _merge(con, task, found)
     for paths in found.values():
         for p in paths:
             p.unlink(missing_ok=True)
-    inserted["files"] = sum(len(p) for p in found.values())
-    return inserted
+    out["files"] = sum(len(p) for p in found.values())
+    return out
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: str, paths: list[Path]) -> int:
-    cols = ", ".join(tables.quote_ident(c) for c in tables.table_columns(con, table))
-    rows = con.execute(f"INSERT INTO {tables.quote_ident(table)} ({cols}) SELECT {cols} FROM read_parquet(?) "
-                       "ON CONFLICT DO NOTHING", [[str(p) for p in paths]]).fetchall()
-    return int(rows[0][0]) if rows else 0
+def _merge(con: duckdb.DuckDBPyConnection, task: str, found: dict[str, list[Path]]) -> dict[str, int]:
+    quarantine = store.QUARANTINE_TABLE
+    chosen = tables.quote_ident("__flexwrangle_merged")
+    con.execute(f"CREATE TEMP TABLE {chosen} AS SELECT * FROM read_parquet(?, union_by_name = true) QUALIFY "
+                "row_number() OVER (PARTITION BY run_key, row_key, occurrence ORDER BY created_at DESC) = 1",
+                [[str(p) for p in found["results"]]])
+    try:
+        inserted, replaced = store.replace_and_insert(con, task, chosen, newer_only=True)
+        q = 0
+        if found["quarantine"]:      # the reasons of the answers chosen (same item, same attempt)
+            cols = ", ".join(f"q.{tables.quote_ident(c)}" for c in tables.table_columns(con, quarantine))
+            rows = con.execute(
+                f"INSERT INTO {tables.quote_ident(quarantine)} SELECT {cols} "
+                "FROM read_parquet(?, union_by_name = true) q "
+                f"JOIN {chosen} c ON q.run_key = c.run_key AND q.row_key = c.row_key AND q.occurrence = c.occurrence "
+                "AND q.run_id IS NOT DISTINCT FROM c.run_id ON CONFLICT DO NOTHING",
+                [[str(p) for p in found["quarantine"]]]).fetchall()
+            q = int(rows[0][0]) if rows else 0
+    finally:
+        con.execute(f"DROP TABLE {chosen}")
+    return {"results": inserted, "quarantine": q, "replaced": replaced}
+
 
 
 def write_manifest(directory: Path, summary: dict[str, Any]) -> Path:

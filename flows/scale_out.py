@@ -10,7 +10,9 @@ A row belongs to partition ``crc32(row identity) % N`` (flows.partitions). Parti
 DuckDB (one writer per file): they write Parquet files typed like the output tables, and the
 parent loads them all in one transaction, skipping rows already present, so every row is written
 once by its key. The run key is the ``wrangle`` flow's: a scaled-out run resumes a plain one and
-the other way round; rows answered by an earlier attempt (merged or still in Parquet) are skipped.
+the other way round; rows answered under the same prompt by an earlier attempt (merged or still in
+Parquet) are skipped, rows whose prompt changed are answered again. The parent holds the run's
+lock (flows.runlock) for the whole attempt, partitions included.
 
 Deploy ``wrangle_partition`` on the pool the workers serve (see docs/distributed.md) and start the
 parent with ``deployment="wrangle-partition/<name>"``; ``deployment=None`` runs the partitions
@@ -31,7 +33,7 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import llms, steps, store
+from flows import llms, runlock, steps, store
 from flows import partitions as parts
 from flows.params import WrangleParams
 from flows.wrangle import (TaskName, extract, finish, infer, load_model, model_shape, parse, prompt, start_run,
@@ -70,29 +72,31 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     extracted = extract(p)
     shape = model_shape(p.model, p.policy)
     prompts = prompt(p, extracted, shape)
-    budget = steps.budget(p, f"{run_id}-partition-{partition}")
-    llm = None
-    try:
-        llm = load_model(p.model, p.policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
-        summary = _answer_share(p, prompts, extracted.spec.target, llm, partition, partitions, run_key, run_id,
-                                output_dir)
-    finally:
-        budget.release(llm)
-    summary |= {"seconds": time.perf_counter() - started, "engine": llms.engine_report(llm)}
-    parts.write_manifest(Path(summary.pop("directory")), summary)
-    return summary
-
-
-def _answer_share(p: WrangleParams, prompts: steps.Prompts, target: str | None, llm: Any, partition: int,
-                  partitions: int, run_key: str, run_id: str, output_dir: str) -> dict[str, Any]:
-    """This partition's pending rows answered into Parquet files; its summary (manifest)."""
-    log = get_run_logger()
+    # this worker's prompts are the exact ones (fitted to the model's context): it decides what is left to do
     mine = parts.share(prompts.items, partition, partitions)
     with tables.connect(p.database, read_only=True) as con:
         answered = store.answered_rows(con, p.task, run_key)
     todo = steps.pending(steps.pending(mine, answered), parts.written_keys(output_dir, run_key))
-    log.info("partition %d/%d: %d of %d item(s), %d to do", partition, partitions, len(mine),
-             len(prompts.items), len(todo))
+    get_run_logger().info("partition %d/%d: %d of %d item(s), %d to do", partition, partitions, len(mine),
+                          len(prompts.items), len(todo))
+    budget = steps.budget(p, f"{run_id}-partition-{partition}")
+    llm = None
+    try:
+        if len(todo):    # nothing to do (an earlier attempt answered it all): no model to load
+            llm = load_model(p.model, p.policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
+        summary = _answer_share(p, prompts, todo, extracted.spec.target, llm, partition, partitions, run_key,
+                                run_id, output_dir)
+    finally:
+        budget.release(llm)
+    summary |= {"items": len(mine), "skipped": len(mine) - len(todo), "seconds": time.perf_counter() - started,
+                "engine": llms.engine_report(llm)}
+    parts.write_manifest(Path(summary.pop("directory")), summary)
+    return summary
+
+
+def _answer_share(p: WrangleParams, prompts: steps.Prompts, todo: Any, target: str | None, llm: Any, partition: int,
+                  partitions: int, run_key: str, run_id: str, output_dir: str) -> dict[str, Any]:
+    """This partition's pending rows answered into Parquet files; its summary (manifest)."""
     ctx = steps.RunContext(task=p.task, run_key=run_key, run_id=run_id, model=p.model,
                            policy=llms.policy_json(p.policy), target=target)
     directory = str(parts.partition_dir(output_dir, run_key, partition, partitions))
@@ -105,8 +109,8 @@ def _answer_share(p: WrangleParams, prompts: steps.Prompts, target: str | None, 
                                  steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
         infer_s += inference.seconds
         tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
-    return {"partition": partition, "partitions": partitions, "items": len(mine), "written": written,
-            "skipped": len(mine) - len(todo), "infer_s": infer_s, "tokens": tokens, "directory": directory,
+    return {"partition": partition, "partitions": partitions, "written": written,
+            "infer_s": infer_s, "tokens": tokens, "directory": directory,
             "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
             "flow_run_id": str(flow_run.id) if flow_run.id else None}
 
@@ -150,7 +154,6 @@ def wrangle_scale_out(
     ``database`` and ``output_dir`` must name the same storage on every worker (a shared mount
     when workers are on several machines); the parent alone writes ``database``.
     """
-    log = get_run_logger()
     started = time.perf_counter()
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
@@ -166,24 +169,38 @@ def wrangle_scale_out(
     run_key = params.run_key()
     # Before the first write: the inputs, the rows (identities only: no model here), the deployment.
     extracted = extract(params)
-    items = prompt(params, extracted, None)
-    if deployment is not None:
-        _check_deployment(deployment)
-    output_dir = os.path.abspath(output_dir)
-
     run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
-    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=model,
-                           policy=llms.policy_json(policy), target=extracted.spec.target)
-    answered = start_run(database, {
+    holder = runlock.holder_info(run_id, flow_run.name, store.utcnow())
+    with runlock.hold(database, run_key, holder):      # the partitions belong to this attempt
+        items = prompt(params, extracted, None)
+        if deployment is not None:
+            _check_deployment(deployment)
+        return _scale_out(params, run_key, run_id, holder, extracted, items, partitions, deployment,
+                          os.path.abspath(output_dir), poll_seconds, started)
+
+
+def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[str, Any], extracted: steps.Extracted,
+               items: steps.Prompts, partitions: int, deployment: str | None, output_dir: str, poll_seconds: float,
+               started: float) -> dict[str, Any]:
+    """The scaled-out run from its record on, under the run's lock."""
+    log = get_run_logger()
+    task, database = params.task, params.database
+    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
+                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
+    begun = start_run(database, {
         "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
-        "parameters": llms.policy_json(params.identity() | {"limit": limit, "database": database,
+        "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database,
                                                             "partitions": partitions}),
-        "model": model, "policy": ctx.policy, "input_rows": len(items.items),
-    }, task, run_key)
-    fresh = steps.pending(items.items, answered)                       # not in DuckDB yet
+        "model": params.model, "policy": ctx.policy, "input_rows": len(items.items),
+        "host": holder["host"], "pid": holder["pid"],
+    }, ctx, items.items, items.key_columns, extracted.present)
+    # The parent's prompts are built without the model; where the model's context window makes a worker fit
+    # them otherwise, a partition may be started that finds nothing to do (it then loads no model).
+    fresh = steps.pending(items.items, begun.answered)                 # not in DuckDB under this prompt
     todo = steps.pending(fresh, parts.written_keys(output_dir, run_key))  # nor in unmerged files
     shares = [len(parts.share(todo, i, partitions)) for i in range(partitions)]
-    log.info("run %s: %d item(s), %d to do, shares %s", run_key, len(items.items), len(todo), shares)
+    log.info("run %s: %d item(s), %d to do, shares %s; %d stored row(s) no longer in the input", run_key,
+             len(items.items), len(todo), shares, begun.stale_rows)
 
     parts.clear_manifests(output_dir, run_key)
     # paths as this process sees them: a worker resolves relative paths in its own directory
@@ -200,27 +217,27 @@ def wrangle_scale_out(
             failed = _run_partitions(deployment, launch, child, partitions, run_key, run_id,
                                      output_dir, poll_seconds)
     except BaseException as exc:
-        _salvage(database, task, output_dir, run_key, log)
-        _record_failure(database, run_id, exc, started)
+        _record_failure(database, run_id, exc, started, _salvage(database, task, output_dir, run_key, log))
         raise
     phase = time.perf_counter() - phase
     merged = merge(database, task, output_dir, run_key)        # what the partitions wrote, even if some failed
     if failed:
         exc = RuntimeError(f"partition run(s) did not complete: {'; '.join(failed)} (rows they wrote are "
                            "merged; run again with the same parameters to finish)")
-        _record_failure(database, run_id, exc, started)
+        _record_failure(database, run_id, exc, started, merged["results"])
         raise exc
     reports = parts.read_manifests(output_dir, run_key)
     summary = finish(database, ctx, items.items, items.key_columns)
     if summary["table_failures"]:
         exc = RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
-        _record_failure(database, run_id, exc, started)
+        _record_failure(database, run_id, exc, started, merged["results"])
         raise exc
     tokens = [r.get("tokens") for r in reports]
     written = merged["results"]
     result = {
         "run_id": run_id, "run_key": run_key, "task": task, "status": "completed",
         "input_rows": len(items.items), "skipped_rows": len(items.items) - len(fresh), "written_rows": written,
+        "replaced_rows": merged["replaced"], "stale_rows": begun.stale_rows,
         "valid_rows": summary["valid_rows"], "quarantined_rows": summary["quarantined_rows"],
         "rows_per_s": written / phase if written and phase > 0 else None,
         "tokens_per_s": sum(tokens) / phase if tokens and None not in tokens and phase > 0 else None,
@@ -273,19 +290,22 @@ def _check_deployment(name: str) -> None:
                              "on the workers' pool (docs/distributed.md), or pass deployment=None") from None
 
 
-def _salvage(database: str, task: str, output_dir: str, run_key: str, log) -> None:
-    """On an interruption, keep what the partitions finished (merged now, or left for the next run)."""
+def _salvage(database: str, task: str, output_dir: str, run_key: str, log) -> int:
+    """On an interruption, keep what the partitions finished (merged now, or left for the next run);
+    the rows merged."""
     try:
-        parts.merge(database, task, output_dir, run_key)
+        return parts.merge(database, task, output_dir, run_key)["results"]
     except Exception as exc:  # the files stay; the next run with the same parameters merges them
         log.warning("could not merge the partitions' files now (they are kept): %s", exc)
+        return 0
 
 
-def _record_failure(database: str, run_id: str, exc: BaseException, started: float) -> None:
+def _record_failure(database: str, run_id: str, exc: BaseException, started: float, written: int) -> None:
     status = "failed" if isinstance(exc, Exception) else "cancelled"
     try:
         with tables.connect(database, lock_timeout_s=5) as con:
             store.finish_run(con, run_id, status=status, error=f"{type(exc).__name__}: {exc}",
-                             finished_at=store.utcnow(), seconds=time.perf_counter() - started)
+                             finished_at=store.utcnow(), seconds=time.perf_counter() - started,
+                             written_rows=written)
     except Exception as record_exc:
         get_run_logger().warning("could not record the failure of run %s: %s", run_id, record_exc)

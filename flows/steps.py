@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ import wrangling_tasks as wt
 from wrangling_tasks import tables
 from wrangling_tasks.base import InputError, TaskSpec, is_missing
 
-from flows import store
+from flows import resume, store
 from flows.params import TASK_TABLES, WrangleParams, resolve_spec
+from flows.resume import key_text, pending, row_identity  # noqa: F401  (part of this module's API)
 
 __all__ = ["WrangleParams", "extract", "build_prompts", "infer", "parse", "validate", "load",
            "check_whole_run"]
@@ -38,7 +39,8 @@ class Extracted:
 
     inputs: Any
     spec: TaskSpec
-    rows: dict[str, int] = field(default_factory=dict)  # table -> rows read
+    rows: dict[str, int]      # table -> rows read
+    present: pd.DataFrame     # row_key, occurrence of every item, in input order (limit aside)
 
 
 def extract(params: WrangleParams) -> Extracted:
@@ -49,8 +51,11 @@ def extract(params: WrangleParams) -> Extracted:
         frames = {p: _read(con, getattr(params, p), p, params, spec)
                   for p in TASK_TABLES[params.task] if getattr(params, p)}
     inputs = _to_inputs(params, spec, frames)
-    mod.make_items(mod.coerce_inputs(inputs, spec), spec)  # layout, ids, labels: fail before writes
-    return Extracted(inputs, spec, {getattr(params, p): len(f) for p, f in frames.items()})
+    coerced = mod.coerce_inputs(inputs, spec)
+    items = mod.make_items(coerced, spec)  # layout, ids, labels: fail before writes
+    by_content = resume.keyed_by_content(params.task, coerced)
+    return Extracted(inputs, spec, {getattr(params, p): len(f) for p, f in frames.items()},
+                     resume.identities(items, mod.keys_for(coerced), by_content))
 
 
 def _required_columns(param: str, params: WrangleParams, spec: TaskSpec) -> list[str]:
@@ -111,43 +116,19 @@ class Prompts:
 def build_prompts(params: WrangleParams, extracted: Extracted, llm: Any) -> Prompts:
     """Prompts for the first ``limit`` items: one shared few-shot prefix for all of them.
 
-    ``llm`` lends its tokenizer and context size to fit prompts (no inference here).
+    ``llm`` lends its tokenizer and context size to fit prompts (no inference here). Each item
+    carries its identity (``row_key``, ``occurrence``: :mod:`flows.resume`).
     """
     prep = wt.prepare(params.task, extracted.inputs, llm, k=params.k, seed=params.seed,
                       spec=extracted.spec, limit=params.limit)
     keys = tuple(prep.key_columns)
     items = prep.items.reset_index(drop=True)
-    row_key, occurrence = row_identity(items, keys)
-    items.insert(0, "row_key", row_key)
-    items.insert(1, "occurrence", occurrence)
+    ids = extracted.present.iloc[:len(items)]
+    if len(ids) != len(items):   # both come from the same make_items over the same inputs
+        raise RuntimeError(f"{len(items)} prompts for {len(ids)} extracted items")
+    items.insert(0, "row_key", ids["row_key"].tolist())
+    items.insert(1, "occurrence", ids["occurrence"].astype(int).tolist())
     return Prompts(items, keys, int(prep.spec.max_new_tokens), list(prep.warnings))
-
-
-def row_identity(frame: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], list[int]]:
-    """(row_key, occurrence) per row: the key values as JSON text, and how many earlier rows
-    had the same key (0 for the first). Unique even when keys are duplicated or null."""
-    row_key = [json.dumps([key_text(v) for v in vals], ensure_ascii=False)
-               for vals in frame[list(keys)].itertuples(index=False, name=None)]
-    occurrence = pd.Series(row_key).groupby(row_key).cumcount().tolist()
-    return row_key, [int(o) for o in occurrence]
-
-
-def key_text(value: Any) -> str | None:
-    """A key value as text; integral floats (ids in a column with NULLs) print as integers."""
-    if is_missing(value):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def pending(items: pd.DataFrame, answered: pd.DataFrame) -> pd.DataFrame:
-    """Items not yet answered (by row_key, occurrence), in input order."""
-    if answered.empty:
-        return items
-    done = set(zip(answered["row_key"], answered["occurrence"].astype(int)))
-    keep = [(r, int(o)) not in done for r, o in zip(items["row_key"], items["occurrence"])]
-    return items[keep]
 
 
 def chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
@@ -286,14 +267,23 @@ class RunContext:
     target: str | None = None
 
 
+def identity_rows(ctx: RunContext, items: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """``run_key, row_key, occurrence``, the task's key columns (as text; NULL when unused) and
+    ``label`` of ``items``: the columns a results row takes from its item."""
+    n = len(items)
+    out = pd.DataFrame({"run_key": [ctx.run_key] * n, "row_key": items["row_key"].tolist(),
+                        "occurrence": items["occurrence"].astype("int32").tolist()})
+    for col in store.KEY_COLUMNS[ctx.task]:
+        values = items[col] if col in keys else [None] * n
+        out[col] = pd.array([key_text(v) for v in values], dtype="string")
+    out["label"] = items["label"].to_numpy()
+    return out
+
+
 def result_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], check: Any) -> pd.DataFrame:
     """Rows for the task's results table (keys as text, valid flag from the check)."""
     n = len(preds)
-    out = pd.DataFrame({"run_key": [ctx.run_key] * n, "row_key": preds["row_key"].tolist(),
-                        "occurrence": preds["occurrence"].astype("int32").tolist()})
-    for col in store.KEY_COLUMNS[ctx.task]:
-        values = preds[col] if col in keys else [None] * n
-        out[col] = pd.array([key_text(v) for v in values], dtype="string")
+    out = identity_rows(ctx, preds, keys).drop(columns="label")
     if ctx.task == "imputation":
         out["target"] = ctx.target
     out["prompt_hash"] = preds["prompt_hash"].tolist()
@@ -330,10 +320,32 @@ def quarantine_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], c
     return pd.DataFrame(rows, columns=cols)
 
 
-def load(database: str, ctx: RunContext, results: pd.DataFrame, quarantine: pd.DataFrame) -> None:
-    """Write one chunk (results + quarantine) in one transaction."""
+def load(database: str, ctx: RunContext, results: pd.DataFrame, quarantine: pd.DataFrame) -> int:
+    """Write one chunk (results + quarantine) in one transaction; the rows inserted."""
     with tables.connect(database) as con:
-        store.write_chunk(con, ctx.task, results, quarantine)
+        return store.write_chunk(con, ctx.task, results, quarantine)
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    """What a run's stored rows say when an attempt starts."""
+
+    answered: pd.DataFrame   # row_key, occurrence, prompt_hash of every stored row of the run
+    stale_rows: int          # stored rows no longer in the input (kept, not scored)
+
+
+def start(database: str, record: dict[str, Any], ctx: RunContext, items: pd.DataFrame, keys: Sequence[str],
+          present: pd.DataFrame) -> Started:
+    """Create the output tables if needed, record the attempt (its caller holds the run's lock), bring
+    the run's stored rows in line with the input (:func:`flows.store.reconcile`), read what is answered."""
+    with tables.connect(database) as con:
+        store.ensure_schema(con)
+        store.start_run(con, record)
+        stale = store.reconcile(con, ctx.task, ctx.run_key, identity_rows(ctx, items, keys), present)
+        return Started(store.answered_rows(con, ctx.task, ctx.run_key), stale)
 
 
 # --- finish ----------------------------------------------------------------------------------
@@ -341,8 +353,9 @@ def load(database: str, ctx: RunContext, results: pd.DataFrame, quarantine: pd.D
 
 def check_whole_run(database: str, ctx: RunContext, items: pd.DataFrame,
                     keys: Sequence[str]) -> dict[str, Any]:
-    """Validate the run's complete output (keys unique across chunks, one row per item),
-    quarantine what fails, and score it. Returns counts and metrics."""
+    """Validate the run's complete output (keys unique across chunks, one row per item), make the
+    quarantine of its items what this check finds, and score it. Returns counts and metrics, and
+    how many rows this attempt (``ctx.run_id``) wrote."""
     from wrangling_tasks import checks
 
     mod = wt.get_task(ctx.task)
@@ -359,12 +372,13 @@ def check_whole_run(database: str, ctx: RunContext, items: pd.DataFrame,
                                     expected_rows=len(items))
     quarantine = quarantine_rows(ctx, frame, keys, check)
     with tables.connect(database) as con:
-        store.quarantine_written(con, ctx.task, ctx.run_key, quarantine)
+        store.settle_quarantine(con, ctx.task, ctx.run_key, ids, quarantine)
         quarantined = store.count_quarantined(con, ctx.run_key, ids)
+        written_here = store.written_by(con, ctx.task, ctx.run_key, ctx.run_id)
     metrics = None
     labels = [None if is_missing(v) else v for v in frame["label"]]
     if any(v is not None for v in labels):
         metrics = mod.score(list(frame["answer"]), labels)
     return {"output_rows": len(frame), "quarantined_rows": quarantined,
             "valid_rows": len(frame) - quarantined, "metrics": metrics,
-            "table_failures": check.table_reasons}
+            "table_failures": check.table_reasons, "written_rows": written_here}

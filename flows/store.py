@@ -12,13 +12,17 @@ Plain Python over :mod:`wrangling_tasks.tables` (no Prefect). Tables:
 
 ``run_key`` names a logical run: a hash of every parameter that can change an answer. A run
 that is restarted with the same parameters has the same key, so the rows it already wrote
-are skipped (resume); ``run_id`` names one attempt (the Prefect flow-run id).
+under the same prompt are skipped (resume); a row whose prompt changed is answered again and
+its stored answer replaced; a row gone from the input is marked ``stale_since`` and no longer
+scored. ``run_id`` names one attempt (the Prefect flow-run id); one attempt of a run is live at
+a time (:mod:`flows.runlock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,6 +70,7 @@ _RESULT_TAIL = (
     ("model", "VARCHAR"),
     ("policy", "VARCHAR"),  # JSON text
     ("created_at", "TIMESTAMP"),  # UTC
+    ("stale_since", "TIMESTAMP"),  # UTC; set while the row is not in the run's input (not scored), else NULL
 )
 
 RUN_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -76,13 +81,15 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("parameters", "VARCHAR"),       # JSON text
     ("model", "VARCHAR"),
     ("policy", "VARCHAR"),           # JSON text: the engine's policy as placed (every field), else the parameter
-    ("status", "VARCHAR NOT NULL"),  # running | completed | failed | interrupted
+    ("status", "VARCHAR NOT NULL"),  # running | completed | failed | cancelled | interrupted
     ("started_at", "TIMESTAMP"),
     ("finished_at", "TIMESTAMP"),
     ("seconds", "DOUBLE"),
     ("input_rows", "BIGINT"),        # items this run covered (after limit)
-    ("skipped_rows", "BIGINT"),      # already answered by an earlier attempt (resume)
-    ("written_rows", "BIGINT"),      # answered by this attempt
+    ("skipped_rows", "BIGINT"),      # already answered under the same prompt by an earlier attempt (resume)
+    ("written_rows", "BIGINT"),      # rows this attempt inserted (replacements included)
+    ("replaced_rows", "BIGINT"),     # of those: rows answered again because their prompt changed
+    ("stale_rows", "BIGINT"),        # the run's stored rows no longer in its input (kept, not scored)
     ("valid_rows", "BIGINT"),
     ("quarantined_rows", "BIGINT"),
     ("rows_per_s", "DOUBLE"),        # written rows / inference seconds
@@ -92,6 +99,8 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("budget", "VARCHAR"),           # JSON text: the engine's caps per tier and its offload folder
     ("peak_bytes", "VARCHAR"),       # JSON text: the engine's measured peak bytes per tier
     ("peak_rss_bytes", "BIGINT"),    # the process's peak resident memory
+    ("host", "VARCHAR"),             # where the attempt runs, and its process: to find a live one
+    ("pid", "BIGINT"),
 )
 
 QUARANTINE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -140,24 +149,28 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         _create(con, QUARANTINE_TABLE, QUARANTINE_COLUMNS,
                 ("run_key", "row_key", "occurrence", "reason"))
         _create(con, RUNS_TABLE, RUN_COLUMNS)
-        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = ?", [RUNS_TABLE]).fetchall()}
-        for column, kind in RUN_COLUMNS:      # a database written by an older version gains new columns
-            if column not in have:
-                con.execute(f"ALTER TABLE {tables.quote_ident(RUNS_TABLE)} ADD COLUMN "
-                            f"{tables.quote_ident(column)} {kind}")
+        # a database written by an older version gains the new columns
+        for name, columns in [*((n, result_columns(t)) for t, n in RESULT_TABLES.items()), (RUNS_TABLE, RUN_COLUMNS)]:
+            have = set(tables.table_columns(con, name))
+            for column, kind in columns:
+                if column not in have:
+                    con.execute(f"ALTER TABLE {tables.quote_ident(name)} "
+                                f"ADD COLUMN {tables.quote_ident(column)} {kind}")
         con.execute(SCORES_SQL)
 
 
 # Scores in SQL, with the same rules as wrangling_tasks.scoring: only labelled rows count; an
 # unanswered row (answer NULL) counts as wrong; F1 is the true harmonic mean (0 when P+R = 0);
-# imputation compares case- and whitespace-normalised text.
+# imputation compares case- and whitespace-normalised text. Stale rows (gone from the input) are
+# kept in the tables but not scored.
 SCORES_SQL = """
 CREATE OR REPLACE VIEW wrangle_scores AS
 WITH yes_no AS (
     SELECT 'entity-matching' AS task, run_key, model, answer, label FROM wrangle_entity_matching
+    WHERE stale_since IS NULL
     UNION ALL
     SELECT 'error-detection', run_key, model, answer, label FROM wrangle_error_detection
+    WHERE stale_since IS NULL
 ), yes_no_counts AS (
     SELECT task, run_key, any_value(model) AS model, count(*) AS rows,
            count(label) AS labelled,
@@ -178,7 +191,7 @@ WITH yes_no AS (
            count(*) FILTER (WHERE label IS NOT NULL AND answer IS NULL) AS unanswered,
            count(*) FILTER (WHERE lower(regexp_replace(trim(answer), '\\s+', ' ', 'g'))
                                 = lower(regexp_replace(trim(label), '\\s+', ' ', 'g'))) AS correct
-    FROM wrangle_imputation GROUP BY run_key
+    FROM wrangle_imputation WHERE stale_since IS NULL GROUP BY run_key
 )
 SELECT task, run_key, model, rows, labelled, unanswered,
        tp, fp, fn, tn, precision, recall,
@@ -194,13 +207,13 @@ FROM imputation
 
 
 def answered_rows(con: duckdb.DuckDBPyConnection, task: str, run_key: str) -> pd.DataFrame:
-    """``row_key, occurrence`` of the rows a run (``run_key``) has already written."""
+    """``row_key, occurrence, prompt_hash`` of the rows a run (``run_key``) has already written."""
     name = RESULT_TABLES[task]
     if not tables.table_exists(con, name):
-        return pd.DataFrame({"row_key": pd.Series([], dtype=object),
-                             "occurrence": pd.Series([], dtype="int64")})
+        return pd.DataFrame({"row_key": pd.Series([], dtype=object), "occurrence": pd.Series([], dtype="int64"),
+                             "prompt_hash": pd.Series([], dtype=object)})
     return con.execute(
-        f"SELECT row_key, occurrence FROM {tables.quote_ident(name)} WHERE run_key = ?",
+        f"SELECT row_key, occurrence, prompt_hash FROM {tables.quote_ident(name)} WHERE run_key = ?",
         [run_key],
     ).df()
 
@@ -212,30 +225,120 @@ def read_results(con: duckdb.DuckDBPyConnection, task: str, run_key: str) -> pd.
     ).df()
 
 
-def write_chunk(con: duckdb.DuckDBPyConnection, task: str, results: pd.DataFrame,
-                quarantine: pd.DataFrame) -> None:
-    """Write one chunk's results and its quarantined rows in one transaction.
+@contextlib.contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, name: str) -> Iterator[str]:
+    """``frame`` as a view ``name`` of ``con`` for the block; yields the quoted name."""
+    con.register(name, frame)
+    try:
+        yield tables.quote_ident(name)
+    finally:
+        con.unregister(name)
 
-    Rows already present (same primary key) are left alone, so writing a chunk twice is a
-    no-op: the write is idempotent and safe to retry.
+
+_SAME_ROW = "r.run_key = c.run_key AND r.row_key = c.row_key AND r.occurrence = c.occurrence"
+
+
+def replace_and_insert(con: duckdb.DuckDBPyConnection, task: str, source: str,
+                       newer_only: bool = False) -> tuple[int, int]:
+    """Insert the results rows of ``source`` (a quoted view or table in ``con``), inside the caller's
+    transaction; returns how many were inserted, and how many of those replaced a stored answer.
+
+    A stored row of the same item answered under another prompt (its input, demonstrations or spec
+    changed) is deleted first, with its quarantine rows, so the new answer replaces it. A row stored
+    under the same prompt stays (``ON CONFLICT DO NOTHING``): writing a chunk twice is a no-op.
+    ``newer_only``: replace only rows older than the incoming ones (files merged late must not undo a
+    newer answer).
     """
-    with tables.transaction(con):
-        tables.insert_frame(con, RESULT_TABLES[task], results, ignore_conflicts=True)
-        tables.insert_frame(con, QUARANTINE_TABLE, quarantine, ignore_conflicts=True)
+    name, quarantine = tables.quote_ident(RESULT_TABLES[task]), tables.quote_ident(QUARANTINE_TABLE)
+    changed = "r.prompt_hash IS DISTINCT FROM c.prompt_hash"
+    if newer_only:
+        changed += " AND c.created_at > r.created_at"
+    con.execute(f"DELETE FROM {quarantine} q WHERE EXISTS (SELECT 1 FROM {name} r JOIN {source} c ON {_SAME_ROW} "
+                f"WHERE {changed} AND q.run_key = r.run_key AND q.row_key = r.row_key AND q.occurrence = r.occurrence)")
+    replaced = _count(con.execute(f"DELETE FROM {name} r USING {source} c WHERE {_SAME_ROW} AND {changed}"))
+    stored = set(tables.table_columns(con, RESULT_TABLES[task]))
+    cols = ", ".join(tables.quote_ident(c) for c in _columns_of(con, source) if c in stored)
+    inserted = _count(con.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM {source} ON CONFLICT DO NOTHING"))
+    return inserted, replaced
 
 
-def quarantine_written(con: duckdb.DuckDBPyConnection, task: str, run_key: str,
-                       quarantine: pd.DataFrame) -> None:
-    """Quarantine rows that are already written (found by a whole-run check): one transaction."""
-    if quarantine.empty:
-        return
-    with tables.transaction(con):
+def _count(result: duckdb.DuckDBPyConnection) -> int:
+    """The row count a DuckDB INSERT / UPDATE / DELETE returns."""
+    rows = result.fetchall()
+    return int(rows[0][0]) if rows else 0
+
+
+def _columns_of(con: duckdb.DuckDBPyConnection, source: str) -> list[str]:
+    return [d[0] for d in con.execute(f"SELECT * FROM {source} LIMIT 0").description]
+
+
+def write_chunk(con: duckdb.DuckDBPyConnection, task: str, results: pd.DataFrame,
+                quarantine: pd.DataFrame) -> int:
+    """Write one chunk's results and its quarantined rows in one transaction; returns the rows inserted.
+
+    Rows already present under the same prompt are left alone, so writing a chunk twice is a no-op
+    (idempotent, safe to retry); rows present under another prompt are replaced (see
+    :func:`replace_and_insert`).
+    """
+    with tables.transaction(con), _registered(con, results, "__flexwrangle_chunk") as chunk:
+        inserted = replace_and_insert(con, task, chunk)[0] if len(results) else 0
         tables.insert_frame(con, QUARANTINE_TABLE, quarantine, ignore_conflicts=True)
-        name = tables.quote_ident(RESULT_TABLES[task])
-        con.executemany(
-            f"UPDATE {name} SET valid = false WHERE run_key = ? AND row_key = ? AND occurrence = ?",
-            [[run_key, r, int(o)] for r, o in zip(quarantine["row_key"], quarantine["occurrence"])],
-        )
+    return inserted
+
+
+def reconcile(con: duckdb.DuckDBPyConnection, task: str, run_key: str, current: pd.DataFrame,
+              present: pd.DataFrame) -> int:
+    """Bring a run's stored rows in line with its input before answering; returns its stale rows.
+
+    ``present``: ``row_key, occurrence`` of every item in the input (whatever the limit). Stored rows
+    not among them are marked ``stale_since`` (kept, not scored); ``current``: the items this attempt
+    covers, with their key columns (as text) and labels: their stored rows are no longer stale, and
+    take the current labels (a corrected gold label needs no new answer) and key values (a row keyed
+    by its content keeps its position there).
+    """
+    name = tables.quote_ident(RESULT_TABLES[task])
+    keys = [k for k in KEY_COLUMNS[task] if k in current.columns]
+    sets = ", ".join([f"label = CAST(c.label AS {ANSWER_TYPES[task]})",
+                      *(f"{tables.quote_ident(k)} = c.{tables.quote_ident(k)}" for k in keys)])
+    differs = " OR ".join(["r.stale_since IS NOT NULL",
+                           f"r.label IS DISTINCT FROM CAST(c.label AS {ANSWER_TYPES[task]})",
+                           *(f"r.{tables.quote_ident(k)} IS DISTINCT FROM c.{tables.quote_ident(k)}" for k in keys)])
+    with tables.transaction(con):
+        with _registered(con, present[["row_key", "occurrence"]], "__flexwrangle_present") as p:
+            con.execute(f"UPDATE {name} r SET stale_since = ? WHERE r.run_key = ? AND r.stale_since IS NULL AND NOT "
+                        f"EXISTS (SELECT 1 FROM {p} c WHERE c.row_key = r.row_key AND c.occurrence = r.occurrence)",
+                        [utcnow(), run_key])
+        with _registered(con, current, "__flexwrangle_current") as c:
+            con.execute(f"UPDATE {name} r SET stale_since = NULL, {sets} FROM {c} c WHERE r.run_key = ? "
+                        f"AND c.row_key = r.row_key AND c.occurrence = r.occurrence AND ({differs})", [run_key])
+        return int(con.execute(f"SELECT count(*) FROM {name} WHERE run_key = ? AND stale_since IS NOT NULL",
+                               [run_key]).fetchall()[0][0])
+
+
+def settle_quarantine(con: duckdb.DuckDBPyConnection, task: str, run_key: str, ids: pd.DataFrame,
+                      quarantine: pd.DataFrame) -> None:
+    """Make the quarantine of the items ``ids`` (``row_key, occurrence``) what the whole-run check
+    found (``quarantine``), in one transaction: reasons that no longer hold (a duplicate key removed
+    from the input) are deleted, new ones added, and each row's ``valid`` flag set to match."""
+    qname, name = tables.quote_ident(QUARANTINE_TABLE), tables.quote_ident(RESULT_TABLES[task])
+    ident = ["row_key", "occurrence"]
+    ids = ids[ident].astype({"occurrence": "int64"})
+    keep = quarantine[[*ident, "reason"]].astype({"occurrence": "int64"})
+    have = con.execute(f"SELECT row_key, occurrence, reason FROM {qname} WHERE run_key = ?", [run_key]).df()
+    have = have.astype({"occurrence": "int64"}).merge(ids, on=ident)
+    gone = have.merge(keep, on=[*ident, "reason"], how="left", indicator=True)
+    gone = gone[gone["_merge"] == "left_only"]
+    bad = set(zip(keep["row_key"], keep["occurrence"]))
+    ids = ids.assign(valid=[(r, o) not in bad for r, o in zip(ids["row_key"], ids["occurrence"])])
+    with tables.transaction(con):
+        if len(gone):
+            con.executemany(f"DELETE FROM {qname} WHERE run_key = ? AND row_key = ? AND occurrence = ? AND reason = ?",
+                            [[run_key, r, int(o), why] for r, o, why in zip(gone["row_key"], gone["occurrence"],
+                                                                             gone["reason"])])
+        tables.insert_frame(con, QUARANTINE_TABLE, quarantine, ignore_conflicts=True)
+        with _registered(con, ids, "__flexwrangle_ids") as c:
+            con.execute(f"UPDATE {name} r SET valid = c.valid FROM {c} c WHERE r.run_key = ? AND c.row_key = r.row_key "
+                        "AND c.occurrence = r.occurrence AND r.valid IS DISTINCT FROM c.valid", [run_key])
 
 
 def count_quarantined(con: duckdb.DuckDBPyConnection, run_key: str,
@@ -249,9 +352,17 @@ def count_quarantined(con: duckdb.DuckDBPyConnection, run_key: str,
     return len(q)
 
 
+def written_by(con: duckdb.DuckDBPyConnection, task: str, run_key: str, run_id: str) -> int:
+    """Rows of ``run_key`` that attempt ``run_id`` wrote (each row names its writer: exact however
+    often a chunk's write was retried)."""
+    return int(con.execute(f"SELECT count(*) FROM {tables.quote_ident(RESULT_TABLES[task])} "
+                           "WHERE run_key = ? AND run_id = ?", [run_key, run_id]).fetchall()[0][0])
+
+
 def start_run(con: duckdb.DuckDBPyConnection, record: Mapping[str, Any]) -> None:
-    """Insert the ``running`` row of an attempt; earlier ``running`` attempts of the same
-    logical run (killed without a chance to record it) become ``interrupted``."""
+    """Insert the ``running`` row of an attempt. The caller holds the run's lock
+    (:mod:`flows.runlock`), so any other ``running`` attempt of the same run is dead (killed
+    without a chance to record it): those become ``interrupted``."""
     row = {c: record.get(c) for c, _ in RUN_COLUMNS}
     row["status"] = "running"
     row["started_at"] = row["started_at"] or utcnow()

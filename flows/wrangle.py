@@ -9,13 +9,16 @@ and the measured peaks.
 
 Each Prefect task below is a decorator around a plain function in :mod:`flows.steps`.
 Results are written chunk by chunk (one transaction each) under a deterministic ``run_key``,
-so a run killed midway and started again with the same parameters skips what it wrote.
+so a run killed midway and started again with the same parameters skips what it wrote (and
+answers again the rows whose prompt changed). One attempt of a run is live at a time: a second
+one fails at once, naming the live one (:mod:`flows.runlock`).
 Run ``prefect deployment run wrangle/entity-matching`` against ``make serve``, or call
 ``wrangle(...)`` directly; see docs/flows.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Literal
 
@@ -24,7 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import llms, steps, store
+from flows import llms, resume, runlock, steps, store
 from flows.params import WrangleParams
 from wrangling_tasks import tables
 
@@ -61,12 +64,11 @@ def prompt(params: WrangleParams, extracted: steps.Extracted, llm: Any) -> steps
 
 
 @prefect.task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def start_run(database: str, record: dict[str, Any], task_name: str, run_key: str) -> Any:
-    """Create the output tables if needed, record the run, return the rows already answered."""
-    with tables.connect(database) as con:
-        store.ensure_schema(con)
-        store.start_run(con, record)
-        return store.answered_rows(con, task_name, run_key)
+def start_run(database: str, record: dict[str, Any], ctx: steps.RunContext, items: Any, keys: tuple[str, ...],
+              present: Any) -> steps.Started:
+    """Create the output tables if needed, record the run, mark rows gone from the input stale,
+    return the rows already answered."""
+    return steps.start(database, record, ctx, items, keys, present)
 
 
 @prefect.task(name="infer", cache_policy=NO_CACHE)
@@ -90,9 +92,8 @@ def validate(task_name: str, preds: Any, keys: tuple[str, ...], expected_rows: i
 
 @prefect.task(name="load", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def load(database: str, ctx: steps.RunContext, results: Any, quarantine: Any) -> int:
-    """Write one chunk in one transaction (idempotent: safe to retry)."""
-    steps.load(database, ctx, results, quarantine)
-    return len(results)
+    """Write one chunk in one transaction (idempotent: safe to retry); the rows inserted."""
+    return steps.load(database, ctx, results, quarantine)
 
 
 @prefect.task(name="finish", cache_policy=NO_CACHE)
@@ -163,23 +164,29 @@ def wrangle(
 
     # Everything that can fail on the caller's input happens before the first write.
     extracted = extract(params)
-    shape = model_shape(model, policy)
-    prompts = prompt(params, extracted, shape)
-    for w in prompts.warnings:
-        log.warning(w)
-    budget = steps.budget(params, run_id)
-    llm = None
-    try:
-        llm = load_model(model, policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
-        if params.precision_left_to_search():     # the search chose a precision: the key names it
-            run_key = params.run_key(llms.precision(llm))
-        return _answer(params, run_key, run_id, extracted, prompts, llm, budget, started)
-    finally:
-        budget.release(llm)
+    holder = runlock.holder_info(run_id, flow_run.name, store.utcnow())
+    with contextlib.ExitStack() as held:
+        # before the model loads, so that a second attempt fails at once
+        held.enter_context(runlock.hold(database, run_key, holder))
+        shape = model_shape(model, policy)
+        prompts = prompt(params, extracted, shape)
+        for w in prompts.warnings:
+            log.warning(w)
+        budget = steps.budget(params, run_id)
+        llm = None
+        try:
+            llm = load_model(model, policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
+            if params.precision_left_to_search():     # the search chose a precision: the key names it
+                run_key = params.run_key(llms.precision(llm))
+                held.enter_context(runlock.hold(database, run_key, holder))   # and a run naming it excludes this one
+            return _answer(params, run_key, run_id, extracted, prompts, llm, budget, started, holder)
+        finally:
+            budget.release(llm)
 
 
 def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.Extracted,
-            prompts: steps.Prompts, llm: Any, budget: steps.Budget, started: float) -> dict[str, Any]:
+            prompts: steps.Prompts, llm: Any, budget: steps.Budget, started: float,
+            holder: dict[str, Any]) -> dict[str, Any]:
     """The run from its record on: every pending chunk answered, checked and written."""
     log = get_run_logger()
     task, database = params.task, params.database
@@ -187,17 +194,18 @@ def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.E
                            policy=llms.policy_json(params.policy), target=extracted.spec.target)
     items = prompts.items
     engine = llms.engine_report(llm)
-    answered = start_run(database, {
+    begun = start_run(database, {
         "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
         "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database}),
         "model": params.model, "policy": engine.get("policy", ctx.policy), "input_rows": len(items),
-        "budget": llms.policy_json(budget.caps),
-    }, task, run_key)
-    todo = steps.pending(items, answered)
-    log.info("run %s: %d item(s), %d already answered, %d to do", run_key, len(items),
-             len(items) - len(todo), len(todo))
+        "budget": llms.policy_json(budget.caps), "host": holder["host"], "pid": holder["pid"],
+    }, ctx, items, prompts.key_columns, extracted.present)
+    todo = steps.pending(items, begun.answered)
+    replaced = resume.replaced(todo, begun.answered)
+    log.info("run %s: %d item(s), %d already answered, %d to do (%d whose prompt changed); %d stored row(s) no "
+             "longer in the input", run_key, len(items), len(items) - len(todo), len(todo), replaced, begun.stale_rows)
 
-    written, infer_s, tokens = 0, 0.0, 0
+    infer_s, tokens = 0.0, 0
     try:
         parts = steps.chunks(todo, params.chunk_size)
         for n, chunk in enumerate(parts, 1):
@@ -205,25 +213,25 @@ def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.E
             answers = parse(task, inference.raw)
             preds = steps.predictions(chunk, inference.raw, answers, task)
             check = validate(task, preds, prompts.key_columns, len(chunk))
-            written += load(database, ctx,
-                            steps.result_rows(ctx, preds, prompts.key_columns, check),
+            inserted = load(database, ctx, steps.result_rows(ctx, preds, prompts.key_columns, check),
                             steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
             infer_s += inference.seconds
             tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
-            log.info("chunk %d/%d: %d row(s) written, %d quarantined", n, len(parts), len(chunk),
+            log.info("chunk %d/%d: %d row(s) written, %d quarantined", n, len(parts), inserted,
                      len(check.failed_rows))
         summary = finish(database, ctx, items, prompts.key_columns)
         if summary["table_failures"]:
             raise RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
     except BaseException as exc:
-        _record_failure(database, run_id, exc, started, written, len(items) - len(todo),
-                        llms.engine_report(llm))
+        _record_failure(database, ctx, exc, started, len(items) - len(todo), llms.engine_report(llm))
         raise
 
     seconds = time.perf_counter() - started
+    written = summary["written_rows"]
     result = {
         "run_id": run_id, "run_key": run_key, "task": task, "status": "completed",
         "input_rows": len(items), "skipped_rows": len(items) - len(todo), "written_rows": written,
+        "replaced_rows": replaced, "stale_rows": begun.stale_rows,
         "valid_rows": summary["valid_rows"], "quarantined_rows": summary["quarantined_rows"],
         "rows_per_s": written / infer_s if infer_s > 0 else None,
         "tokens_per_s": tokens / infer_s if tokens and infer_s > 0 else None,
@@ -240,17 +248,17 @@ def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.E
     return result
 
 
-def _record_failure(database: str, run_id: str, exc: BaseException, started: float,
-                    written: int, skipped: int, engine: dict[str, Any]) -> None:
+def _record_failure(database: str, ctx: steps.RunContext, exc: BaseException, started: float,
+                    skipped: int, engine: dict[str, Any]) -> None:
     status = "failed" if isinstance(exc, Exception) else "cancelled"
     try:
         with tables.connect(database, lock_timeout_s=5) as con:
-            store.finish_run(con, run_id, status=status, error=f"{type(exc).__name__}: {exc}",
+            store.finish_run(con, ctx.run_id, status=status, error=f"{type(exc).__name__}: {exc}",
                              finished_at=store.utcnow(), seconds=time.perf_counter() - started,
-                             written_rows=written, skipped_rows=skipped,
-                             **{k: v for k, v in engine.items() if k != "policy"})
+                             written_rows=store.written_by(con, ctx.task, ctx.run_key, ctx.run_id),
+                             skipped_rows=skipped, **{k: v for k, v in engine.items() if k != "policy"})
     except Exception as record_exc:  # the original error matters more; keep it
-        get_run_logger().warning("could not record the failure of run %s: %s", run_id, record_exc)
+        get_run_logger().warning("could not record the failure of run %s: %s", ctx.run_id, record_exc)
 
 
 if __name__ == "__main__":  # python flows/wrangle.py: the Beer benchmark with defaults

@@ -22,6 +22,7 @@ import pandas as pd
 __all__ = [
     "TableError",
     "DatabaseNotFoundError",
+    "DatabaseBusyError",
     "TableNotFoundError",
     "MissingColumnsError",
     "EmptyTableError",
@@ -46,6 +47,11 @@ class TableError(ValueError):
 
 class DatabaseNotFoundError(TableError, FileNotFoundError):
     """The database file does not exist (and the caller did not ask to create it)."""
+
+
+class DatabaseBusyError(duckdb.IOException):
+    """Another process kept the database file's lock for longer than the caller would wait (a
+    ``duckdb.IOException``, as DuckDB's own lock error is)."""
 
 
 class TableNotFoundError(TableError):
@@ -82,7 +88,7 @@ def connect(
 
     A missing file raises :class:`DatabaseNotFoundError` unless ``create`` (a typo in a path
     must not silently create an empty database). While another process holds the file's
-    lock, retry for up to ``lock_timeout_s`` seconds.
+    lock, retry for up to ``lock_timeout_s`` seconds, then raise :class:`DatabaseBusyError`.
 
     A ``read_only`` connection reads a caller's input database, which may not be the caller's
     own: it runs without external access, so a view in it cannot read local files or URLs.
@@ -103,8 +109,14 @@ def connect(
             break
         except duckdb.IOException as exc:
             locked = any(m in str(exc).lower() for m in _LOCK_MARKERS)
-            if not locked or time.monotonic() >= deadline:
+            if not locked:
                 raise
+            if time.monotonic() >= deadline:
+                raise DatabaseBusyError(
+                    f"database {path!r} is busy: another process has held its lock for {lock_timeout_s:g} s "
+                    f"({exc}). DuckDB lets one process open a file for writing at a time: close other sessions "
+                    "on it (the duckdb CLI can open it with -readonly) or wait for the run writing it to "
+                    "finish, then try again.") from exc
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     try:

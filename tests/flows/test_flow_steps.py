@@ -108,3 +108,52 @@ def test_every_entry_point_defaults_to_the_registry_default_model():
     for module in ("flows/demo.py", "wrangling_tasks/__main__.py"):
         text = (Path(__file__).resolve().parents[2] / module).read_text()
         assert f'"--model", default="{DEFAULT_MODEL}"' in text, module
+
+
+def test_an_item_is_pending_when_its_stored_prompt_differs_and_keyless_tables_are_keyed_by_content():
+    from flows import resume
+
+    items = pd.DataFrame({"row_key": ["a", "b", "c"], "occurrence": [0, 0, 0], "prompt_hash": ["1", "2", "3"]})
+    stored = pd.DataFrame({"row_key": ["a", "b"], "occurrence": [0, 0], "prompt_hash": ["1", "old"]})
+    todo = steps.pending(items, stored)
+    assert todo["row_key"].tolist() == ["b", "c"] and resume.replaced(todo, stored) == 1
+    import wrangling_tasks as wt
+    pairs = pd.DataFrame({"left_name": ["x"], "right_name": ["y"]})
+    assert resume.keyed_by_content("entity-matching", wt.MatchingInputs(pairs=pairs))
+    assert not resume.keyed_by_content("entity-matching", wt.MatchingInputs(pairs=pairs.assign(pair_id=[7])))
+    table = pd.DataFrame({"city": [None], "name": ["a"]})
+    assert resume.keyed_by_content("imputation", wt.ImputationInputs(table=table, target="city"))
+    assert not resume.keyed_by_content("error-detection", wt.DetectionInputs(table=table.assign(row_id=[3])))
+    rendered = pd.DataFrame({"body": ["same", "same", "other"], "question": ["q"] * 3})
+    ids = resume.identities(rendered, ("pair_id",), by_content=True)
+    assert ids["row_key"][0] == ids["row_key"][1] != ids["row_key"][2] and ids["occurrence"].tolist() == [0, 1, 0]
+
+
+def test_an_older_database_gains_the_new_columns_and_its_rows_count_as_current():
+    con = duckdb.connect()
+    old = [(c, t) for c, t in store.result_columns("entity-matching") if c != "stale_since"]
+    con.execute("CREATE TABLE wrangle_entity_matching (" + ", ".join(f"{c} {t}" for c, t in old) + ")")
+    con.execute("CREATE TABLE wrangle_runs (run_id VARCHAR PRIMARY KEY, run_key VARCHAR NOT NULL, "
+                "task VARCHAR NOT NULL, status VARCHAR NOT NULL)")
+    con.execute("INSERT INTO wrangle_entity_matching (run_key, row_key, occurrence, answer, label) "
+                "VALUES ('r', '1', 0, true, true)")
+    store.ensure_schema(con)
+    assert {"stale_since"} <= {r[0] for r in con.execute("DESCRIBE wrangle_entity_matching").fetchall()}
+    runs = {r[0] for r in con.execute("DESCRIBE wrangle_runs").fetchall()}
+    assert {"host", "pid", "replaced_rows", "stale_rows"} <= runs
+    assert con.execute("SELECT rows, tp FROM wrangle_scores").fetchall() == [(1, 1)]
+
+
+def test_deployments_run_one_at_a_time_and_a_later_trigger_waits():
+    from pathlib import Path
+
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    spec = PrefectYamlModel.model_validate(
+        yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text()))
+    limits = {(d.entrypoint, d.name): d.concurrency_limit for d in spec.deployments}
+    for (entrypoint, name), limit in limits.items():
+        if entrypoint in ("flows/wrangle.py:wrangle", "flows/scale_out.py:wrangle_scale_out"):
+            assert (limit.limit, limit.collision_strategy) == (1, "ENQUEUE"), name
+    assert limits[("flows/scale_out.py:wrangle_partition", "partition")] is None   # partitions run side by side

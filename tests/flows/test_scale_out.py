@@ -122,17 +122,42 @@ def test_files_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):
 
     db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=6))
     params = dict(**EM_PARAMS, model="rule:same", database=str(db), output_dir=str(tmp_path / "parts"))
-    key = steps.WrangleParams(**EM_PARAMS, model="rule:same", database=str(db)).run_key()
+    p = steps.WrangleParams(**EM_PARAMS, model="rule:same", database=str(db))
+    prompts = steps.build_prompts(p, steps.extract(p), None).items.set_index("row_key")
     # a partition of an earlier attempt answered pair 0 (wrongly, so we can tell) and was cut off
     with duckdb.connect(str(db)) as con:
         store.ensure_schema(con)
-    wrong, q = _chunk(key, range(0, 1))
-    parts.write_chunk(parts.partition_dir(tmp_path / "parts", key, 0, 2), "entity-matching",
-                      wrong.assign(answer=False), q)
+    wrong, q = _chunk(p.run_key(), range(0, 1))
+    parts.write_chunk(parts.partition_dir(tmp_path / "parts", p.run_key(), 0, 2), "entity-matching",
+                      wrong.assign(answer=False, prompt_hash=prompts.loc['["0", "0"]', "prompt_hash"]), q)
     out = wrangle_scale_out(**params, partitions=2, deployment=None)
     rows = query(db, "SELECT ltable_id, answer FROM wrangle_entity_matching ORDER BY ltable_id")
     assert len(rows) == 6 and out["written_rows"] == 6 and sum(out["shares"]) == 5
     assert rows["answer"].tolist() == [False, False, True, False, True, False]   # pair 0 kept, not redone
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_changed_row_is_answered_again_and_the_newest_answer_in_the_files_wins(tmp_path):
+    from flows.scale_out import wrangle_scale_out
+
+    db = make_db(tmp_path / "em.duckdb", magellan_frames(n_pairs=6))
+    params = dict(**EM_PARAMS, model="rule:same", database=str(db), output_dir=str(tmp_path / "parts"),
+                  partitions=2, deployment=None)
+    first = wrangle_scale_out(**params)
+    old = query(db, "SELECT * FROM wrangle_entity_matching WHERE ltable_id = '2'")
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE em_right SET name = 'changed 2' WHERE id = 2")          # pair 2: Yes -> No
+    # a cut-off attempt left pair 2's answer under the old prompt in a file: outdated, not a resume point
+    stale_file, q = _chunk(first["run_key"], range(2, 3))
+    parts.write_chunk(parts.partition_dir(tmp_path / "parts", first["run_key"], 0, 2), "entity-matching",
+                      stale_file.assign(prompt_hash=old["prompt_hash"][0], answer=True), q)
+    again = wrangle_scale_out(**params)
+    assert (again["written_rows"], again["replaced_rows"], again["skipped_rows"]) == (1, 1, 5)
+    rows = query(db, "SELECT * FROM wrangle_entity_matching ORDER BY ltable_id")
+    assert len(rows) == 6 and rows["row_key"].is_unique
+    row = rows[rows["ltable_id"] == "2"].iloc[0]
+    assert row["prompt_hash"] != old["prompt_hash"][0] and not row["answer"] and row["run_id"] == again["run_id"]
+    assert again["metrics"]["fn"] == 1 and not list((tmp_path / "parts").rglob("*.parquet"))
 
 
 @pytest.mark.usefixtures("prefect_api")
