@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     peer.add_argument("--llama-python", help="a python that imports llama_cpp (default: $LLAMA_CPP_PYTHON)")
     peer.add_argument("--policy", default="{}", help="engine Policy fields as JSON (default: Policy())")
     peer.add_argument("--work", default="/tmp/flexwrangle-bench/vs-llamacpp")
+    peer.add_argument("--quantized", action="store_true",
+                      help="the engine's stored precisions instead: fp16 and 4-bit weights + 4-bit cache, each "
+                           "computed in float32 and with int8 products (llama.cpp Q4_0 as the reference)")
     args = ap.parse_args(argv)
     if args.vs_llamacpp:
         from benchmarks import wrangling_vs_llamacpp

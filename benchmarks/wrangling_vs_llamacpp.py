@@ -6,6 +6,11 @@ reports the median rows/s (model load excluded for all) with every round listed.
 engine in float32 (--policy) and with int8 products (the same policy plus `int8_matmul`), and
 llama.cpp on the file's own quantization and requantized to Q4_0 (its fastest CPU format).
 
+With --quantized the engine rows are its stored precisions instead, each computed in float32 and
+with int8 products: fp16 weights and cache, and 4-bit weights and 4-bit cache (`compress_weight`,
+`compress_cache`; with int8 products the 4-bit matrices are made int8 rows as each block loads them),
+beside llama.cpp Q4_0.
+
     .venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp [--model qwen2.5-coder-1.5b]
         [--datasets Beer Fodors-Zagats] [--k 3] [--rounds 3] [--llama-python PATH] [--write-doc]
 
@@ -30,6 +35,8 @@ from benchmarks._doc import engine_commit, load_now, publish
 from benchmarks._harness import PY, gib, run_json
 
 SECTION = "wrangling_vs_llamacpp"
+QUANTIZED_SECTION = "quantized_throughput"
+FOUR_BIT = {"compress_weight": True, "compress_cache": True}
 
 
 def llama_python(explicit: str | None) -> str | None:
@@ -67,13 +74,17 @@ def main(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     task = get_task("entity-matching")
     started, commit = time.strftime("%Y-%m-%d %H:%M"), engine_commit()
-    int8_policy = json.dumps(dict(json.loads(args.policy), int8_matmul=True))
-    engine = lambda policy: lambda pf, out: [PY, "benchmarks/_engine_answer.py", "--model", args.model,
-                                             "--prompts", str(pf), "--json", str(out), "--policy", policy]
-    systems = {"engine": engine(args.policy), "engine int8": engine(int8_policy)}
+    base = json.loads(args.policy)
+    engine = lambda **fields: lambda pf, out: [PY, "benchmarks/_engine_answer.py", "--model", args.model,
+                                               "--prompts", str(pf), "--json", str(out),
+                                               "--policy", json.dumps({**base, **fields})]
+    systems = {"engine": engine(), "engine int8": engine(int8_matmul=True)}
+    if args.quantized:
+        systems.update({"engine 4-bit": engine(**FOUR_BIT), "engine 4-bit int8": engine(**FOUR_BIT, int8_matmul=True)})
     own = re.search(r"(?i)(q\d_[a-z0-9_]*[a-z0-9]|bf16|f16|f32)(?=\.gguf$)", model.file)
     own = own.group(1).upper() if own else "own type"                        # e.g. Q4_K_M
-    for label, extra in ((f"llama.cpp {own}", []), ("llama.cpp Q4_0", ["--requantize", "Q4_0"])):
+    peers = [("llama.cpp Q4_0", ["--requantize", "Q4_0"])]
+    for label, extra in peers if args.quantized else [(f"llama.cpp {own}", [])] + peers:
         if peer:
             systems[label] = lambda pf, out, extra=extra: [peer, "benchmarks/_llamacpp_answer.py", "--gguf", str(gguf),
                                                            "--prompts", str(pf), "--json", str(out), *extra]
@@ -98,9 +109,28 @@ def main(args) -> int:
                                          yes=sum(task.parse(a) is True for a in got["answers"])))
                 print(f"{dataset} round {r + 1}: {system}: {runs[system][-1]['rows_per_s']:.2f} rows/s, "
                       f"F1 {f1:.3f}, peak RSS {gib(res['peak_rss_bytes'])} GiB", flush=True)
-        sections.append(_table(dataset, len(prompts), sum(x is True for x in labels), prefix_chars, runs))
+        sections.append(_table(dataset, len(prompts), sum(x is True for x in labels), prefix_chars, runs,
+                               "engine" if args.quantized else None))
     note = "" if peer else ("\n\nllama.cpp rows skipped: no python with llama_cpp was found (pass --llama-python "
                             "or set LLAMA_CPP_PYTHON; see the script's docstring to build one).")
+    if args.quantized:
+        md = "\n".join([
+            f"### The engine's stored precisions on entity matching with `{args.model}`", "",
+            f"`{model.file}`; the engine converts it once to float32 safetensors. `engine`: weights and KV cache "
+            "stored in float16, computed in float32 (Policy " + args.policy + "); `engine 4-bit`: weights and KV "
+            "cache stored 4-bit group-wise (`compress_weight`, `compress_cache`), dequantized per layer per block "
+            "and computed in float32; `int8`: the decoder layers' products in int8 (`int8_matmul`; with 4-bit "
+            "weights each block makes the layer's int8 rows from the 4-bit ones as it loads them). llama.cpp "
+            f"Q4_0 {('(llama-cpp-python ' + version + ') ') if version else ''}is the reference. The project's "
+            f"own k = {args.k} prompts, greedy, newline stop, at most 3 new tokens; model load excluded; a "
+            "fresh process per system and round, rounds alternating the order. "
+            f"Run {started}, engine at commit {commit}; load average at the end: {load_now()}. Command: "
+            f"`.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --quantized --model {args.model} "
+            f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}"
+            f"{' --policy ' + repr(args.policy) if args.policy != '{}' else ''}`." + note, "", *sections])
+        publish(QUANTIZED_SECTION if args.model == DEFAULT_MODEL else f"{QUANTIZED_SECTION}_{args.model}", md,
+                args.write_doc)
+        return 0
     md = "\n".join([
         f"### Entity matching with `{args.model}`: the engine vs llama.cpp on the same GGUF", "",
         f"`{model.file}` ({model.about.split(':')[0]}); the engine converts it once to float32 safetensors and "
@@ -119,7 +149,9 @@ def main(args) -> int:
     return 0
 
 
-def _table(dataset: str, n: int, positives: int, prefix_chars: int, runs: dict[str, list[dict]]) -> str:
+def _table(dataset: str, n: int, positives: int, prefix_chars: int, runs: dict[str, list[dict]],
+           against: str | None = None) -> str:
+    """The dataset's rows; `against`: also each engine system's speed relative to that system."""
     lines = [f"#### {dataset} (test, {n} pairs, {positives} true matches; shared prefix {prefix_chars} characters)",
              "", "| system | rows/s (median) | rounds | F1 | Yes answers | peak RSS | load s |",
              "|---|---:|---|---:|---:|---:|---:|"]
@@ -137,6 +169,9 @@ def _table(dataset: str, n: int, positives: int, prefix_chars: int, runs: dict[s
         best = max(peers, key=med.get)
         lines += ["", f"Against llama.cpp's fastest here ({best}, {med[best]:.2f} rows/s): "
                   + "; ".join(f"{s} **{med[s] / med[best]:.2f}×**" for s in med if s.startswith("engine")) + "."]
+    if against:
+        lines += ["", f"Against `{against}` ({med[against]:.2f} rows/s): "
+                  + "; ".join(f"{s} **{med[s] / med[against]:.2f}×**" for s in med if s != against) + "."]
     if "engine int8" in runs:
         same = sum(a == b for a, b in zip(runs["engine"][0]["answers"], runs["engine int8"][0]["answers"]))
         lines += ["", f"`engine int8` gives the float32 engine's answer text on {same} of {n} pairs."]
