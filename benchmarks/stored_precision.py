@@ -28,7 +28,11 @@ SETTINGS = {     # label -> (storage dtype, Policy fields)
     "float16 (default)": ("float16", {}),
     "bfloat16": ("bfloat16", {}),
     "4-bit weights": ("float16", {"compress_weight": True}),
+    "4-bit cache": ("float16", {"compress_cache": True}),
     "4-bit weights + 4-bit cache": ("float16", {"compress_weight": True, "compress_cache": True}),
+    # the same 4-bit weights made int8 rows per layer per block, int8 products (not float32 compute)
+    "4-bit weights + 4-bit cache, int8 products": ("float16", {"compress_weight": True, "compress_cache": True,
+                                                               "int8_matmul": True}),
     # the same float16 numbers held as float16 in the cpu tier and widened per layer, each layer's
     # widening shared by a block of 8 micro-batches: half the RAM of the compute-ready copy
     "float16 in the cpu tier, block 8x8": ("float16", {"w_gpu_percent": 0, "w_cpu_percent": 100,
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
         f"### Stored precision of `{args.model}` (`benchmarks/stored_precision.py`)", "",
         f"The GGUF file converted once to float32 (exact), then stored by the engine in each precision below, "
         "computing in float32 (on the CPU the gpu tier holds float32 copies rounded to the storage precision, "
-        f"the cpu tier the storage precision itself). {args.dataset} test pairs at k = {args.k} ({len(prompts)} prompts; logits on the "
+        "the cpu tier the storage precision itself), except the row marked int8 products. A 4-bit cache stores "
+        f"each sequence's keys and values normalised per channel (kv_cache.channel_norm). {args.dataset} test pairs at k = {args.k} ({len(prompts)} prompts; logits on the "
         f"first {args.logit_rows}), each setting against float32 storage. Run {started}, engine at commit {commit}; "
         f"load average at the end: {load_now()}. Command: `.venv/bin/python benchmarks/stored_precision.py"
         f"{' --model ' + args.model if args.model != 'qwen2.5-coder-1.5b' else ''}`.", "",
