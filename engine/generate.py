@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .models import LOOKUP_TABLES, family as model_family
 from .policy import Policy
-from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, hits_stop, stop_sets
+from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, encode_text, hits_stop, stop_sets
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
 from .tiers import BufferPool, MemoryBudgetError, Tiers, aligned, fmt_bytes
@@ -228,14 +228,11 @@ class LLM:
         return [cut_text(t, stop_strings) for t in texts]
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text` (in the chat template with `chat`); special-token strings in it stay text."""
         tok = self._need_tokenizer()
-        if chat:
-            if not getattr(tok, "chat_template", None):
-                raise ValueError(f"{self.config.name} has no chat template; call with chat=False")
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok(text)["input_ids"]
+        if chat and not getattr(tok, "chat_template", None):
+            raise ValueError(f"{self.config.name} has no chat template; call with chat=False")
+        return encode_text(tok, text, chat)
 
     @property
     def max_context(self) -> int:

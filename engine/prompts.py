@@ -88,3 +88,32 @@ def cut_text(text: str, stops: list[str]) -> str:
     """Text before the first stop string."""
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text[:cut] if cut >= 0 else text
+
+
+_SLOT = "\x00prompt\x00"        # stands for the prompt while the chat template is rendered
+
+
+def encode_text(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt string; what the text spells is never a control token.
+
+    A tokenizer called plainly turns the string "<|im_end|>" anywhere in its input into the control
+    token, so a table cell holding it would end the turn. The prompt's text is tokenized with special
+    tokens split (the model reads those characters as characters), and with `chat` the template's own
+    control tokens are tokenized from the rendered template alone, around the prompt's ids. Text
+    without special-token strings gets the ids a plain call gives: the template ends each piece at
+    a control token or a newline, where the tokenizer splits anyway.
+    """
+    if not chat:
+        return tokenizer(text, split_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; call with chat=False")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    if rendered.count(_SLOT) != 1:
+        raise ValueError("the chat template does not show the user message exactly once, as written; "
+                         "call with chat=False and put the template's text in the prompt")
+    before, after = rendered.split(_SLOT)
+    pieces = [tokenizer(before, add_special_tokens=False)["input_ids"],
+              tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+              tokenizer(after, add_special_tokens=False)["input_ids"]]
+    return [t for piece in pieces for t in piece]

@@ -21,7 +21,7 @@ from wrangling_tasks.base import (
     require_columns,
     require_rows,
 )
-from wrangling_tasks.serialize import attribute_columns, serialize_row
+from wrangling_tasks.serialize import attribute_columns, format_value, one_line, serialize_row
 
 NAME = "imputation"
 key_columns: tuple[str, ...] = ("row_id",)
@@ -111,8 +111,8 @@ def demo_pool(inputs: ImputationInputs, spec: TaskSpec) -> pd.DataFrame:
 
 
 def format_answer(label: Any) -> str:
-    """The demonstration answer: the value as text."""
-    return str(label).strip()
+    """The demonstration answer: the value as text, on one line like every cell."""
+    return one_line(format_value(label))
 
 
 def parse(text: str | None) -> str | None:

@@ -207,14 +207,18 @@ def _score_choices(llm: Any, prompts: Sequence[str], choices: Sequence[str], bat
 # --- fitting prompts into the context window -------------------------------------------------
 
 
-def _count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    if not texts:
-        return []
+def _token_ids(tokenizer: Any, texts: Sequence[str]) -> list[Any]:
+    """Ids of each text as the engine tokenizes prompt text: special-token strings split into
+    ordinary tokens (engine.prompts.encode_text), so a cell spelling "<|im_end|>" is counted at its
+    real length. A tokenizer without that option (a plain ``encode``) is used as it is."""
     try:
-        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(x) for x in ids]
+        return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     except TypeError:
-        return [len(tokenizer.encode(t)) for t in texts]
+        return [tokenizer.encode(t) for t in texts]
+
+
+def _count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    return [len(x) for x in _token_ids(tokenizer, texts)] if texts else []
 
 
 def _fit_context(llm: Any, demos: list[str], bodies: list[str], tails: list[str], max_new_tokens: int,
@@ -248,7 +252,7 @@ def _truncate(tokenizer: Any, body: str, tail: str, budget: int) -> str:
     keep = budget - _count_tokens(tokenizer, [tail + TRUNCATION_MARK])[0]
     if keep < 1:
         raise InputError(f"the question alone ({tail!r}) does not fit the context window; shorten it.")
-    ids = tokenizer(body, add_special_tokens=False)["input_ids"] if callable(tokenizer) else tokenizer.encode(body)
+    ids = _token_ids(tokenizer, [body])[0]
     # decoding can merge differently; shrink until the re-encoded text fits
     while keep > 0:
         text = tokenizer.decode(ids[:keep]) + TRUNCATION_MARK
