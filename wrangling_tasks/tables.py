@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -22,6 +23,7 @@ import pandas as pd
 __all__ = [
     "TableError",
     "DatabaseNotFoundError",
+    "DatabaseLockedError",
     "TableNotFoundError",
     "MissingColumnsError",
     "EmptyTableError",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 _LOCK_MARKERS = ("could not set lock", "conflicting lock")
+LOCK_TIMEOUT_S = 30.0  # how long a connection waits, by default, for another process to release the file
 
 
 class TableError(ValueError):
@@ -46,6 +49,13 @@ class TableError(ValueError):
 
 class DatabaseNotFoundError(TableError, FileNotFoundError):
     """The database file does not exist (and the caller did not ask to create it)."""
+
+
+class DatabaseLockedError(duckdb.IOException):
+    """Another process kept the database file locked for longer than the caller would wait.
+
+    A ``duckdb.IOException``, as DuckDB's own lock error is, so code that caught that still does.
+    """
 
 
 class TableNotFoundError(TableError):
@@ -76,13 +86,14 @@ def connect(
     *,
     read_only: bool = False,
     create: bool = False,
-    lock_timeout_s: float = 30.0,
+    lock_timeout_s: float | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open ``database`` for the duration of a ``with`` block, then close it.
 
     A missing file raises :class:`DatabaseNotFoundError` unless ``create`` (a typo in a path
     must not silently create an empty database). While another process holds the file's
-    lock, retry for up to ``lock_timeout_s`` seconds.
+    lock, retry for up to ``lock_timeout_s`` seconds (default :data:`LOCK_TIMEOUT_S`), then
+    raise :class:`DatabaseLockedError` naming the file, the holder and what to do.
 
     A ``read_only`` connection reads a caller's input database, which may not be the caller's
     own: it runs without external access, so a view in it cannot read local files or URLs.
@@ -94,7 +105,8 @@ def connect(
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise DatabaseNotFoundError(f"directory for database does not exist: {parent!r}")
-    deadline = time.monotonic() + lock_timeout_s
+    wait_s = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+    deadline = time.monotonic() + wait_s
     delay = 0.1
     while True:
         try:
@@ -102,15 +114,26 @@ def connect(
                                  config={"enable_external_access": False} if read_only else {})
             break
         except duckdb.IOException as exc:
-            locked = any(m in str(exc).lower() for m in _LOCK_MARKERS)
-            if not locked or time.monotonic() >= deadline:
+            if not any(m in str(exc).lower() for m in _LOCK_MARKERS):
                 raise
+            if time.monotonic() >= deadline:
+                raise _locked(path, wait_s, exc) from exc
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     try:
         yield con
     finally:
         con.close()
+
+
+def _locked(path: str, waited_s: float, exc: duckdb.IOException) -> DatabaseLockedError:
+    holder = re.search(r"\(PID (\d+)\)", str(exc))
+    who = f"process {holder.group(1)}" if holder else "another process"
+    return DatabaseLockedError(
+        f"database {os.path.abspath(path)!r} is locked by {who} (waited {waited_s:g} s; DuckDB allows one "
+        "writing process or any number of reading ones). Close that process's connection to it (a DuckDB "
+        "shell or notebook left open, another run writing this file) or wait for it to finish, then try "
+        "again: a wrangle run started again with the same parameters resumes where it stopped.")
 
 
 @contextlib.contextmanager
