@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 import duckdb
@@ -76,7 +77,8 @@ def quote_ident(name: str) -> str:
     Any text is a valid quoted identifier except the empty string and NUL.
     """
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise TableError(f"invalid identifier: {name!r}")
+        raise TableError(f"invalid identifier: {name!r}; a table or column name must be non-empty "
+                         "text without NUL characters")
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -227,7 +229,7 @@ def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataF
 
     Returns the number of rows written per table.
     """
-    view = "__flexwrangle_frame"
+    view = _scratch_name()
     with transaction(con):
         for name, frame in frames.items():
             con.register(view, frame)
@@ -238,6 +240,12 @@ def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataF
             finally:
                 con.unregister(view)
     return {name: len(frame) for name, frame in frames.items()}
+
+
+def _scratch_name() -> str:
+    """A name for a registered frame that no table of the caller's can have (a registered frame
+    hides a table of the same name)."""
+    return f"__flexwrangle_{uuid.uuid4().hex}"
 
 
 def insert_frame(
@@ -255,7 +263,7 @@ def insert_frame(
     """
     if frame.empty:
         return
-    view = "__flexwrangle_rows"
+    view = _scratch_name()
     cols = ", ".join(quote_ident(c) for c in frame.columns)
     sql = f"INSERT INTO {quote_ident(name)} ({cols}) SELECT {cols} FROM {quote_ident(view)}"
     if ignore_conflicts:
