@@ -14,6 +14,7 @@ the table, so a scenario without a row is visible.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shlex
@@ -72,9 +73,12 @@ def scenarios(report: Path) -> list[dict]:
     for line in report.read_text(encoding="utf-8").splitlines() if report.exists() else []:
         r = json.loads(line)
         s = rows.setdefault(r["scenario"], {"scenario": r["scenario"], "trials": 0, "faults": 0, "rows_lost": 0,
-                                            "duplicates": 0, "outcomes": [], "notes": [], "files": []})
+                                            "duplicates": 0, "outcomes": [], "notes": [], "files": [],
+                                            "counts": defaultdict(int)})
         for k in ("trials", "faults", "rows_lost", "duplicates"):
             s[k] += r[k]
+        for k, v in r.get("counts", {}).items():
+            s["counts"][k] += v
         for key, value in (("outcomes", r["outcome"]), ("notes", r["note"]), ("files", r["test"].split("::")[0])):
             if value and value not in s[key]:
                 s[key].append(value)
@@ -99,23 +103,42 @@ def test_outcomes(junit: Path) -> tuple[dict[str, int], list[str]]:
     return counts, failed
 
 
+def note(row: dict) -> str:
+    """The scenario's notes, then its counts: 'kills landed: before the first commit 16, ...'."""
+    counts = ", ".join(f"{k} {v}" for k, v in row["counts"].items())
+    text = "; ".join(row["notes"])
+    return f"{text}: {counts}" if text and counts else text or counts
+
+
+def descriptions() -> dict[str, str]:
+    """Each file of the suite -> the first paragraph of its docstring (what it injects and checks)."""
+    out = {}
+    for path in sorted((REPO / SUITE).glob("test_*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        out[path.name] = " ".join(doc.split("\n\n")[0].split())
+    return out
+
+
 def markdown(rows: list[dict], counts: dict[str, int], failed: list[str], command: str, seconds: float,
-             silent_files: list[str]) -> str:
+             silent_files: list[str], files: dict[str, str] | None = None) -> str:
     table = md_table(
         ["scenario", "test file", "trials", "faults injected", "rows lost", "duplicates", "outcome", "note"],
         [[r["scenario"].replace("|", "/"), ", ".join(f"`{Path(f).name}`" for f in r["files"]), r["trials"],
           r["faults"], r["rows_lost"], r["duplicates"], " / ".join(r["outcomes"]),
-          "; ".join(r["notes"]).replace("|", "/")] for r in rows])
+          note(r).replace("|", "/")] for r in rows])
     lines = [INTRO, "## Latest run", "",
              f"{machine_line()}; load {load_now()} at the end; commit {engine_commit()}.",
              f"Command: `{command}` ({seconds / 60:.1f} min; tests: {counts.get('passed', 0)} passed, "
-             f"{counts.get('failed', 0)} failed, {counts.get('skipped', 0)} skipped).", "", table, ""]
+             f"{counts.get('failed', 0)} failed, {counts.get('skipped', 0)} skipped or expected to fail).", "",
+             table, ""]
     if failed:
         lines += ["Failed tests (their scenarios' rows above are missing or partial):", ""]
         lines += [f"- {f}" for f in failed] + [""]
     if silent_files:
         lines += ["Files of the suite that reported no scenario (not yet using `fault_report`): "
                   + ", ".join(f"`{f}`" for f in silent_files) + ".", ""]
+    if files:
+        lines += ["## What each file injects", ""] + [f"- `{name}`: {text}" for name, text in files.items()] + [""]
     return "\n".join(lines)
 
 
@@ -137,7 +160,7 @@ def main(argv=None) -> int:
         str(p.relative_to(REPO)) for p in (REPO / SUITE).glob("test_*.py") if str(p.relative_to(REPO)) not in reported)
     command = shlex.join(["python", "benchmarks/reliability.py", *(["--quick"] if args.quick else []),
                           *(["--", *args.pytest_args] if args.pytest_args else [])])
-    text = markdown(rows, counts, failed, command, seconds, silent)
+    text = markdown(rows, counts, failed, command, seconds, silent, descriptions())
     print(text)
     if args.write_doc or not args.quick:
         DOC.write_text(text)

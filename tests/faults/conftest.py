@@ -47,22 +47,25 @@ EM_N, EM_CHUNK, EM_ODD = 16, 4, (1, 10, 11)
 
 @pytest.fixture
 def fault_report(request):
-    """``fault_report(scenario, *, trials, faults, rows_lost, duplicates, outcome, note="")``.
+    """``fault_report(scenario, *, trials, faults, rows_lost, duplicates, outcome, note="", counts=None)``.
 
     ``scenario``: one line of docs/reliability.md's table (calls with the same name add up);
     ``trials``: runs (or attempts) exercised; ``faults``: faults actually injected (a kill that came
     after the run had ended is not one); ``rows_lost`` / ``duplicates``: summed over the trials;
-    ``outcome``: one of OUTCOMES; ``note``: a short remark for the table (e.g. where kills landed).
+    ``outcome``: one of OUTCOMES; ``note``: a short remark for the table, the same in every call of the
+    scenario; ``counts``: tallies that add up across calls like the figures (e.g. where kills landed:
+    ``{"chunk kept": 7, "chunk rolled back": 3}``), shown after the note.
     """
     path = os.environ.get(REPORT_ENV)
 
     def report(scenario: str, *, trials: int, faults: int, rows_lost: int, duplicates: int,
-               outcome: str, note: str = "") -> None:
+               outcome: str, note: str = "", counts: dict[str, int] | None = None) -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         line = {"scenario": scenario, "trials": int(trials), "faults": int(faults),
                 "rows_lost": int(rows_lost), "duplicates": int(duplicates), "outcome": outcome,
-                "note": note, "test": request.node.nodeid}
+                "note": note, "counts": {k: int(v) for k, v in (counts or {}).items()},
+                "test": request.node.nodeid}
         if path:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")

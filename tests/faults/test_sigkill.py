@@ -1,6 +1,7 @@
-"""A flow run killed with SIGKILL -- at a random moment, or at a chosen point inside a chunk's write --
-leaves whole chunks only, and the run started again with the same parameters ends with every row
-once.
+"""A flow run killed with SIGKILL -- at a random moment, or at a chosen point of a chunk's write (results
+inserted, quarantine not yet; both inserted, before COMMIT; after COMMIT; or racing the COMMIT or the
+close and checkpoint) -- leaves whole chunks only, and the run started again with the same parameters
+ends with every row once.
 
 Each trial forks a child that runs the flow on a fresh database (16 pairs, 4 chunks; three pairs get
 unparseable answers, so chunks 1 and 3 write results and quarantine rows in one transaction), kills
@@ -75,14 +76,14 @@ def test_sigkill_at_a_random_moment_then_run_again(trials, em_fault_db, prefect_
         time.sleep(fault_rng.uniform(0, span))
         faults += child.kill()
         _, left = killed_state(db, params)
-        landed["none" if left["rows"] == 0 else "all" if left["rows"] == EM_N else "some"] += 1
+        landed["before the first commit" if left["rows"] == 0 else
+               "after the last" if left["rows"] == EM_N else "between commits"] += 1
         whole = run_again(db, params, left["rows"])
         lost, dups = lost + whole["rows_lost"], dups + whole["duplicates"]
 
     fault_report("SIGKILL at a random moment of a flow run, then run again", trials=trials, faults=faults,
                  rows_lost=lost, duplicates=dups, outcome="recovered",
-                 note=f"kills found {landed['none']} / {landed['some']} / {landed['all']} runs with no / "
-                      f"some / all of their {CHUNKS} chunks committed")
+                 note=f"{CHUNKS} chunk commits a run; kills landed", counts=landed)
 
 
 CASES = [("in-transaction", True), ("before-commit", True), ("after-commit", True),
@@ -114,8 +115,6 @@ def test_sigkill_inside_a_chunk_write_then_run_again(point, hold, trials, em_fau
         whole = run_again(db, params, left["rows"])
         lost, dups = lost + whole["rows_lost"], dups + whole["duplicates"]
 
-    name = Fault(point, 1, hold).name
-    note = "" if hold else (f"the killed chunk was kept {committed_chunks['kept']} times, rolled back "
-                            f"{committed_chunks['rolled back']} times")
-    fault_report(f"SIGKILL inside a chunk's write: {name}, then run again", trials=trials, faults=faults,
-                 rows_lost=lost, duplicates=dups, outcome="recovered", note=note)
+    fault_report(f"SIGKILL inside a chunk's write: {Fault(point, 1, hold).name}, then run again", trials=trials,
+                 faults=faults, rows_lost=lost, duplicates=dups, outcome="recovered",
+                 note="" if hold else "the killed chunk was", counts=None if hold else committed_chunks)
