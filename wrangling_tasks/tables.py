@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 import duckdb
@@ -22,7 +24,7 @@ import pandas as pd
 __all__ = [
     "TableError",
     "DatabaseNotFoundError",
-    "DatabaseBusyError",
+    "DatabaseLockedError",
     "TableNotFoundError",
     "MissingColumnsError",
     "EmptyTableError",
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 _LOCK_MARKERS = ("could not set lock", "conflicting lock")
+LOCK_TIMEOUT_S = 30.0  # how long a connection waits, by default, for another process to release the file
 
 
 class TableError(ValueError):
@@ -49,9 +52,11 @@ class DatabaseNotFoundError(TableError, FileNotFoundError):
     """The database file does not exist (and the caller did not ask to create it)."""
 
 
-class DatabaseBusyError(duckdb.IOException):
-    """Another process kept the database file's lock for longer than the caller would wait (a
-    ``duckdb.IOException``, as DuckDB's own lock error is)."""
+class DatabaseLockedError(duckdb.IOException):
+    """Another process kept the database file locked for longer than the caller would wait.
+
+    A ``duckdb.IOException``, as DuckDB's own lock error is, so code that caught that still does.
+    """
 
 
 class TableNotFoundError(TableError):
@@ -72,7 +77,8 @@ def quote_ident(name: str) -> str:
     Any text is a valid quoted identifier except the empty string and NUL.
     """
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise TableError(f"invalid identifier: {name!r}")
+        raise TableError(f"invalid identifier: {name!r}; a table or column name must be non-empty "
+                         "text without NUL characters")
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -82,13 +88,14 @@ def connect(
     *,
     read_only: bool = False,
     create: bool = False,
-    lock_timeout_s: float = 30.0,
+    lock_timeout_s: float | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open ``database`` for the duration of a ``with`` block, then close it.
 
     A missing file raises :class:`DatabaseNotFoundError` unless ``create`` (a typo in a path
     must not silently create an empty database). While another process holds the file's
-    lock, retry for up to ``lock_timeout_s`` seconds, then raise :class:`DatabaseBusyError`.
+    lock, retry for up to ``lock_timeout_s`` seconds (default :data:`LOCK_TIMEOUT_S`), then
+    raise :class:`DatabaseLockedError` naming the file, the holder and what to do.
 
     A ``read_only`` connection reads a caller's input database, which may not be the caller's
     own: it runs without external access, so a view in it cannot read local files or URLs.
@@ -100,7 +107,8 @@ def connect(
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise DatabaseNotFoundError(f"directory for database does not exist: {parent!r}")
-    deadline = time.monotonic() + lock_timeout_s
+    wait_s = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+    deadline = time.monotonic() + wait_s
     delay = 0.1
     while True:
         try:
@@ -108,21 +116,26 @@ def connect(
                                  config={"enable_external_access": False} if read_only else {})
             break
         except duckdb.IOException as exc:
-            locked = any(m in str(exc).lower() for m in _LOCK_MARKERS)
-            if not locked:
+            if not any(m in str(exc).lower() for m in _LOCK_MARKERS):
                 raise
             if time.monotonic() >= deadline:
-                raise DatabaseBusyError(
-                    f"database {path!r} is busy: another process has held its lock for {lock_timeout_s:g} s "
-                    f"({exc}). DuckDB lets one process open a file for writing at a time: close other sessions "
-                    "on it (the duckdb CLI can open it with -readonly) or wait for the run writing it to "
-                    "finish, then try again.") from exc
+                raise _locked(path, wait_s, exc) from exc
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     try:
         yield con
     finally:
         con.close()
+
+
+def _locked(path: str, waited_s: float, exc: duckdb.IOException) -> DatabaseLockedError:
+    holder = re.search(r"\(PID (\d+)\)", str(exc))
+    who = f"process {holder.group(1)}" if holder else "another process"
+    return DatabaseLockedError(
+        f"database {os.path.abspath(path)!r} is locked by {who} (waited {waited_s:g} s; DuckDB allows one "
+        "writing process or any number of reading ones). Close that process's connection to it (a DuckDB "
+        "shell or notebook left open, another run writing this file) or wait for it to finish, then try "
+        "again: a wrangle run started again with the same parameters resumes where it stopped.")
 
 
 @contextlib.contextmanager
@@ -216,7 +229,7 @@ def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataF
 
     Returns the number of rows written per table.
     """
-    view = "__flexwrangle_frame"
+    view = _scratch_name()
     with transaction(con):
         for name, frame in frames.items():
             con.register(view, frame)
@@ -227,6 +240,12 @@ def replace_tables(con: duckdb.DuckDBPyConnection, frames: Mapping[str, pd.DataF
             finally:
                 con.unregister(view)
     return {name: len(frame) for name, frame in frames.items()}
+
+
+def _scratch_name() -> str:
+    """A name for a registered frame that no table of the caller's can have (a registered frame
+    hides a table of the same name)."""
+    return f"__flexwrangle_{uuid.uuid4().hex}"
 
 
 def insert_frame(
@@ -244,7 +263,7 @@ def insert_frame(
     """
     if frame.empty:
         return
-    view = "__flexwrangle_rows"
+    view = _scratch_name()
     cols = ", ".join(quote_ident(c) for c in frame.columns)
     sql = f"INSERT INTO {quote_ident(name)} ({cols}) SELECT {cols} FROM {quote_ident(view)}"
     if ignore_conflicts:

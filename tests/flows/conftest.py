@@ -1,44 +1,18 @@
-"""Fixtures for flow tests: an isolated Prefect (home in a temp dir, one test server per
-session), small DuckDB databases, and the ``rule:`` fake models."""
+"""Fixtures for flow tests: small DuckDB databases and the ``rule:`` fake models (the isolated
+Prefect home and the session's test server, ``prefect_api``, come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-# Before Prefect is imported: keep its home, logs and settings out of the user's ~/.prefect.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="flexwrangle-prefect-")
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.pop("PREFECT_API_URL", None)
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["GX_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import flow_testkit  # noqa: E402,I001
 
 
 flow_testkit.register()
-
-
-atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A Prefect test server for the whole session; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture
