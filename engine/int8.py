@@ -52,9 +52,9 @@ CHUNK_ELEMS = 1 << 19
 def quantize_over(w: torch.Tensor) -> Int8Weight:
     """`quantize(w)` for a float32 weight (out, in) whose memory it may reuse: the int8 values are
     written over the start of that memory, so a layer's 4-bit weights become int8 rows in the working
-    copy they were dequantized into, with no second buffer. `w` is contiguous, or the transpose of
-    a contiguous (in, out) tensor (compression.dequantize's layout for groups along the output
-    dim); the values keep that layout. Same numbers as `quantize`.
+    copy they were dequantized into, with no second buffer. `w`'s rows are contiguous, or its
+    columns are (compression.dequantize's layout for groups along the output dim); rows of either
+    may be padded apart. The values keep that orientation. Same numbers as `quantize`.
 
     Safe in place: a run of rows is converted into a temporary before it is written, and the int8
     rows [r0, r1) land in the bytes of float rows below r1, which are already converted."""
