@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 _LOCK_MARKERS = ("could not set lock", "conflicting lock")
+# How a caller's input database is opened (read-only): nothing outside the file, no extensions on demand.
+UNTRUSTED_CONFIG = {"enable_external_access": False, "autoload_known_extensions": False,
+                    "autoinstall_known_extensions": False}
 LOCK_TIMEOUT_S = 30.0  # how long a connection waits, by default, for another process to release the file
 
 
@@ -98,7 +101,8 @@ def connect(
     raise :class:`DatabaseLockedError` naming the file, the holder and what to do.
 
     A ``read_only`` connection reads a caller's input database, which may not be the caller's
-    own: it runs without external access, so a view in it cannot read local files or URLs.
+    own: it runs without external access and without loading or installing extensions on its own,
+    so a view in it cannot read local files or URLs, nor pull in code.
     """
     path = os.fspath(database)
     if path != ":memory:" and not os.path.exists(path):
@@ -112,8 +116,7 @@ def connect(
     delay = 0.1
     while True:
         try:
-            con = duckdb.connect(path, read_only=read_only,
-                                 config={"enable_external_access": False} if read_only else {})
+            con = duckdb.connect(path, read_only=read_only, config=UNTRUSTED_CONFIG if read_only else {})
             break
         except duckdb.IOException as exc:
             if not any(m in str(exc).lower() for m in _LOCK_MARKERS):

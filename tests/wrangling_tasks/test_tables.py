@@ -50,6 +50,10 @@ def test_an_input_view_cannot_read_local_files(db, tmp_path):
         assert tb.read_table(con, "people")["id"].tolist() == [3, 1, 2]          # tables read as before
         with pytest.raises(tb.TableError, match="reads files or URLs outside the database"):
             tb.read_table(con, "leak")
+        settings = con.execute("SELECT current_setting('enable_external_access'), "
+                               "current_setting('autoload_known_extensions'), "
+                               "current_setting('autoinstall_known_extensions')").fetchone()
+        assert settings == (False, False, False)                              # no extension loads itself
 
 
 def test_read_table_keeps_stored_order_and_binds_limit(db):
