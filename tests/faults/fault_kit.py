@@ -99,7 +99,7 @@ class Fault:
 def _install(fault: Fault, conn: Any) -> None:
     """Wrap the chunk write's steps in this (child) process so that it reaches ``fault``."""
     state = {"chunk": 0, "inside": False}
-    write_chunk, transaction, insert_frame = store.write_chunk, tables.transaction, tables.insert_frame
+    write_chunk, transaction, replace_and_insert = store.write_chunk, tables.transaction, store.replace_and_insert
 
     def reached(point: str) -> None:
         if state["inside"] and state["chunk"] == fault.chunk and point == fault.point:
@@ -108,11 +108,11 @@ def _install(fault: Fault, conn: Any) -> None:
                 time.sleep(300)   # the parent kills us here; if it never does, end without a trace
                 os._exit(3)
 
-    def chunk_write(*args: Any, **kwargs: Any) -> None:
+    def chunk_write(*args: Any, **kwargs: Any) -> int:
         state["chunk"] += 1
         state["inside"] = True
         try:
-            write_chunk(*args, **kwargs)
+            return write_chunk(*args, **kwargs)
         finally:
             state["inside"] = False
 
@@ -123,12 +123,12 @@ def _install(fault: Fault, conn: Any) -> None:
             reached("before-commit")
         reached("after-commit")
 
-    def insert(con: duckdb.DuckDBPyConnection, name: str, frame: Any, **kwargs: Any) -> None:
-        insert_frame(con, name, frame, **kwargs)
-        if name in store.RESULT_TABLES.values():
-            reached("in-transaction")
+    def insert_results(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        counts = replace_and_insert(*args, **kwargs)   # write_chunk's results insert; its quarantine's comes next
+        reached("in-transaction")
+        return counts
 
-    store.write_chunk, tables.transaction, tables.insert_frame = chunk_write, txn, insert
+    store.write_chunk, tables.transaction, store.replace_and_insert = chunk_write, txn, insert_results
 
 
 def _child(params: dict, fault: Fault | None, api_url: str, log: str, conn: Any) -> None:

@@ -4,50 +4,28 @@ the other fails at once naming the live attempt: no row lost, none duplicated, a
 ``written_rows`` add up to the table. Odd trials pit the plain flow against the scaled-out one (same
 run key, one lock).
 
-``TRIALS`` trials by default; ``pytest -m soak tests/faults/test_concurrent_runs.py`` runs
-``SOAK_TRIALS`` more (skipped unless the soak marker is selected).
+A few trials by default, many under ``pytest -m soak tests/faults/test_concurrent_runs.py``
+(``fault_kit.trials``); the figures go to docs/reliability.md through ``fault_report``.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import sys
-import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
-# A Prefect home of its own, set before anything imports Prefect (as tests/flows/conftest.py does).
-_HOME = tempfile.mkdtemp(prefix="flexwrangle-prefect-faults-")
-os.environ["PREFECT_HOME"] = _HOME
-os.environ.pop("PREFECT_API_URL", None)
-os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", GX_ANALYTICS_ENABLED="False")
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
+import duckdb
+from fault_kit import trials
+from flow_testkit import EM_PARAMS, magellan_frames, make_db, outcome, start_at_once, stop
 
-import duckdb  # noqa: E402
-import pytest  # noqa: E402
-from flow_testkit import EM_PARAMS, magellan_frames, make_db, outcome, start_at_once, stop  # noqa: E402
+from flows.params import WrangleParams
 
-from flows.params import WrangleParams  # noqa: E402
-
-TRIALS = 3
-SOAK_TRIALS = 20
 ROWS = 16
 
 
-@pytest.fixture(scope="module")
-def api():
-    """A Prefect test server shared by this module's trials; its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-def two_runs_of_one_key(workdir: Path, api_url: str, scale_out: bool) -> None:
+def two_runs_of_one_key(workdir: Path, api_url: str, scale_out: bool) -> tuple[int, int]:
+    """One trial; returns (rows lost, duplicate rows), both checked to be 0."""
     db = make_db(workdir / "em.duckdb", magellan_frames(n_pairs=ROWS))
     params = {**EM_PARAMS, "database": str(db), "model": "rule:same", "chunk_size": 4, "batch_size": 4}
     run_key = WrangleParams(**params).run_key()
@@ -78,16 +56,19 @@ def two_runs_of_one_key(workdir: Path, api_url: str, scale_out: bool) -> None:
     duplicates = len(rows) - len(rows.drop_duplicates())
     assert (lost, duplicates) == (0, 0)
     assert runs["written_rows"].sum() == ROWS and runs["status"].tolist() == ["completed"]
+    return lost, duplicates
 
 
-@pytest.mark.parametrize("trial", range(TRIALS))
-def test_two_runs_of_one_key_at_once(trial, tmp_path, api):
-    two_runs_of_one_key(tmp_path, api, scale_out=trial % 2 == 1)
-
-
-@pytest.mark.soak
-@pytest.mark.parametrize("trial", range(TRIALS, TRIALS + SOAK_TRIALS))
-def test_two_runs_of_one_key_at_once_soak(trial, tmp_path, api, request):
-    if "soak" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("a soak trial: select it with -m soak")
-    two_runs_of_one_key(tmp_path, api, scale_out=trial % 2 == 1)
+@trials(fast=2, soak=20)
+def test_two_runs_of_one_key_at_once(trials, tmp_path, prefect_api, fault_report):
+    pairs, lost, dups = Counter(), 0, 0
+    for trial in range(trials):
+        scale_out = trial % 2 == 1
+        workdir = tmp_path / f"trial{trial}"
+        workdir.mkdir()
+        trial_lost, trial_dups = two_runs_of_one_key(workdir, prefect_api, scale_out=scale_out)
+        lost, dups = lost + trial_lost, dups + trial_dups
+        pairs["plain vs scaled-out" if scale_out else "plain vs plain"] += 1
+    fault_report("two concurrent same-key runs", trials=trials, faults=trials, rows_lost=lost, duplicates=dups,
+                 outcome="clear error", note=f"{ROWS} rows; one attempt answers every row once, the other fails "
+                 "at once naming the live attempt and its pid; pairs", counts=pairs)

@@ -46,10 +46,11 @@ def hold_after(monkeypatch, chunk: int, start) -> list[Holder]:
     holders, done = [], [0]
 
     def load_then_hold(*args, **kwargs):
-        LOAD(*args, **kwargs)
+        inserted = LOAD(*args, **kwargs)
         done[0] += 1
         if done[0] == chunk:
             holders.append(start())
+        return inserted
     monkeypatch.setattr(steps, "load", load_then_hold)
     return holders
 

@@ -78,6 +78,13 @@ def detection_inputs() -> DetectionInputs:
     return DetectionInputs(table=table, cells=items, labels=labels)
 
 
+def expected_items(task: str) -> int:
+    """Items the task must answer: every pair or flagged cell, every row whose target is missing or blank."""
+    if task == "imputation":
+        return sum(pd.isna(v) or (isinstance(v, str) and not v.strip()) for v in imputation_inputs().table["city"])
+    return len(CELLS)
+
+
 def inputs_for(task: str):
     if task == "entity-matching":
         from wrangling_tasks import MatchingInputs
@@ -112,7 +119,7 @@ def test_a_cell_too_long_for_the_context_is_truncated_to_it(result):
     assert any("truncated" in w for w in result.warnings)
 
 
-def test_hostile_output_parses_to_an_allowed_answer_or_null_and_null_is_quarantined(result):
+def test_hostile_output_parses_to_an_allowed_answer_or_null_and_null_is_quarantined(result, fault_report):
     preds = result.predictions
     answers = [None if pd.isna(a) else a for a in preds["answer"]]
 
@@ -125,6 +132,14 @@ def test_hostile_output_parses_to_an_allowed_answer_or_null_and_null_is_quaranti
     assert all(a is None or "\n" not in a for a in answers if isinstance(a, str))
     assert check.failed_rows == [i for i, a in enumerate(answers) if a is None]
     assert check.table_reasons == []
+    keys = preds[list(result.key_columns)]
+    fault_report("hostile / unicode / NaN / empty / long cells", trials=1, faults=len(preds),
+                 rows_lost=expected_items(result.task) - len(keys.drop_duplicates()),
+                 duplicates=len(keys) - len(keys.drop_duplicates()), outcome="unaffected",
+                 note="one run per task; every item holds a hostile cell and gets hostile model text; rows: the "
+                      "task's items; prompts keep the template, unparseable answers are quarantined as null",
+                 counts={"quarantined as null": sum(a is None for a in answers),
+                         "truncated to the context": int(preds["truncated"].sum())})
 
 
 @pytest.mark.parametrize("task", ["entity-matching", "imputation", "error-detection"])

@@ -56,9 +56,19 @@ def free_bytes(path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+# The engine writes no rows: every scenario here reports 0 rows lost and 0 duplicates.
+ENOSPC = "ENOSPC in the offload folder (1 MiB tmpfs)"
+ENOSPC_NOTE = ("no rows (engine level); fails as the file is created, before the weights or the block that need it "
+               "are used, naming the folder and the bytes (or the disk tier's budget); the disk is left as it was; "
+               "could not hold")
+KILLED = "SIGKILLed engine leaves no offload files"
+KILLED_NOTE = ("no rows (engine level); offload files are unlinked once open, and the next start removes a dead "
+               "process's folder; killed")
+
+
 # ---- a disk too small ---------------------------------------------------------------------------------
 
-def test_a_file_the_disk_cannot_hold_fails_at_creation_naming_the_folder_and_the_bytes(small_disk):
+def test_a_file_the_disk_cannot_hold_fails_at_creation_naming_the_folder_and_the_bytes(small_disk, fault_report):
     tiers, free = Tiers(small_disk, disk_mem="1GB"), free_bytes(small_disk)      # a disk_mem the disk lacks
     with pytest.raises(OSError, match=f"no space left in the offload folder {small_disk}: the offload file "
                                       r"\d+-layer0.weights.bin needs 2097152 bytes \(2.00 MiB\) and 1.00 MiB "
@@ -66,6 +76,8 @@ def test_a_file_the_disk_cannot_hold_fails_at_creation_naming_the_folder_and_the
         tiers.new_file("layer0.weights", 4096, 512)
     assert e.value.errno == errno.ENOSPC
     assert os.listdir(small_disk) == [] and free_bytes(small_disk) == free and tiers.trackers["disk"].current == 0
+    fault_report(ENOSPC, trials=1, faults=1, rows_lost=0, duplicates=0, outcome="clear error", note=ENOSPC_NOTE,
+                 counts={"a file": 1})
 
 
 def test_a_file_reserves_on_disk_exactly_what_the_disk_tier_counts(small_disk):
@@ -76,15 +88,18 @@ def test_a_file_reserves_on_disk_exactly_what_the_disk_tier_counts(small_disk):
     assert free_bytes(small_disk) == free and tiers.trackers["disk"].current == 0
 
 
-def test_weights_the_disk_cannot_hold_fail_while_loading_before_any_compute(small_disk, opt_1mib):
+def test_weights_the_disk_cannot_hold_fail_while_loading_before_any_compute(small_disk, opt_1mib, fault_report):
     with pytest.raises(MemoryBudgetError, match="the disk tier is over its budget"):   # the free space, measured
         LLM.from_pretrained(opt_1mib, policy=ON_DISK, offload_dir=small_disk, progress=False)
     with pytest.raises(OSError, match=f"no space left in the offload folder {small_disk}: .* needs"):
         LLM.from_pretrained(opt_1mib, policy=ON_DISK, offload_dir=small_disk, disk_mem="1GB", progress=False)
     assert os.listdir(small_disk) == [] and free_bytes(small_disk) == 1 << 20
+    fault_report(ENOSPC, trials=2, faults=2, rows_lost=0, duplicates=0, outcome="clear error", note=ENOSPC_NOTE,
+                 counts={"the weights (within the budget, then past it)": 2})
 
 
-def test_a_kv_cache_the_disk_cannot_hold_fails_before_the_block_is_computed(small_disk, opt_1mib, monkeypatch):
+def test_a_kv_cache_the_disk_cannot_hold_fails_before_the_block_is_computed(small_disk, opt_1mib, monkeypatch,
+                                                                             fault_report):
     from engine.schedule import BlockRunner
     llm = LLM.from_pretrained(opt_1mib, policy=Policy(gpu_batch_size=8, num_gpu_batches=8, cache_gpu_percent=0,
                                                       cache_cpu_percent=0),
@@ -102,11 +117,13 @@ def test_a_kv_cache_the_disk_cannot_hold_fails_before_the_block_is_computed(smal
         llm.generate(prompts, max_new_tokens=16, ignore_eos=True)                # 8 micro-batches: 4 MiB
     llm.close()
     assert os.listdir(small_disk) == [] and free_bytes(small_disk) == 1 << 20
+    fault_report(ENOSPC, trials=1, faults=1, rows_lost=0, duplicates=0, outcome="clear error", note=ENOSPC_NOTE,
+                 counts={"a block's KV cache": 1})
 
 
 # ---- a file cut short ---------------------------------------------------------------------------------
 
-def test_an_offload_file_cut_short_under_the_engine_is_a_clear_error(tmp_path, opt_1mib):
+def test_an_offload_file_cut_short_under_the_engine_is_a_clear_error(tmp_path, opt_1mib, fault_report):
     llm = LLM.from_pretrained(opt_1mib, policy=ON_DISK, offload_dir=tmp_path, progress=False)
     layer = next(l for l in llm.layers if l.index == 1)
     os.ftruncate(next(iter(layer.weights.arrays.values())).file.fd, 0)
@@ -114,6 +131,9 @@ def test_an_offload_file_cut_short_under_the_engine_is_a_clear_error(tmp_path, o
                                       r"\d+ bytes at byte 0\); the file was truncated while in use"):
         llm.generate([[1, 2, 3]], max_new_tokens=2)
     llm.close()
+    fault_report("truncated offload file", trials=1, faults=1, rows_lost=0, duplicates=0, outcome="clear error",
+                 note="no rows (engine level); a weights file cut to 0 bytes under a loaded engine: the next read "
+                      "names the file and the short read")
 
 
 # ---- SIGKILL ------------------------------------------------------------------------------------------
@@ -153,7 +173,7 @@ def kill(proc: subprocess.Popen) -> None:
     proc.stdout.close()
 
 
-def test_an_engine_killed_mid_run_leaves_no_offload_files(tmp_path, opt_1mib):
+def test_an_engine_killed_mid_run_leaves_no_offload_files(tmp_path, opt_1mib, fault_report):
     offload = tmp_path / "offload"
     proc = start(GENERATE_FOREVER, opt_1mib, offload)
     try:
@@ -167,9 +187,12 @@ def test_an_engine_killed_mid_run_leaves_no_offload_files(tmp_path, opt_1mib):
     assert os.listdir(offload) == []
     LLM.from_pretrained(opt_1mib, policy=ON_DISK, offload_dir=offload, progress=False).close()   # the next start
     assert os.listdir(offload) == []
+    fault_report(KILLED, trials=1, faults=1, rows_lost=0, duplicates=0, outcome="recovered", note=KILLED_NOTE,
+                 counts={"mid-run": 1})
 
 
-def test_an_engine_killed_while_creating_a_file_leaves_nothing_after_the_next_start(tmp_path, opt_1mib):
+def test_an_engine_killed_while_creating_a_file_leaves_nothing_after_the_next_start(tmp_path, opt_1mib,
+                                                                                     fault_report):
     offload = tmp_path / "offload"
     proc = start(STALL_BEFORE_UNLINK, offload)
     try:
@@ -180,3 +203,5 @@ def test_an_engine_killed_while_creating_a_file_leaves_nothing_after_the_next_st
     assert left.exists() and left.parent.name.startswith(f"flexwrangle-{proc.pid}-")   # the kill's leftovers
     LLM.from_pretrained(opt_1mib, policy=ON_DISK, offload_dir=offload, progress=False).close()   # the next start
     assert os.listdir(offload) == []
+    fault_report(KILLED, trials=1, faults=1, rows_lost=0, duplicates=0, outcome="recovered", note=KILLED_NOTE,
+                 counts={"while creating a file": 1})
