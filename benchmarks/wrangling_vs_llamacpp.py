@@ -128,8 +128,9 @@ def main(args) -> int:
             f"`.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --quantized --model {args.model} "
             f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}"
             f"{' --policy ' + repr(args.policy) if args.policy != '{}' else ''}`." + note, "", *sections])
-        publish(QUANTIZED_SECTION if args.model == DEFAULT_MODEL else f"{QUANTIZED_SECTION}_{args.model}", md,
-                args.write_doc)
+        # one section per model and policy: the default model's at the default policy keeps the plain name
+        name = QUANTIZED_SECTION if args.model == DEFAULT_MODEL else f"{QUANTIZED_SECTION}_{args.model}"
+        publish(name + ("" if args.policy == "{}" else "_" + re.sub(r"\W+", "", args.policy)[:40]), md, args.write_doc)
         return 0
     md = "\n".join([
         f"### Entity matching with `{args.model}`: the engine vs llama.cpp on the same GGUF", "",
