@@ -55,7 +55,7 @@ def distributions(*extras: str) -> set[str]:
 def third_party_imports(package: str) -> set[str]:
     """Top-level modules imported anywhere in `package` (lazy imports too), minus the standard library,
     relative imports and the project's own packages."""
-    own = {"engine", "wrangling_tasks", "flows"}
+    own = {"engine", "wrangling_tasks", "flows", "benchmarks"}
     mods = set()
     for path in (REPO / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -101,6 +101,11 @@ def test_the_engine_imports_only_what_the_engine_extra_installs():
 @pytest.mark.parametrize("package", ["wrangling_tasks", "flows"])
 def test_wrangling_and_flows_import_only_what_the_flows_extra_installs(package):
     assert third_party_imports(package) <= _modules(distributions("flows"))
+
+
+def test_the_benchmarks_import_only_what_all_installs():
+    """llama_cpp is never a dependency: its runs use a python of their own (benchmarks/README.md)."""
+    assert third_party_imports("benchmarks") - {"llama_cpp"} <= _modules(distributions("all"))
 
 
 def test_all_is_every_other_extra_but_test():
