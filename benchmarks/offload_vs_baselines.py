@@ -12,8 +12,8 @@ mark for that process (os.wait4), split by /proc polling into anonymous and file
 Rows:
   1. Equal memory: the same cap on peak RSS for Accelerate disk offload (`device_map="auto"`,
      `max_memory`, `offload_folder`) and the engine (weights 100% on disk, KV cache in CPU RAM),
-     on FlexGen's shape and two decode-heavy shapes (gen 64, and the issue's gen 256, where the
-     engine keeps its weights 4-bit, and its cache 4-bit or fp16). Each system climbs its list of
+     on FlexGen's shape and two decode-heavy shapes (gen 64, and gen 256, where the
+     engine keeps its weights 4-bit, on disk or in CPU RAM). Each system climbs its list of
      batch sizes and stops at the first run that passes the cap (the run is killed there); its
      best feasible row is the fastest one under the cap.
   2. Everything in memory: the engine (weights and cache on the compute tier) against
