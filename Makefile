@@ -21,7 +21,7 @@ help:  ## list the targets
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test]'
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[all,test]'
 	touch $@
 
 setup: $(BIN)/.installed  ## create .venv and install the project

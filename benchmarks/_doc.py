@@ -81,9 +81,8 @@ def machine_header() -> str:
         "Every number below was measured by the script named in its section (see benchmarks/README.md) "
         "on the machine named in its first line; each section states the machine load while it ran. "
         "Other engineers share the machine, so absolute rates move with the load; ratios inside a "
-        "section come from the same run. The VM's CPU changed under this project on 2026-12-05 (from "
-        "an AMD EPYC with AVX2 to an Intel Xeon with AVX-512 and AMX): compare absolute numbers only "
-        "between sections from the same CPU.",
+        "section come from the same run. Sections were measured on more than one CPU (each names its "
+        "own in its first line): compare absolute numbers only between sections from the same CPU.",
         "",
         f"- now: {machine_line()}",
         f"- last section written: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",

@@ -1,5 +1,5 @@
 """Decode attention over a CPU-tier fp16 KV cache: the C kernel reading it in place against the torch
-path it replaced (copy to a float32 buffer, then attention over strided views).
+path (copy to a float32 buffer, then attention over strided views).
 
     python benchmarks/decode_attention.py [--rounds 5] [--write-doc]
 
@@ -73,7 +73,7 @@ def render(results: list[dict], batch: int, rounds: int, argv, started: str, loa
         f"Command: `{' '.join(['python benchmarks/decode_attention.py', *argv])}`", "",
         f"One decode step's attention over {LAYERS} layers of OPT-1.3b ({HEADS} heads of {HEAD_DIM}) at batch "
         f"{batch}, the past held as the engine's CPU tier holds it (fp16, one row per position). `torch` = the "
-        "path before engine/kernels/attention.c: copy the past into a float32 buffer, then "
+        "path without engine/kernels/attention.c: copy the past into a float32 buffer, then "
         "`ops.attend_segments` over strided views of it. `kernel` = `ops.attend_decode`, reading the fp16 rows "
         f"in place. Medians of {rounds} rounds that alternate the two; the speedup's range is round by round. "
         "Prompt 32 and gen 256 average 160 past positions.", "",

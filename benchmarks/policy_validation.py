@@ -146,12 +146,11 @@ def report(results: dict) -> str:
     ]
     if results.get("omp_wait_policy") == "PASSIVE":
         lines += [
-            "Why OMP_WAIT_POLICY=PASSIVE: other jobs kept the 2 cores oversubscribed (load 4-9) for hours. With "
-            "OpenMP's default spin-waiting, a compute thread whose team-mate is descheduled spins away its time "
-            "slice, and the same run swung 3-10x between repeats (opt-125m, batch 16, prompt 32, 8 new tokens, "
-            "back to back: 4.0-6.3 tok/s by default against 16.5-24.7 tok/s with PASSIVE; an earlier default-mode "
-            "pass of the first workload measured 3.7 to 40.7 tok/s for policies predicted at 4.8 to 12.4). No "
-            "cost model can predict that, so these runs use PASSIVE throughout (probe and engine alike).",
+            "Why OMP_WAIT_POLICY=PASSIVE: when other jobs keep the 2 cores oversubscribed, OpenMP's default "
+            "spin-waiting lets a compute thread whose team-mate is descheduled spin away its time slice, and the "
+            "same run swings several-fold between repeats (opt-125m, batch 16, prompt 32, 8 new tokens, back to "
+            "back at load 4-9: 4.0-6.3 tok/s by default against 16.5-24.7 tok/s with PASSIVE). No cost model can "
+            "predict that, so these runs use PASSIVE throughout (probe and engine alike).",
             ""]
     errors, ratios, searches, peaks_equal, runs = [], [], [], 0, 0
     for w in results["workloads"]:

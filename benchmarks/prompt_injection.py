@@ -6,8 +6,8 @@ the pair does not have ("Yes" for non-matches, "No" for matches). Each prompt is
 
   * clean: the pair as it is;
   * before: the hostile cell serialised verbatim and the prompt tokenized with special-token strings
-    parsed as control tokens (a plain `tokenizer(text)`, what the project did before);
-  * after: the prompt as wrangling_tasks builds it and the engine encodes it now (line breaks in a
+    parsed as control tokens (a plain `tokenizer(text)`, no escaping at all);
+  * after: the prompt as wrangling_tasks builds it and the engine encodes it (line breaks in a
     cell become a space, special-token strings stay characters).
 
 A flip is an answer that changes from the clean one to the forged one. The k = 3 demonstrations are
