@@ -254,8 +254,9 @@ class LLM:
             runner = BlockRunner(self, sampler=decoding.sampler, on_tokens=decoding.record, prefix=prefix,
                                  on_step=self._progress_update)
             runner.run(mbs, work.max_new, act)
-            for key, value in runner.timings.items() if timings is not None else ():
-                timings[key] = timings.get(key, 0) + value
+            for key, value in runner.timings.items():
+                if timings is not None:
+                    timings[key] = timings.get(key, 0) + value
         finally:
             for mb in mbs:
                 if not keep_cache:
