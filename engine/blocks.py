@@ -59,6 +59,8 @@ class Workload:
     @classmethod
     def plan(cls, prompts: list[list[int]], *, max_new: int, bucket: bool = True, share_prefix: bool = True,
              score_len: int = 1) -> "Workload":
+        """Blocks take the prompts shortest first when `bucket`; with `share_prefix`, the longest
+        token prefix common to all (leaving each `score_len` tokens of its own) is computed once."""
         order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
         prefix_len = common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
         return cls(prompts, max_new, order, prefix_len, score_len)
