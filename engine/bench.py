@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--overlap", type=int, choices=(0, 1), default=1)
     p.add_argument("--sep-layer", type=int, choices=(0, 1), default=1)
-    p.add_argument("--pin-weight", type=int, choices=(0, 1), default=1)
     p.add_argument("--cpu-cache-compute", action="store_true")
     p.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weights")
     p.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache")
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def policy_from_args(args) -> Policy | str:
     extra = dict(
         gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches, overlap=bool(args.overlap),
-        sep_layer=bool(args.sep_layer), pin_weight=bool(args.pin_weight),
+        sep_layer=bool(args.sep_layer),
         cpu_cache_compute=args.cpu_cache_compute, compress_weight=args.compress_weight,
         compress_cache=args.compress_cache,
         comp_weight_config=CompressionConfig(4, args.group_size, 0),

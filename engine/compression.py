@@ -3,8 +3,8 @@
 A tensor is cut into groups of `group_size` contiguous values along `group_dim`; each group keeps
 its minimum and its step (max - min) / (2^bits - 1) in float16, and each value becomes an integer
 in [0, 2^bits - 1]; 4-bit values are packed two per byte (the first half of a group in the low
-nibbles, the second half in the high ones, so unpacking writes two contiguous runs). A constant group has step 0 and comes
-back exactly. Dimensions that are not a multiple of the group size are padded with the last value
+nibbles, the second half in the high ones, so unpacking writes two contiguous runs). A constant
+group has step 0 and comes back exactly. Dimensions that are not a multiple of the group size are padded with the last value
 (so padding never widens a group's range) and cut off again on the way back.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
 
 
 # Values dequantized per pass of `_dequantize_groups`: 2 MB of float32 stay in cache between the
-# unpack, the scale and the shift, so DRAM sees one write instead of four passes. Measured on OPT-1.3b
-# layer shapes here: 0.8 Gelem/s for whole tensors, 1.08 at 2**19; below 2**17 per-op overhead wins.
+# unpack, the scale and the shift, so DRAM sees one write instead of four passes (on OPT-1.3b layer
+# shapes about 1.3x the rate of whole tensors); below 2**17 values per-op overhead wins.
 CHUNK_ELEMS = 1 << 19
 
 
@@ -139,23 +139,17 @@ def scratch_elems(shape, config: CompressionConfig) -> int:
     return max(1, min(n_lines, CHUNK_ELEMS // padded_width)) * padded_width
 
 
-# Most rows the C kernel (engine/kernels/qlinear.c) takes. Measured per 16M-value weight (OPT-1.3b's
-# fc1, group 64), kernel against dequantizing whole and then one MKL matmul (which streams the 64 MB
-# float weight from DRAM). Earlier, on this 2-core VM under heavy load: 2 rows 3.0 against
-# 13.6 + 8.0 ms, 16 rows 7.4 against 13.6 + 18.3, 64 rows 28 against 13.6 + 38, 128 rows 52 against
-# 13.9 + 43. On 2026-12-01, lightly loaded (benchmarks/qlinear_rows.py): 64 rows 9.5 against
-# 4.5 + 13.6, 128 rows 19 against 4.4 + 22.9, 256 rows 38.6 against 4.5 + 41.5, 512 rows 86 against
-# 4.7 + 80. So a weight used once (one micro-batch)
-# goes to the kernel up to 256 rows, which also needs no float copy of the weight in memory; ...
+# Most rows the C kernel (engine/kernels/qlinear.c) takes for a weight used once (one micro-batch).
+# The alternative dequantizes the whole weight and then runs one MKL matmul, which streams the float
+# copy from DRAM; the kernel reads the packed values once and needs no float copy in memory. The
+# kernel's time grows with the rows and the alternative's dequantization does not, so there is a
+# crossing: at OPT-1.3b's fc1 the kernel stays ahead up to about 256 rows on both AVX2 and AVX-512
+# CPUs (docs/benchmarks.md, "How many rows the 4-bit kernel takes").
 KERNEL_MAX_ROWS = 256
-# ... but one dequantized copy serves every micro-batch of a block, and under load a matmul by it
-# beat the kernel past 64 rows (128: 43 against 52 ms), so several micro-batches share a copy there.
-# On 2026-12-05 the VM came back on an Intel Xeon with AVX-512, where MKL gained more than the
-# AVX2 kernel: 256 rows 52 against 10 + 29 ms. With the kernel's AVX-512 blocks: 64 rows 9.6
-# against 10.6 + 8.8, 128 rows 18.6 against 10.1 + 15.8, 256 rows 37.1 against 10.1 + 29.0, so
-# the limit holds there too; but a shared copy's matmul alone (8.8 ms at 64 rows) beats the kernel
-# from about 64 rows on. The limits stay one pair for every CPU: choosing the path by timing at
-# run time would make the tokens (kernel and MKL round differently) depend on the machine's load.
+# Several micro-batches of a block can share one dequantized copy, each then paying only the matmul,
+# which beats the kernel from about 64 rows on. The limits are constants rather than timed at run
+# time: the kernel and MKL round differently, so choosing by timing would make the tokens depend on
+# the machine's load.
 SHARED_MAX_ROWS = 64
 
 

@@ -29,16 +29,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .generate import LLM, _argmax
-from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, stop_sets
+from .blocks import Decoding, Workload, run_workload
+from .generate import LLM
+from .prompts import check_prompts, cut_at_stop, cut_text, stop_sets
 from .schedule import ActStore, BlockRunner, MicroBatch
 
 TAG_HIDDEN, TAG_TOKENS = 1, 2
+DECODING_OPTIONS = ("do_sample", "temperature", "top_p", "stop", "seed", "ignore_eos")   # generate()'s, for Decoding
 
 
 class PipelineError(RuntimeError):
@@ -160,7 +163,7 @@ class PipelineLLM:
                 raise TypeError("generate_text takes a list of strings; wrap a single prompt in a list")
             return [self.llm.encode(p, chat=chat) for p in prompts]
         new = self._generate(encode, opts | kwargs)
-        tok = self.llm._need_tokenizer()
+        tok = self.llm.require_tokenizer()
         _, stop_strings = stop_sets(stop, True, self.llm.config, self.llm.tokenizer)
         return [cut_text(tok.decode(t, skip_special_tokens=True), stop_strings) for t in new]
 
@@ -168,54 +171,31 @@ class PipelineLLM:
         prompts, opts = self._broadcast_call(make_prompts, opts)
         if opts["max_new_tokens"] == 0 or not prompts:
             return [[] for _ in prompts]
-        llm, max_new = self.llm, opts["max_new_tokens"]
-        stop_ids, stop_strings = stop_sets(opts["stop"], opts["ignore_eos"], llm.config, llm.tokenizer)
-        generator = torch.Generator().manual_seed(opts["seed"]) if opts["seed"] is not None else None
-        sampler = lambda logits: ops.sample(logits, opts["do_sample"], opts["temperature"], opts["top_p"],
-                                            generator)
-        order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if opts["bucket"] \
-            else list(range(len(prompts)))
-        prefix_len = common_prefix_len(prompts) if opts["share_prefix"] and len(prompts) > 1 else 0
-        longest = max(len(p) for p in prompts) - prefix_len
+        llm = self.llm
+        decoding = Decoding.build(llm.config, llm.tokenizer, **{k: opts[k] for k in DECODING_OPTIONS})
+        work = Workload.plan(prompts, max_new=opts["max_new_tokens"], bucket=opts["bucket"],
+                             share_prefix=opts["share_prefix"])
         error = None
         try:
-            llm._check_block_memory(len(prompts), longest, longest + max_new)
+            llm.check_memory(work)
         except Exception as exc:
             error = exc
         agree(error)
 
-        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": prefix_len,
+        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": work.prefix_len,
                  "prompt_tokens": sum(len(p) for p in prompts), "busy_s": 0.0, "turns": 0}
         self._t0, self._first_wave_done, self._mb_counter = time.perf_counter(), None, 0
-        self._bar = self._progress(len(prompts), max_new)
+        self._bar = self._progress(len(prompts), work.max_new)
         act = ActStore(llm.tiers, llm.policy.act_tier)
-        prefix, results = None, [[] for _ in prompts]
+        results = [[] for _ in prompts]
         try:
-            if prefix_len:                # the shared prefix: one micro-batch, one step, cache kept
-                pm = llm._block_microbatches([prompts[0][:prefix_len]], [0], 1)
-                runner = BlockRunner(llm, llm.layers, _argmax, llm._token_recorder(set(), []))
-                try:
-                    for _ in self._pipeline([pm], 1, runner, _argmax, act, stats, keep_cache=True, timed=False):
-                        pass
-                finally:
-                    runner.close()
-                prefix = pm[0].caches
-            blocks = [order[i: i + llm.policy.block_size] for i in range(0, len(order), llm.policy.block_size)]
-            groups = self._groups(prompts, blocks, max_new, prefix_len)
-            runner = BlockRunner(llm, llm.layers, sampler, llm._token_recorder(stop_ids, stop_strings),
-                                 prefix=prefix)
-            try:
-                for g in self._pipeline(groups, max_new, runner, sampler, act, stats):
-                    for mb in g.mbs:
-                        for r, toks in zip(mb.rows, mb.tokens):
-                            results[r] = cut_at_stop(llm.tokenizer, toks, stop_strings)
-            finally:
-                runner.close()
+            run = partial(self._run_groups, act=act, stats=stats)
+            for mb in run_workload(work, llm.policy.block_size, decoding, run):
+                for r, toks in zip(mb.rows, mb.tokens):
+                    results[r] = cut_at_stop(llm.tokenizer, toks, decoding.stop_strings)
         finally:
             if self._bar is not None:
                 self._bar.close()
-            for c in (prefix or {}).values():
-                c.close()
         total = time.perf_counter() - self._t0
         stats["prefill_s"] = self._first_wave_done or total
         stats["decode_s"] = total - stats["prefill_s"]
@@ -248,11 +228,23 @@ class PipelineLLM:
         return payload[0]
 
     # ---- the pipeline ----------------------------------------------------------------------------
-    def _groups(self, prompts, blocks, max_new, prefix_len):
+    def _run_groups(self, work: Workload, blocks: list[list[int]], decoding: Decoding, *, prefix: dict | None,
+                    prefix_pass: bool, act: ActStore, stats: dict) -> Iterator[MicroBatch]:
+        """The blocks of `work` through the pipeline as groups (blocks.RunBlocks). The shared
+        prefix's pass keeps its caches and does not count towards the prefill time."""
+        runner = BlockRunner(self.llm, sampler=decoding.sampler, on_tokens=decoding.record, prefix=prefix)
+        try:
+            for g in self._pipeline(self._groups(work, blocks), work.max_new, runner, decoding.sampler, act, stats,
+                                    keep_cache=prefix_pass, timed=not prefix_pass):
+                yield from g.mbs
+        finally:
+            runner.close()
+
+    def _groups(self, work: Workload, blocks: list[list[int]]) -> Iterator[list[MicroBatch]]:
         """Micro-batch groups in order: whole blocks, or block slices when blocks are fewer than groups."""
         parts = -(-self.num_groups // len(blocks))
         for rows in blocks:
-            mbs = self.llm._block_microbatches(prompts, rows, max_new, prefix_len)
+            mbs = work.microbatches(rows, self.llm.config, self.llm.policy)
             k = min(parts, len(mbs))
             cuts = [round(i * len(mbs) / k) for i in range(k + 1)]
             for lo, hi in zip(cuts, cuts[1:]):
@@ -274,7 +266,7 @@ class PipelineLLM:
                         break
                     g = _Group(mbs)
                     unfinished.append(g)
-                    self.llm._attach_caches(mbs, max_new, first=self._mb_counter)
+                    self.llm.attach_caches(mbs, max_new=max_new, first=self._mb_counter)
                     self._mb_counter += len(mbs)
                     live.append(g)
                 if first_wave is None:

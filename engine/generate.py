@@ -4,16 +4,19 @@ from __future__ import annotations
 import math
 import resource
 import time
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from . import int8, ops
+from . import int8
+from .blocks import Decoding, Workload, run_workload
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .models import LOOKUP_TABLES, family as model_family
 from .policy import Policy
-from .prompts import check_prompts, common_prefix_len, cut_at_stop, cut_text, encode_text, hits_stop, stop_sets
+from .prompts import check_prompts, cut_at_stop, cut_text, encode_text, stop_sets
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
 from .tiers import BufferPool, MemoryBudgetError, Tiers, aligned, fmt_bytes
@@ -124,13 +127,13 @@ class LLM:
         prompts = check_prompts(prompt_ids, max_new_tokens, self.config)
         if max_new_tokens == 0 or not prompts:
             return [[] for _ in prompts]
-        stop_ids, stop_strings = stop_sets(stop, ignore_eos, self.config, self.tokenizer)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        sampler = lambda logits: ops.sample(logits, do_sample, temperature, top_p, generator)
+        decoding = Decoding.build(self.config, self.tokenizer, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, stop=stop, seed=seed, ignore_eos=ignore_eos)
+        work = Workload.plan(prompts, max_new=max_new_tokens, bucket=bucket, share_prefix=share_prefix)
         results: list[list[int]] = [[] for _ in prompts]
-        for mb in self._run(prompts, max_new_tokens, sampler, stop_ids, stop_strings, bucket, share_prefix):
+        for mb in self._run(work, decoding):
             for r, toks in zip(mb.rows, mb.tokens):
-                results[r] = cut_at_stop(self.tokenizer, toks, stop_strings)
+                results[r] = cut_at_stop(self.tokenizer, toks, decoding.stop_strings)
         self.last_stats["new_tokens"] = sum(len(r) for r in results)
         return results
 
@@ -138,7 +141,7 @@ class LLM:
         """Last-position logits (b, vocab) of each prompt, in float32 (one prefill pass)."""
         prompts = check_prompts(prompt_ids, 1, self.config)
         out = torch.empty(len(prompts), self.config.vocab_size)
-        for mb in self._run(prompts, 1, _argmax, set(), [], True, share_prefix):
+        for mb in self._run(Workload.plan(prompts, max_new=1, share_prefix=share_prefix), Decoding()):
             out[mb.rows] = mb.last_logits.cpu()
         return out
 
@@ -162,9 +165,10 @@ class LLM:
         seqs = [p + c for p, cs in zip(ids, tok_choices) for c in cs]
         owners = [(i, j) for i, cs in enumerate(tok_choices) for j in range(len(cs))]
         score_len = max(len(c) for cs in tok_choices for c in cs) + 1
-        prompts_checked = check_prompts(seqs, 1, self.config)
+        work = Workload.plan(check_prompts(seqs, 1, self.config), max_new=1, share_prefix=share_prefix,
+                             score_len=score_len)
         scores = [[0.0] * len(cs) for cs in tok_choices]
-        for mb in self._run(prompts_checked, 1, _argmax, set(), [], True, share_prefix, score_len=score_len):
+        for mb in self._run(work, Decoding()):
             logp = torch.log_softmax(mb.scored_logits, dim=-1)                                # (b, L, vocab)
             for row, r in enumerate(mb.rows):
                 i, j = owners[r]
@@ -175,42 +179,25 @@ class LLM:
 
     def _choice_ids(self, choice) -> list[int]:
         if isinstance(choice, str):
-            ids = self._need_tokenizer()(choice, add_special_tokens=False)["input_ids"]
+            ids = self.require_tokenizer()(choice, add_special_tokens=False)["input_ids"]
         else:
             ids = list(choice)
         if not ids:
             raise ValueError(f"choice {choice!r} is empty; every choice needs at least one token")
         return ids
 
-    def _run(self, prompts, max_new, sampler, stop_ids, stop_strings, bucket, share_prefix, score_len=1):
-        """Run all prompts block by block; yields finished micro-batches. Fills `last_stats`."""
-        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": 0,
-                 "prompt_tokens": sum(len(p) for p in prompts),
-                 "prefill_positions": 0}       # positions the prefills computed: prefix once, padding included
-        order = sorted(range(len(prompts)), key=lambda r: len(prompts[r])) if bucket else list(range(len(prompts)))
-        prefix_len = common_prefix_len(prompts, keep=score_len) if share_prefix and len(prompts) > 1 else 0
-        prefix = None
-        longest = max(len(p) for p in prompts) - prefix_len
-        self._check_block_memory(len(prompts), longest, longest + max_new)
-        self._progress_start(len(prompts), max_new)
+    def _run(self, work: Workload, decoding: Decoding) -> Iterator[MicroBatch]:
+        """Every block of `work`, the shared prefix first; yields finished micro-batches. Fills `last_stats`."""
+        stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefix_len": work.prefix_len,
+                 "prompt_tokens": sum(len(p) for p in work.prompts),
+                 "prefill_positions": work.prefix_len}     # the prefix once, then every block, padding included
+        self.check_memory(work)
+        self._progress_start(len(work.prompts), work.max_new)
         try:
-            if prefix_len:
-                t0 = time.perf_counter()
-                (pmb,) = self._run_block([prompts[0][:prefix_len]], [0], 1, _argmax, set(), [], {}, keep_cache=True)
-                prefix = pmb.caches
-                stats["prefill_s"] += time.perf_counter() - t0
-                stats["prefix_len"] = stats["prefill_positions"] = prefix_len
-            for start in range(0, len(order), self.policy.block_size):
-                rows = order[start: start + self.policy.block_size]
-                mbs = self._run_block(prompts, rows, max_new, sampler, stop_ids, stop_strings, stats,
-                                      prefix=prefix, prefix_len=prefix_len, score_len=score_len)
-                stats["prefill_positions"] += sum(mb.ids.numel() for mb in mbs)
-                yield from mbs
+            yield from run_workload(work, self.policy.block_size, decoding, partial(self.run_blocks, stats=stats))
         finally:
             self._progress_close()
             int8.forget()                          # the last input int8 products quantized
-            for c in (prefix or {}).values():
-                c.close()
             stats["peak_bytes"] = self.tiers.peaks()
             stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.last_stats = stats
@@ -218,7 +205,7 @@ class LLM:
     def generate_text(self, prompts: list[str], max_new_tokens: int = 32, chat: bool = False,
                       stop=None, **kwargs) -> list[str]:
         """Text in, new text out (cut before the first stop string), through the model's tokenizer."""
-        tok = self._need_tokenizer()
+        tok = self.require_tokenizer()
         if isinstance(prompts, str):
             raise TypeError("generate_text takes a list of strings; wrap a single prompt in a list")
         ids = [self.encode(p, chat=chat) for p in prompts]
@@ -229,7 +216,7 @@ class LLM:
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of `text` (in the chat template with `chat`); special-token strings in it stay text."""
-        tok = self._need_tokenizer()
+        tok = self.require_tokenizer()
         if chat and not getattr(tok, "chat_template", None):
             raise ValueError(f"{self.config.name} has no chat template; call with chat=False")
         return encode_text(tok, text, chat)
@@ -238,19 +225,38 @@ class LLM:
     def max_context(self) -> int:
         return self.config.max_positions
 
-    # ---- one block -------------------------------------------------------------------------------
-    def _run_block(self, prompts, rows, max_new, sampler, stop_ids, stop_strings, stats, prefix=None,
-                   prefix_len=0, score_len=1, keep_cache=False) -> list[MicroBatch]:
-        """Prefill and decode one block. Sequences are [shared prefix][left padding][own tokens]."""
-        mbs = self._block_microbatches(prompts, rows, max_new, prefix_len, score_len)
+    # ---- blocks (PipelineLLM composes the same parts) ----------------------------------------------
+    def run_blocks(self, work: Workload, blocks: list[list[int]], decoding: Decoding, *,
+                   prefix: dict | None = None, prefix_pass: bool = False,
+                   stats: dict | None = None) -> Iterator[MicroBatch]:
+        """The blocks of `work` one after the other (blocks.RunBlocks); their timings go to `stats`."""
+        stats = {} if stats is None else stats
+        for rows in blocks:
+            t0 = time.perf_counter()
+            mbs = self.run_block(work, rows, decoding, prefix=prefix, keep_cache=prefix_pass,
+                                 timings=None if prefix_pass else stats)
+            if prefix_pass:             # the shared prefix's prefill, its set-up included
+                stats["prefill_s"] = stats.get("prefill_s", 0) + time.perf_counter() - t0
+            else:
+                stats["prefill_positions"] = stats.get("prefill_positions", 0) + sum(mb.ids.numel() for mb in mbs)
+            yield from mbs
+
+    def run_block(self, work: Workload, rows: list[int], decoding: Decoding, *, prefix: dict | None = None,
+                  keep_cache: bool = False, timings: dict | None = None) -> list[MicroBatch]:
+        """Prefill and decode the block `rows` of `work`; its micro-batches, with their tokens.
+
+        `prefix`: the shared prefix's KV cache (decoder index -> KVCache). The block's caches are
+        closed unless `keep_cache`. `timings` gains prefill_s, decode_s and decode_steps."""
+        mbs = work.microbatches(rows, self.config, self.policy)
         act = ActStore(self.tiers, self.policy.act_tier)
         try:
-            self._attach_caches(mbs, max_new)
-            runner = BlockRunner(self, self.layers, sampler, self._token_recorder(stop_ids, stop_strings),
-                                 prefix=prefix)
-            runner.run(mbs, max_new, act)
-            for key in ("prefill_s", "decode_s", "decode_steps"):
-                stats[key] = stats.get(key, 0) + runner.timings[key]
+            self.attach_caches(mbs, max_new=work.max_new)
+            runner = BlockRunner(self, sampler=decoding.sampler, on_tokens=decoding.record, prefix=prefix,
+                                 on_step=self._progress_update)
+            runner.run(mbs, work.max_new, act)
+            for key, value in runner.timings.items():
+                if timings is not None:
+                    timings[key] = timings.get(key, 0) + value
         finally:
             for mb in mbs:
                 if not keep_cache:
@@ -259,31 +265,9 @@ class LLM:
                 act.drop(id(mb))
         return mbs
 
-    # The three parts of a block, also used by engine.distributed (one layout for both paths).
-    def _block_microbatches(self, prompts, rows, max_new, prefix_len=0, score_len=1) -> list[MicroBatch]:
-        """The micro-batches of one block (no KV cache yet): rows left-padded to the block's longest."""
-        cfg, pol = self.config, self.policy
-        s = max(len(prompts[r]) - prefix_len for r in rows)
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        total = prefix_len + s + max_new
-        mbs = []
-        for lo in range(0, len(rows), pol.gpu_batch_size):
-            sub = rows[lo: lo + pol.gpu_batch_size]
-            ids = torch.full((len(sub), s), pad, dtype=torch.long)
-            mask = torch.zeros((len(sub), total), dtype=torch.long)
-            mask[:, :prefix_len] = 1
-            for i, r in enumerate(sub):
-                own = prompts[r][prefix_len:]
-                ids[i, s - len(own):] = torch.tensor(own, dtype=torch.long)
-                mask[i, prefix_len + s - len(own):] = 1
-            mbs.append(MicroBatch(sub, ids, mask, length=prefix_len, prefix_len=prefix_len, feed=ids,
-                                  tokens=[[] for _ in sub], done=torch.zeros(len(sub), dtype=torch.bool),
-                                  score_len=score_len))
-        return mbs
-
-    def _attach_caches(self, mbs: list[MicroBatch], max_new: int, first: int = 0) -> None:
-        """A KV cache per (local decoder layer, micro-batch); on failure none stay allocated.
-        `first` numbers the micro-batches in cache labels."""
+    def attach_caches(self, mbs: list[MicroBatch], *, max_new: int, first: int = 0) -> None:
+        """A KV cache per (local decoder layer, micro-batch) for `max_new` more tokens; on failure
+        none stay allocated. `first` numbers the micro-batches in cache labels."""
         cfg = self.config
         try:
             for k, mb in enumerate(mbs, first):
@@ -297,16 +281,9 @@ class LLM:
                 mb.caches.clear()
             raise
 
-    def _token_recorder(self, stop_ids: set[int], stop_strings: list[str]):
-        """BlockRunner's on_tokens: append each live sequence's token; mark it done at a stop."""
-        def on_tokens(mb: MicroBatch, next_ids: torch.Tensor):
-            for i, t in enumerate(next_ids.tolist()):
-                if mb.done[i]:
-                    continue
-                mb.tokens[i].append(t)
-                if t in stop_ids or (stop_strings and hits_stop(self.tokenizer, mb.tokens[i], stop_strings)):
-                    mb.done[i] = True
-        return on_tokens
+    def check_memory(self, work: Workload) -> None:
+        """Raise MemoryBudgetError before any work when the largest block of `work` cannot fit a tier."""
+        self._check_block_memory(len(work.prompts), work.longest, work.longest + work.max_new)
 
     def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
         """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
@@ -341,7 +318,8 @@ class LLM:
                     f"({pol.gpu_batch_size}) or num_gpu_batches ({pol.num_gpu_batches}), move cache to "
                     f"another tier, or raise the {tier} budget")
 
-    def _need_tokenizer(self):
+    def require_tokenizer(self):
+        """The tokenizer; a ValueError that says why when the model has none."""
         if self.tokenizer is None:
             raise ValueError(f"{self.config.name} has no tokenizer (dummy weights or a checkpoint without "
                              "tokenizer files); pass token ids to generate()")
@@ -355,7 +333,7 @@ class LLM:
         blocks = math.ceil(n_prompts / self.policy.block_size)
         self._bar = tqdm(total=blocks * max_new, desc="generating", unit="step", leave=False)
 
-    def _progress_update(self, n: int):
+    def _progress_update(self, n: int = 1):
         if self._bar is not None:
             self._bar.update(n)
 
@@ -399,10 +377,6 @@ def stage_layers(num_layers: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(num_layers, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (rank < extra)
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
 
 
 PRECISION_FIELDS = ("compress_weight", "compress_cache", "int8_matmul")

@@ -191,6 +191,11 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Next token ids (b,): the most likely of last-position logits (b, vocab)."""
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (b,) from last-position logits (b, vocab)."""

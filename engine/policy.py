@@ -26,9 +26,7 @@ class Policy:
     act_cpu_percent: float = 0.0
     overlap: bool = True               # prefetch next weights/cache and store caches on a thread
     sep_layer: bool = True             # attention and MLP as separate layers (finer prefetch)
-    pin_weight: bool = True            # pinned CPU memory for weights (CUDA only; no-op on CPU)
     cpu_cache_compute: bool = False    # decode attention where the cache lives (CPU), not on device
-    attn_sparsity: float = 1.0         # kept for FlexGen's interface; only 1.0 (dense) is supported
     compress_weight: bool = False      # group-wise quantization of weights (2-D tensors)
     comp_weight_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
@@ -50,8 +48,6 @@ class Policy:
         if self.act_gpu_percent not in (0, 100) and self.act_cpu_percent not in (0, 100):
             raise ValueError("activations live on one tier: use 100 for one of act_gpu_percent / "
                              "act_cpu_percent, or 0 and 0 for disk")
-        if self.attn_sparsity != 1.0:
-            raise ValueError("attn_sparsity < 1 is not supported; use 1.0")
 
     @property
     def block_size(self) -> int:
@@ -83,8 +79,7 @@ class Policy:
         return cls(**dict(zip(keys, map(float, percent))), **kwargs)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":

@@ -127,11 +127,13 @@ class ActStore:
 class BlockRunner:
     """Runs one block of micro-batches through prefill and decode."""
 
-    def __init__(self, llm, layers: list[Layer], sampler, on_tokens, prefix: dict | None = None):
-        self.llm, self.layers = llm, layers
+    def __init__(self, llm, *, sampler, on_tokens, prefix: dict | None = None, on_step=None):
+        """Run `llm.layers`. `sampler(logits (b, vocab)) -> ids (b,)` picks each step's tokens and
+        `on_tokens(mb, ids)` records them; `on_step()` follows every token step of run()."""
+        self.llm, self.layers = llm, llm.layers
         self.prefix = prefix                      # decoder index -> KVCache of the shared prefix
         self.cfg, self.fam, self.tiers, self.policy = llm.config, llm.family, llm.tiers, llm.policy
-        self.sampler, self.on_tokens = sampler, on_tokens
+        self.sampler, self.on_tokens, self.on_step = sampler, on_tokens, on_step
         # (with everything compute-ready on the compute device there is nothing to overlap, and more
         # busy threads on two cores only slow the compute threads down)
         threads = self.policy.overlap and self._moves_data()
@@ -238,7 +240,8 @@ class BlockRunner:
         else:
             self.timings["decode_s"] += seconds
             self.timings["decode_steps"] += 1
-        self.llm._progress_update(1)
+        if self.on_step is not None:
+            self.on_step()
 
     def close(self) -> None:
         """Wait for pending stores; give back a prefetch the loop did not use."""

@@ -1,9 +1,9 @@
 """Small C kernels, compiled on first use with the machine's gcc and loaded with ctypes.
 
 - `qlinear.c`: x @ W.T straight from a 4-bit weight grouped along its output dimension, so decode
-  with few rows never writes the float weight out (OPT-1.3b's 16M-value fc1 weight: 3.0 ms at 2
-  rows and 7.4 ms at 16, against 13.6 ms to dequantize it whole and 8-18 ms more to multiply by
-  it; compression.KERNEL_MAX_ROWS has the rest).
+  with few rows never writes the float weight out, and takes a fraction of the time of
+  dequantizing it whole and multiplying by the copy (compression.KERNEL_MAX_ROWS says up to how
+  many rows; docs/benchmarks.md has the figures).
 - `attention.c`: decode attention over keys and values read where they lie, fp16 included, so a
   CPU-tier cache is never copied to float32 (ops.attend_decode).
 

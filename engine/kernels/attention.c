@@ -2,10 +2,9 @@
  * ([shared prefix | own past | new token], engine/ops.py `attend_segments` is the same in torch)
  * read where they lie: fp16, bf16 or fp32, any strides, widened to float32 in registers.
  *
- * The torch path (the fallback, and the engine's path before this kernel) copies a CPU-tier fp16
- * cache into a float32 buffer and then attends over strided views of it: for OPT-1.3b at batch 48
- * and 160 cached tokens that took a fifth of a 2.6 s decode step. Here each key and value row is
- * read once, as stored: 4.1-4.8x faster (benchmarks/decode_attention.py).
+ * The torch path (the fallback) copies a CPU-tier fp16 cache into a float32 buffer and then attends
+ * over strided views of it; here each key and value row is read once, as stored, several times
+ * faster (docs/benchmarks.md, "Decode attention over the CPU-tier cache").
  *
  * For every sequence, in parallel: scores of every query head against every key (grouped-query
  * attention: query head r uses kv head r / (n_head / n_kv)), plus the additive mask bias; one

@@ -12,16 +12,14 @@
  * are unpacked into a float buffer in L1 once, then multiplied into every row of x as a small
  * matrix product, ROWS rows by COLS columns of y held in registers over all LINES lines (like a
  * GEMM micro-kernel: per line, 2 vector loads of q and ROWS broadcasts feed 2 x ROWS multiply-adds,
- * so the FMA units, not the loads, set the pace). One thread, OPT-1.3b's 16M-value fc1 weight:
- * 16 rows in 9.6 ms, 1 row in 3.1 ms (the previous kernel, one row at a time: 21-27 and 4.5 ms).
+ * so the FMA units, not the loads, set the pace). Reading each packed value once, the kernel beats
+ * dequantizing the weight and multiplying by the float copy up to a few hundred rows
+ * (docs/benchmarks.md, "How many rows the 4-bit kernel takes"; compression.KERNEL_MAX_ROWS).
  * Groups are padded to a multiple of COLS columns with zeros. Built by engine/kernels/__init__.py
  * with gcc -O3 -march=native -fopenmp; vectors are GCC's generic vector extension, which that
  * lowers to AVX2/FMA or, with 16-float registers (COLS 32), to AVX-512; the unpacking uses AVX2
- * intrinsics where the CPU has them. On the AVX-512 Xeon this VM moved to (2026-12-05, both
- * threads, fc1 at 64 rows): 16-float registers took it from 15.8 to 12.7 ms; whole-thread tiles
- * (below) took 56 rows of the 2048-wide weights from 3.4 to 2.7 ms; prefetching the next pass's
- * packed lines, 64 lines a pass instead of 16 and 8 rows a block instead of 4 (AVX-512 has 32
- * registers), from 12.4 to 9.8 ms: 220 GFLOP/s, MKL's fp32 matmul by the float weight 8.8 ms. */
+ * intrinsics where the CPU has them. The constants below differ by ISA because AVX-512 has twice
+ * the registers, each twice as wide: more rows of x fit in one register block. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,12 +27,12 @@
 #include <immintrin.h>
 #endif
 
-#define LINES 64            /* input rows per pass: the depth of each register-held sum (AVX-512, 64 rows of
-                               x: 16 lines 12.4 ms, 32 11.3, 64 10.7, 128 11.2; AVX2 code 64 as fast as 16) */
+#define LINES 64            /* input rows per pass: the depth of each register-held sum (the fastest of
+                               16..128 on AVX-512; on AVX2 as fast as 16) */
 #ifdef __AVX512F__                                  /* rows of x per register block: 2 x ROWS sums in registers */
-#define ROWS 8              /* 16 of 32 registers (LINES 64: 4 rows 10.6 ms, 6 rows 10.2, 8 rows 9.8, 12 rows 10.7 at 64 rows) */
+#define ROWS 8              /* 16 of 32 registers (the fastest of 4..12) */
 #else
-#define ROWS 4              /* 8 of 16 registers (AVX2: 6 measured slower at 8 and 16 rows) */
+#define ROWS 4              /* 8 of 16 registers (6 measured slower) */
 #endif
 #define MAX_GROUP 256
 #define TILE_FLOATS 32768   /* a thread's y tile: 128 KB in L2, loaded and stored once per LINES lines */
@@ -187,7 +185,7 @@ static void run_tile(const job_t *j, int t, const scratch_t *s) {
  * packed: uint8 (in * groups_per_line, group / 2). Returns 0, 1 for arguments it does not take, or
  * 2 when scratch memory is short. The threads are OpenMP's: loaded after torch, this library shares
  * torch's libgomp.so.1 and its pool, whose threads spin for a while after each torch op; threads of
- * our own would fight them for the two cores (measured: 2.7x slower at 2 rows). */
+ * our own would fight them for the cores (several times slower at a few rows). */
 int qlinear_out_groups(const uint8_t *packed, const float *step, const float *minimum, const float *x,
                        float *y, int rows, int in, int out, int group, int groups_per_line, int threads) {
     if (group > MAX_GROUP || group < 2 || group % 2 || rows < 1 || threads < 1) return 1;

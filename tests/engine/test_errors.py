@@ -98,6 +98,14 @@ def test_policy_from_dict_rejects_unknown_fields():
     assert Policy.from_dict(Policy(gpu_batch_size=3).to_dict()) == Policy(gpu_batch_size=3)
 
 
+@pytest.mark.parametrize("knob", ["pin_weight", "attn_sparsity"])
+def test_policy_has_no_knobs_that_do_nothing(knob):
+    with pytest.raises(TypeError, match=knob):
+        Policy(**{knob: 1})
+    with pytest.raises(ValueError, match=knob):
+        Policy.from_dict({knob: 1})
+
+
 def test_safetensors_are_read_with_pread_exactly_as_the_library_reads_them(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
