@@ -31,14 +31,15 @@ import pulp
 
 from . import int8 as int8_format
 from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape, scratch_elems
+from .accounting import parse_bytes
 from .config import ModelConfig
 from .hardware import Hardware
 from .kv_cache import split_counts
 from .models import LOOKUP_TABLES, family as model_family
-from .policy import Policy
-from .tiers import aligned
+from .policy import TIERS, Policy
+from .disk import aligned
+from .formats import compute_dtype
 
-TIERS = ("gpu", "cpu", "disk")
 PROCESS_BASE_BYTES = 600 << 20       # torch + Python resident before any tensor (RAM check only)
 # torch calls per (layer, micro-batch) on the main thread, including the schedule's own bookkeeping
 MAIN_OPS = {"embed": 14, "attn": 12, "mlp": 12, "decoder": 16, "head": 16}   # (attn/mlp: the schedule's share)
@@ -117,7 +118,7 @@ class Setup:
 
     @property
     def itemsize(self) -> int:
-        return 2 if self.cuda else 4
+        return compute_dtype(self.hw.compute_device).itemsize
 
     @property
     def cache_to_device(self) -> bool:
@@ -153,7 +154,7 @@ def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes:
            wcfg: CompressionConfig, int8_matmul: bool = False) -> tuple[dict, tuple]:
     """Each layer kind's tensors as the engine places them, and the schedule's sequence of kinds."""
     fam = model_family(cfg.family)
-    itemsize = 2 if hw.compute_device == "cuda" else 4
+    itemsize = compute_dtype(hw.compute_device).itemsize
 
     def specs(kind):
         if kind != "decoder":
@@ -570,7 +571,6 @@ def pool_copies(counts: dict, a: str, c: str):
 
 
 def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:
-    from .tiers import parse_bytes
     caps = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk_mem}
     for t, v in (("gpu", gpu_mem), ("cpu", cpu_mem), ("disk", disk_mem)):
         if v is not None:

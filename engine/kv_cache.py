@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import Policy
-from .tiers import BufferPool, Format, TierArray, Tiers
+from .policy import TIERS, Policy
+from .formats import Format
+from .pools import BufferPool
+from .tiers import TierArray, Tiers
 
 
 def split_counts(n: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -57,7 +59,7 @@ def working_copy_bytes(tiers: Tiers, policy: Policy, n_seq: int, n_kv: int, head
                        storage: torch.dtype) -> int:
     """Bytes of the pool buffers `KVCache.read` fills for one layer of a micro-batch of n_seq."""
     total = 0
-    for tier, count in zip(("gpu", "cpu", "disk"), split_counts(n_seq, policy.percents("cache"))):
+    for tier, count in zip(TIERS, split_counts(n_seq, policy.percents("cache"))):
         fmt, dev = cache_format(tiers, policy, tier, storage), attend_device(tiers, policy, tier)
         if count and needs_copy(tiers, tier, fmt, dev):
             total += 2 * count * n_kv * head_dim * max_len * read_dtype(tiers, fmt, dev).itemsize
@@ -109,7 +111,7 @@ class KVCache:
         self.tiers = tiers
         self.parts: list[CachePart] = []
         lo = 0
-        for tier, count in zip(("gpu", "cpu", "disk"), split_counts(n_seq, policy.percents("cache"))):
+        for tier, count in zip(TIERS, split_counts(n_seq, policy.percents("cache"))):
             if count:
                 fmt = cache_format(tiers, policy, tier, storage)
                 arr = TierArray(tiers, tier, fmt, (2, count, n_kv, head_dim), max_len, f"{label}.{tier}")

@@ -24,7 +24,7 @@ from .cost_model import (PROCESS_BASE_BYTES, TIERS, Placement, Setup, cache_row_
                          weight_elems)
 from .hardware import Hardware, load_hardware
 from .policy import Policy
-from .tiers import MemoryBudgetError, fmt_bytes
+from .accounting import MemoryBudgetError, fmt_bytes
 
 class PolicySearchError(MemoryBudgetError):
     """No policy fits the memory caps; `shortfall` maps each short tier to the missing bytes."""
@@ -332,7 +332,7 @@ def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16
         caps["disk"] = 0                              # no offload folder: nothing can live on disk
     prompt_len = max(1, min(prompt_len, config.max_positions - 1))
     gen_len = max(1, min(gen_len, config.max_positions - prompt_len))
-    storage_bytes = torch.empty((), dtype=storage).element_size()
+    storage_bytes = storage.itemsize
     return search_policy(config, hw, prompt_len, gen_len, storage_bytes=storage_bytes,
                          max_block_size=max_block_size, int8_matmul=int8_matmul, compress_weight=compress_weight,
                          compress_cache=compress_cache, **_cap_kwargs(caps))

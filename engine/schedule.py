@@ -29,7 +29,8 @@ import torch
 from . import compression, ops
 from .kv_cache import KVCache
 from .models import LOOKUP_TABLES
-from .tiers import Format, TierArray, Tiers
+from .formats import Format
+from .tiers import TierArray, Tiers
 from .weights import LayerWeights
 
 

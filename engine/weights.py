@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import itertools
 import json
+import math
 import os
 import threading
 import weakref
@@ -24,7 +25,10 @@ from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_sh
 from .config import CheckpointError, ModelConfig
 from .models import WeightSpec, family
 from .policy import Policy
-from .tiers import STAGING, BufferPool, Format, TierArray, Tiers, aligned
+from .disk import STAGING, aligned
+from .formats import Format
+from .pools import BufferPool
+from .tiers import TierArray, Tiers
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -93,7 +97,7 @@ def _check_entry(name: str, m, data_bytes: int) -> None:
     if not 0 <= begin <= end <= data_bytes:
         raise ValueError(f"{name}: data at bytes {begin}-{end} lies past the end of the file "
                          f"({data_bytes} bytes of data)")
-    want = _numel(shape) * torch.empty((), dtype=_SAFETENSORS_DTYPES[m["dtype"]]).element_size()
+    want = math.prod(shape) * _SAFETENSORS_DTYPES[m["dtype"]].itemsize
     if end - begin != want:      # e.g. empty offsets for a non-empty shape: uninitialised weights
         raise ValueError(f"{name}: shape {shape} of {m['dtype']} needs {want} bytes, the header gives {end - begin}")
 
@@ -355,7 +359,7 @@ class LayerWeights:
                 elif defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)
                     pending.append(t.release)
-                elif t.out.numel() < _numel(padded_shape(t.parts.shape, t.parts.config)):
+                elif t.out.numel() < math.prod(padded_shape(t.parts.shape, t.parts.config)):
                     raise RuntimeError(f"{name}: loaded with packed=True (scratch only) but finished without "
                                        "defer; load and finish must agree")
                 else:
@@ -383,13 +387,13 @@ class LayerWeights:
 
     def working_bytes(self, lookup=(), packed: bool = False) -> int:
         """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
-        itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
+        itemsize = self.tiers.compute_dtype.itemsize
         total = 0
         for name, a in self.arrays.items():
             if self._as_stored(name, a, lookup):
                 total += a.row_bytes if a.tier != "gpu" else 0
             elif not self._ready(a):
-                total += _numel(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
+                total += math.prod(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
         return total
 
     def bytes_on(self, tier: str) -> int:
@@ -436,7 +440,7 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
     placed = {} if placed is None else placed
     for spec in specs:                         # before anything is allocated for them
         source.check(spec.hf_name, spec.shape)
-    sizes = [_numel(s.shape) for s in specs]
+    sizes = [math.prod(s.shape) for s in specs]
     homes = choose_tiers(sizes, policy.percents("w"))
     tied = [spec.hf_name in placed and placed[spec.hf_name].shape == tuple(spec.shape) for spec in specs]
     formats = [weight_format(tiers, policy, tier, spec.shape, storage, matmul) for spec, tier in zip(specs, homes)]
@@ -465,9 +469,3 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
             shared.close()                     # the arrays hold it now
     return LayerWeights(tiers, arrays, frozenset(s.name for s in specs if requantized(policy, s.shape, matmul)))
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
