@@ -14,6 +14,7 @@ from .policy import TIERS, Policy
 from .formats import Format
 from .pools import BufferPool
 from .tiers import TierArray, Tiers
+from .transfer import CacheRead
 
 
 def split_counts(n: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -98,7 +99,6 @@ class LoadedPart:
     hi: int
     k: torch.Tensor    # (n, n_kv, t, d)
     v: torch.Tensor
-    buffer: torch.Tensor | None = None   # the pool buffer k and v view, if any
 
     @property
     def device(self) -> torch.device:
@@ -130,29 +130,31 @@ class KVCache:
                 part = (part - mean) / scale
             p.array.write(start, part)
 
-    def read(self, length: int, policy: Policy, pool: BufferPool) -> list[LoadedPart]:
+    def read(self, length: int, policy: Policy, pool: BufferPool) -> CacheRead:
         """The first `length` positions of every part, each on the device that will attend over it
-        (`attend_device`), in the dtype `read_dtype` names.
+        (`attend_device`), in the dtype `read_dtype` names: a `CacheRead` of `LoadedPart`s that owns
+        the pool buffers it filled (close it, or use it in a `with` block, once attended).
 
         Parts held in that form on that device are views (a CPU-tier fp16 cache attended on the
         CPU is read in place by the decode kernel, ops.attend_decode); the others are decoded into
         pool buffers of the full cache length (so one buffer serves every step)."""
-        out = []
+        out, borrowed = [], []
         for p in self.parts:
             dev = attend_device(self.tiers, policy, p.tier)
-            arr, buf = p.array, None
+            arr = p.array
             dtype = read_dtype(self.tiers, arr.fmt, dev)
             if not needs_copy(self.tiers, p.tier, arr.fmt, dev):
                 rows = arr.read(0, length, dev, dtype)                 # (t, 2, n, n_kv, d), a view
             else:
                 buf = pool.get((arr.rows, *arr.shape), dtype, dev, f"working copy of {arr.what}")
+                borrowed.append(buf)
                 rows = arr.read(0, length, dev, dtype, out=buf[:length])
                 if p.norm is not None:
                     mean, scale = p.norm
                     rows.mul_(scale.to(rows.device)).add_(mean.to(rows.device))
             kv = rows.permute(1, 2, 3, 0, 4)                           # (2, n, n_kv, t, d)
-            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1], buf))
-        return out
+            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1]))
+        return CacheRead(pool, out, borrowed)
 
     def bytes_on(self, tier: str) -> int:
         return sum(p.array.nbytes for p in self.parts if p.tier == tier)

@@ -13,22 +13,20 @@ import itertools
 import json
 import math
 import os
-import threading
 import weakref
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 
-from . import int8 as int8_format
-from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
+from .compression import scratch_elems
 from .config import CheckpointError, ModelConfig
 from .models import WeightSpec, family
-from .policy import Policy
-from .disk import STAGING, aligned
+from .disk import aligned
 from .formats import Format
+from .policy import Policy
 from .pools import BufferPool
 from .tiers import TierArray, Tiers
+from .transfer import SharedStaging, WeightLoad
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -220,44 +218,6 @@ def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list
     return out
 
 
-class Packed(NamedTuple):
-    """A quantized weight read onto the compute device, waiting for `LayerWeights.finish`."""
-    parts: QuantizedTensor
-    release: Callable[[], None]    # gives back the disk staging buffer `parts` may view
-    out: torch.Tensor              # the working buffer it dequantizes into
-    int8: bool = False             # then made int8 rows in that buffer (int8.quantize_over)
-
-
-class Widen(NamedTuple):
-    """A plain (e.g. fp16) weight's bytes read on the I/O thread, waiting for `LayerWeights.finish`
-    to widen them into a working buffer it borrows from `pool` then. Borrowed there, not at the
-    read, the pool holds one float copy of each layer shape, not two (the next layer's waits as
-    its stored bytes, half the size in fp16)."""
-    arr: TierArray
-    raw: torch.Tensor              # uint8 (1, row_bytes): a disk staging buffer or the CPU tier's bytes
-    release: Callable[[], None]    # gives back the staging buffer `raw` may view
-    pool: BufferPool               # lends the working buffer
-
-
-class _SharedStaging:
-    """A staging buffer several weights view: back to STAGING once every hold is released."""
-
-    def __init__(self, buf):
-        self.buf, self.holds, self._lock = buf, 1, threading.Lock()
-
-    def hold(self) -> Callable[[], None]:
-        with self._lock:
-            self.holds += 1
-        return self.release
-
-    def release(self) -> None:
-        with self._lock:
-            self.holds -= 1
-            last = self.holds == 0
-        if last:
-            STAGING.put(self.buf)
-
-
 class LayerWeights:
     """One layer's weights, each homed on one tier in that tier's format."""
 
@@ -265,61 +225,19 @@ class LayerWeights:
         self.tiers, self.arrays = tiers, arrays
         self.requant = requant     # 4-bit weights multiplied as int8 rows (Policy.int8_matmul with compress_weight)
 
-    def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> tuple[dict, list[torch.Tensor]]:
-        """The layer's tensors on the compute device, and the pool buffers borrowed for them (give
-        them back after use). Runs on the I/O thread; pass the dict through `finish` before use.
-        `packed`: `finish` will be told to defer, so 2-D quantized weights borrow only the scratch
-        `compression.linear` uses, not a whole working copy (`borrow_shape`).
-
-        Quantized weights come back packed, as `Packed`: `finish` dequantizes them on the thread that
-        computes, so that the cores convert and compute in turn instead of fighting over them and the
-        I/O thread only waits on the disk (OPT-1.3b, 4-bit weights on disk, batch 16 on 2 cores: an
-        I/O thread dequantizing beside the 2-thread matmuls made a decode step 5.5 s, against 4.3 s
-        with overlap off and 4.4 s dequantizing here). Plain weights a CPU computes with come back as
-        `Widen` for the same reason: widening a layer of OPT-1.3b from fp16 takes 40 ms on the I/O
-        thread's one torch thread, 21 ms on the compute's two, and beside a 100 ms read that made
-        overlap on slower than off (0.92x a decode step, set xeon-overlap-2026-12-05). `lookup` names
-        tables the layer only indexes rows of (embeddings): quantized ones stay packed, as
-        QuantizedTensor, for `ops.embedding`."""
-        dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
-        out, borrowed = {}, []
-        raws, staging = self._read_shared()
-        try:
-            for name, arr in self.arrays.items():
-                raw = raws.get(name)
-                if self._as_stored(name, arr, lookup):     # a copy of the bytes off the gpu tier
-                    buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"packed copy of {arr.what}") \
-                        if arr.tier != "gpu" else None
-                    out[name] = arr.read_quantized(dev, buf, raw)[0]
-                    borrowed += [buf] if buf is not None else []
-                elif self._ready(arr):
-                    out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
-                elif arr.fmt.quant is None and dev.type == "cpu":    # (CUDA: the copy to the device widens)
-                    own, release = arr.read_bytes(raw)
-                    out[name] = Widen(arr, own, staging.hold() if raw is not None else release, pool)
-                else:
-                    whole = name in self.requant                   # requantized whole, never multiplied packed
-                    shape = self.borrow_shape(arr, packed and not whole)
-                    buf = pool.get(shape, dtype, dev, f"{'scratch' if packed and not whole else 'working copy'} of {arr.what}")
-                    if arr.fmt.quant is not None and raw is not None:      # views the shared read
-                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, whole)
-                    elif arr.fmt.quant is not None:
-                        out[name] = Packed(*arr.read_quantized(dev), buf, whole)
-                    else:
-                        out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
-                    borrowed.append(buf)
-        finally:
-            if staging is not None:
-                staging.release()                 # this function's hold; Packed weights keep theirs
-        return out, borrowed
+    def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> WeightLoad:
+        """Read the layer for the compute device (on the I/O thread): a `WeightLoad` that owns what
+        the read borrowed; finish it on the computing thread and close it (a `with` block) once the
+        layer is done (engine/transfer.py)."""
+        return WeightLoad(self, pool, lookup, packed)
 
     @staticmethod
-    def _as_stored(name: str, arr: TierArray, lookup) -> bool:
+    def as_stored(name: str, arr: TierArray, lookup) -> bool:
         """Whether `arr` is computed with in its stored bytes: a quantized table `embed` gathers rows
         from, or int8 rows `ops.linear` multiplies by."""
         return (name in lookup and arr.fmt.quant is not None) or arr.fmt.int8
 
-    def _read_shared(self) -> tuple[dict[str, torch.Tensor], "_SharedStaging | None"]:
+    def read_shared(self) -> tuple[dict[str, torch.Tensor], SharedStaging | None]:
         """Every disk-homed tensor of the layer in one read of the file they share (place_layer):
         {name: its bytes (1, row_bytes)}, viewing one staging buffer, and that buffer's holds."""
         files = {id(a.file): a.file for a in self.arrays.values() if a.file is not None}
@@ -330,51 +248,9 @@ class LayerWeights:
         whole = raw[0]
         raws = {name: whole[a.base: a.base + a.row_bytes].view(1, -1)
                 for name, a in self.arrays.items() if a.file is f}
-        return raws, _SharedStaging(buf)
+        return raws, SharedStaging(buf)
 
-    @staticmethod
-    def finish(w: dict, defer: bool = False) -> list[Callable[[], None]]:
-        """Make `load`'s dict ready to compute with; returns what to call once the layer is done.
-
-        Every `Packed` weight is dequantized into its working buffer and its staging buffer given
-        back, except, with `defer`, 2-D weights: those become `QuantizedWeight`s that `ops.linear`
-        multiplies by straight from the packed values (compression.linear), with the working buffer
-        as scratch; their staging buffers are given back by the returned calls. Every `Widen`
-        weight is widened into a working buffer it borrows, its staging buffer given back, and the
-        working buffer returned by the returned calls. A `Packed` weight marked `int8` is dequantized
-        and then made int8 rows in the same buffer (int8.quantize_over), whatever `defer` says."""
-        pending = []
-        for name, t in w.items():
-            if isinstance(t, Widen):
-                a = t.arr
-                buf = t.pool.get(LayerWeights.borrow_shape(a), a.tiers.compute_dtype, a.tiers.compute_device,
-                                 f"working copy of {a.what}")
-                w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
-                t.release()
-                pending.append(lambda pool=t.pool, buf=buf: pool.put(buf))
-            elif isinstance(t, Packed):
-                if t.int8 and t.out.dtype == torch.float32:      # (CUDA computes in fp16: multiplied as float)
-                    w[name] = int8_format.quantize_over(dequantize(t.parts, torch.float32, t.out))
-                    t.release()
-                elif defer and len(t.parts.shape) == 2:
-                    w[name] = QuantizedWeight(t.parts, t.out)
-                    pending.append(t.release)
-                elif t.out.numel() < math.prod(padded_shape(t.parts.shape, t.parts.config)):
-                    raise RuntimeError(f"{name}: loaded with packed=True (scratch only) but finished without "
-                                       "defer; load and finish must agree")
-                else:
-                    w[name] = dequantize(t.parts, t.out.dtype, t.out)
-                    t.release()
-        return pending
-
-    @staticmethod
-    def discard(w: dict) -> None:
-        """Give back the staging buffers `load`'s dict holds when it will not be finished."""
-        for t in w.values():
-            if isinstance(t, (Packed, Widen)):
-                t.release()
-
-    def _ready(self, arr: TierArray) -> bool:
+    def ready(self, arr: TierArray) -> bool:
         return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype
 
     @staticmethod
@@ -390,9 +266,9 @@ class LayerWeights:
         itemsize = self.tiers.compute_dtype.itemsize
         total = 0
         for name, a in self.arrays.items():
-            if self._as_stored(name, a, lookup):
+            if self.as_stored(name, a, lookup):
                 total += a.row_bytes if a.tier != "gpu" else 0
-            elif not self._ready(a):
+            elif not self.ready(a):
                 total += math.prod(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
         return total
 
