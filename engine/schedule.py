@@ -28,7 +28,6 @@ import torch
 
 from . import compression, ops
 from .kv_cache import KVCache
-from .models import LOOKUP_TABLES
 from .formats import Format
 from .tiers import TierArray, Tiers
 from .transfer import CacheRead, WeightLoad
@@ -152,15 +151,13 @@ class BlockRunner:
 
     # ---- transfers (run on the I/O threads when overlapping) ---------------------------------------
     def _load_weights(self, j: int, packed: bool) -> WeightLoad:
-        layer = self.layers[j]
-        lookup = LOOKUP_TABLES if layer.kind == "embed" else ()
-        return layer.weights.load(self.pool, lookup, packed)
+        return self.layers[j].weights.load(self.pool, packed)
 
     def _prefetch(self, j: int, packed: bool) -> Future:
         return self.io.submit(self._load_weights, j, packed)
 
     def _load_cache(self, cache: KVCache, length: int) -> CacheRead:
-        return cache.read(length, self.policy, self.pool)
+        return cache.read(length, self.pool)
 
     # ---- the loop nest --------------------------------------------------------------------------
     def run(self, mbs: list[MicroBatch], max_new_tokens: int, act: ActStore) -> None:

@@ -49,6 +49,7 @@ import torch
 from . import int8 as int8_format
 from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape
 from .disk import STAGING
+from .placement import Borrow
 from .pools import BufferPool
 from .tiers import TierArray
 
@@ -70,6 +71,7 @@ class Widen(NamedTuple):
     arr: TierArray
     raw: torch.Tensor              # uint8 (1, row_bytes): a disk staging buffer or the CPU tier's bytes
     release: Callable[[], None]    # gives back the staging buffer `raw` may view
+    borrow: Borrow                 # the working buffer to widen into
 
 
 class SharedStaging:
@@ -96,57 +98,54 @@ class WeightLoad:
 
     Made on the I/O thread (the read), finished and used on the main thread:
 
-        with layer.weights.load(pool, lookup, packed) as load:
+        with layer.weights.load(pool, packed) as load:
             compute(load.finish(defer))
 
-    `packed`: the steps will multiply 2-D quantized weights packed, so those borrow only the scratch
-    `compression.linear` uses (`LayerWeights.borrow_shape`). `lookup` names tables the layer only
-    indexes rows of (embeddings): quantized ones stay packed, as QuantizedTensor, for `ops.embedding`."""
+    What each weight borrows, and when, is its plan's (`placement.TensorPlan.how` and `.borrow`);
+    `packed`: the steps will multiply 2-D 4-bit weights packed, so those borrow only scratch."""
 
-    def __init__(self, weights: "LayerWeights", pool: BufferPool, lookup=(), packed: bool = False):
+    def __init__(self, weights: "LayerWeights", pool: BufferPool, packed: bool = False):
         self.weights, self.pool, self.packed = weights, pool, packed
         self.tensors: dict = {}
         self._borrowed: list[torch.Tensor] = []          # pool buffers, back at close
         self._releases: list[Callable[[], None]] = []    # staging views kept past finish, back at close
         self._finished = False
         try:
-            self._read(lookup)
+            self._read()
         except BaseException:
             self.close()
             raise
 
-    def _borrow(self, shape: tuple, dtype: torch.dtype, what: str) -> torch.Tensor:
-        buf = self.pool.get(shape, dtype, self.weights.tiers.compute_device, what)
+    def _borrow(self, b: Borrow, what: str) -> torch.Tensor:
+        buf = self.pool.get(b.shape, b.dtype, self.weights.tiers.compute_device, what)
         self._borrowed.append(buf)
         return buf
 
-    def _read(self, lookup) -> None:
+    def _read(self) -> None:
         lw, out = self.weights, self.tensors
         dev, dtype = lw.tiers.compute_device, lw.tiers.compute_dtype
         raws, staging = lw.read_shared()
         try:
             for name, arr in lw.arrays.items():
-                raw = raws.get(name)
-                if lw.as_stored(name, arr, lookup):     # a copy of the bytes off the gpu tier
-                    buf = self._borrow((arr.row_bytes,), torch.uint8, f"packed copy of {arr.what}") \
-                        if arr.tier != "gpu" else None
+                plan, raw = lw.plans[name], raws.get(name)
+                how, need = plan.how(arr.tier), plan.borrow(arr.tier, self.packed)
+                if how == "stored":                          # a copy of the bytes off the gpu tier
+                    buf = self._borrow(need, f"packed copy of {arr.what}") if need else None
                     out[name] = arr.read_quantized(dev, buf, raw)[0]
-                elif lw.ready(arr):
-                    out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
-                elif arr.fmt.quant is None and dev.type == "cpu":    # (CUDA: the copy to the device widens)
+                elif how == "view":
+                    out[name] = arr.read(0, 1, dev, dtype)[0]
+                elif how == "widen":                         # its buffer is borrowed at finish
                     own, release = arr.read_bytes(raw)
-                    out[name] = Widen(arr, own, staging.hold() if raw is not None else release)
+                    out[name] = Widen(arr, own, staging.hold() if raw is not None else release, need)
                 else:
-                    whole = name in lw.requant                   # requantized whole, never multiplied packed
-                    scratch = self.packed and not whole
-                    shape = lw.borrow_shape(arr, scratch)
-                    buf = self._borrow(shape, dtype, f"{'scratch' if scratch else 'working copy'} of {arr.what}")
-                    if arr.fmt.quant is not None and raw is not None:      # views the shared read
-                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, whole)
-                    elif arr.fmt.quant is not None:
-                        out[name] = Packed(*arr.read_quantized(dev), buf, whole)
-                    else:
-                        out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
+                    scratch = self.packed and not plan.requant
+                    buf = self._borrow(need, f"{'scratch' if scratch else 'working copy'} of {arr.what}")
+                    if how == "dequantize" and raw is not None:      # views the shared read
+                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, plan.requant)
+                    elif how == "dequantize":
+                        out[name] = Packed(*arr.read_quantized(dev), buf, plan.requant)
+                    else:                                    # "decode": plain, widened by the copy
+                        out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *need.shape), raw=raw)[0]
         finally:
             if staging is not None:
                 staging.release()                 # the read's own hold; Packed and Widen weights keep theirs
@@ -162,7 +161,7 @@ class WeightLoad:
         for name, t in w.items():
             if isinstance(t, Widen):
                 a = t.arr
-                buf = self._borrow(self.weights.borrow_shape(a), a.tiers.compute_dtype, f"working copy of {a.what}")
+                buf = self._borrow(t.borrow, f"working copy of {a.what}")
                 w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
                 t.release()
             elif isinstance(t, Packed):

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .compression import scratch_elems
 from .config import CheckpointError, ModelConfig
 from .models import WeightSpec, family
-from .disk import aligned
-from .formats import Format
+from .placement import Precision, TensorPlan, plan_layer, tier_at
 from .policy import Policy
 from .pools import BufferPool
 from .tiers import TierArray, Tiers
@@ -206,36 +204,19 @@ def resolve_names(specs: list[WeightSpec], index: int) -> list[WeightSpec]:
     return [WeightSpec(s.name, s.hf_name.format(i=index), s.shape) for s in specs]
 
 
-def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[str]:
-    """FlexGen's rule: a tensor goes to the tier whose percentage range holds its midpoint."""
-    total = max(1, sum(sizes))
-    bounds = (percents[0], percents[0] + percents[1])
-    out, done = [], 0
-    for size in sizes:
-        mid = (done + size / 2) / total * 100
-        out.append("gpu" if mid < bounds[0] else "cpu" if mid < bounds[1] else "disk")
-        done += size
-    return out
-
-
 class LayerWeights:
-    """One layer's weights, each homed on one tier in that tier's format."""
+    """One layer's weights, each homed on one tier in that tier's format, with the plan it was
+    placed by (engine/placement.py): name -> (array, plan)."""
 
-    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray], requant: frozenset = frozenset()):
-        self.tiers, self.arrays = tiers, arrays
-        self.requant = requant     # 4-bit weights multiplied as int8 rows (Policy.int8_matmul with compress_weight)
+    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray], plans: dict[str, TensorPlan]):
+        self.tiers, self.arrays, self.plans = tiers, arrays, plans
 
-    def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> WeightLoad:
+    def load(self, pool: BufferPool, packed: bool = False) -> WeightLoad:
         """Read the layer for the compute device (on the I/O thread): a `WeightLoad` that owns what
         the read borrowed; finish it on the computing thread and close it (a `with` block) once the
-        layer is done (engine/transfer.py)."""
-        return WeightLoad(self, pool, lookup, packed)
-
-    @staticmethod
-    def as_stored(name: str, arr: TierArray, lookup) -> bool:
-        """Whether `arr` is computed with in its stored bytes: a quantized table `embed` gathers rows
-        from, or int8 rows `ops.linear` multiplies by."""
-        return (name in lookup and arr.fmt.quant is not None) or arr.fmt.int8
+        layer is done (engine/transfer.py). `packed`: the steps will multiply 2-D 4-bit weights
+        packed, so those borrow only `compression.linear`'s scratch (TensorPlan.borrow)."""
+        return WeightLoad(self, pool, packed)
 
     def read_shared(self) -> tuple[dict[str, torch.Tensor], SharedStaging | None]:
         """Every disk-homed tensor of the layer in one read of the file they share (place_layer):
@@ -250,27 +231,9 @@ class LayerWeights:
                 for name, a in self.arrays.items() if a.file is f}
         return raws, SharedStaging(buf)
 
-    def ready(self, arr: TierArray) -> bool:
-        return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype
-
-    @staticmethod
-    def borrow_shape(arr: TierArray, packed: bool = False) -> tuple:
-        """Shape of the float buffer `load` borrows for `arr` (not compute-ready on the device): its
-        whole working copy, or with `packed` for a 2-D quantized weight, `linear`'s scratch."""
-        if packed and arr.fmt.quant is not None and len(arr.shape) == 2:
-            return (scratch_elems(arr.shape, arr.fmt.quant),)
-        return arr.fmt.work_shape(arr.shape)
-
-    def working_bytes(self, lookup=(), packed: bool = False) -> int:
-        """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
-        itemsize = self.tiers.compute_dtype.itemsize
-        total = 0
-        for name, a in self.arrays.items():
-            if self.as_stored(name, a, lookup):
-                total += a.row_bytes if a.tier != "gpu" else 0
-            elif not self.ready(a):
-                total += math.prod(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
-        return total
+    def working_bytes(self, packed: bool = False) -> int:
+        """Bytes a load borrows on the compute device (for weights not compute-ready there)."""
+        return sum(self.plans[name].working_bytes(a.tier, packed) for name, a in self.arrays.items())
 
     def bytes_on(self, tier: str) -> int:
         return sum(a.nbytes for a in self.arrays.values() if a.tier == tier)
@@ -280,34 +243,14 @@ class LayerWeights:
             a.close()
 
 
-def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype,
-                  matmul: bool = False) -> Format:
-    """How a weight of `shape` is held on `tier`. `matmul`: a decoder layer's 2-D weight that only
-    `ops.linear` reads, held as int8 (engine/int8.py) under `policy.int8_matmul`, unless the policy
-    also compresses weights: then it is held 4-bit and made int8 rows as each block loads it
-    (`requantized`)."""
-    if requantized(policy, shape, matmul):
-        return weight_format(tiers, policy, tier, shape, storage)
-    if matmul and policy.int8_matmul and len(shape) == 2:
-        return Format(torch.int8, int8=True)
-    quant = policy.comp_weight_config if policy.compress_weight and len(shape) >= 2 else None
-    if tier == "gpu":
-        return Format(tiers.compute_dtype, round_to=storage, quant=quant)
-    return Format(storage, quant=quant)
-
-
-def requantized(policy: Policy, shape: tuple, matmul: bool) -> bool:
-    """Whether a weight is held 4-bit and multiplied as int8 rows made at each load."""
-    return matmul and policy.int8_matmul and policy.compress_weight and len(shape) == 2
-
-
 def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], label: str,
                 storage: torch.dtype, placed: dict[str, TierArray] | None = None,
                 matmul: bool = False) -> LayerWeights:
-    """Read a layer's tensors from `source` and home each on its tier. The disk-homed ones share one
-    file, each at an aligned offset, so that loading the layer is one read. Small tensors pay a
-    request's latency each: SmolLM2-135M's 4-bit layers are 4-5 tensors of 0.1-0.5 MB, and its 62
-    layers loaded serially took 0.16-0.17 s as one read a tensor, 0.13-0.16 s as one read a layer.
+    """Read a layer's tensors from `source` and home each on the tier and in the format its
+    `TensorPlan` names. The disk-homed ones share one file, each at an aligned offset, so that
+    loading the layer is one read: small tensors pay a request's latency each (SmolLM2-135M's 4-bit
+    layers are 4-5 tensors of 0.1-0.5 MB, and one read a layer loads them measurably faster than
+    one read a tensor).
 
     `placed` maps checkpoint names to arrays placed by earlier layers (and gets this layer's): a
     tensor already there of the same shape is shared, not stored again, wherever it lives. That is
@@ -316,32 +259,30 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
     placed = {} if placed is None else placed
     for spec in specs:                         # before anything is allocated for them
         source.check(spec.hf_name, spec.shape)
-    sizes = [math.prod(s.shape) for s in specs]
-    homes = choose_tiers(sizes, policy.percents("w"))
-    tied = [spec.hf_name in placed and placed[spec.hf_name].shape == tuple(spec.shape) for spec in specs]
-    formats = [weight_format(tiers, policy, tier, spec.shape, storage, matmul) for spec, tier in zip(specs, homes)]
-    spans = [aligned(f.row_bytes(s.shape)) if tier == "disk" and not t else 0
-             for s, f, tier, t in zip(specs, formats, homes, tied)]
+    precision = Precision.of(policy, tiers.compute_device.type, storage)
+    # where an earlier layer holds a tensor is its array's business: the plan only needs to know it is tied
+    plans = plan_layer(specs, precision, matmul, {(hf, a.shape): None for hf, a in placed.items()})
+    homes = [tier_at(p.mid, policy.percents("w")) if not p.tied else None for p in plans]
+    spans = [p.stored_bytes("disk") if tier == "disk" else 0 for p, tier in zip(plans, homes)]
     shared = tiers.new_file(f"{label}.weights", sum(spans), 1) if sum(map(bool, spans)) > 1 else None
     arrays = {}
     try:
-        for spec, tier, fmt, base, is_tied in zip(specs, homes, formats, itertools.accumulate([0] + spans), tied):
-            if is_tied:
+        for spec, plan, tier, base in zip(specs, plans, homes, itertools.accumulate([0] + spans)):
+            if plan.tied:
                 arrays[spec.name] = placed[spec.hf_name]
                 continue
             t = source.get(spec.hf_name, spec.shape)
             span = (shared, base) if shared is not None and tier == "disk" else None
-            arr = TierArray(tiers, tier, fmt, spec.shape, 1, f"{label}.{spec.name}", span)
+            arr = TierArray(tiers, tier, plan.format(tier), spec.shape, 1, f"{label}.{spec.name}", span)
             arrays[spec.name] = arr
             arr.write(0, t.to(torch.float32)[None])
             placed[spec.hf_name] = arr
     except BaseException:
-        for spec, is_tied in zip(specs, tied):
-            if spec.name in arrays and not is_tied:
+        for spec, plan in zip(specs, plans):
+            if spec.name in arrays and not plan.tied:
                 arrays[spec.name].close()
         raise
     finally:
         if shared is not None:
             shared.close()                     # the arrays hold it now
-    return LayerWeights(tiers, arrays, frozenset(s.name for s in specs if requantized(policy, s.shape, matmul)))
-
+    return LayerWeights(tiers, arrays, {p.name: p for p in plans})

@@ -209,7 +209,7 @@ def test_a_4_bit_cache_keeps_small_channels_beside_a_large_one():
     cache = KVCache(tiers, policy, 2, 2, 64, 48, torch.float16, "t")
     cache.write(0, k[:, :, :32], v[:, :, :32])                # the prompt: the statistics come from it
     cache.write(32, k[:, :, 32:], v[:, :, 32:])               # later tokens reuse them
-    with cache.read(40, policy, BufferPool(tiers.trackers["gpu"])) as read:
+    with cache.read(40, BufferPool(tiers.trackers["gpu"])) as read:
         (part,) = read.parts
         small = [c for c in range(64) if c != 5]
         err = (part.k[..., small] - k[..., small]).abs().mean() / k[..., small].abs().mean()
