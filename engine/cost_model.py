@@ -265,9 +265,13 @@ def memory_terms(st: Setup, p: Placement) -> dict:
         "cache_rows": {t: rows[t] * nb for t in TIERS},
         "cache_copy": copied,
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
-        "transient": (b * st.s * (cfg.ffn_dim + HIDDEN_TEMPORARIES * cfg.hidden_size) * st.itemsize
-                      + b * st.s * st.s * st.itemsize),
+        "transient": transient_bytes(st),
     }
+
+
+def transient_bytes(st: Setup) -> int:
+    """Untracked temporaries of one prefill micro-batch in a layer (HIDDEN_TEMPORARIES)."""
+    return st.b * st.s * (st.cfg.ffn_dim + HIDDEN_TEMPORARIES * st.cfg.hidden_size + st.s) * st.itemsize
 
 
 def _borrows(x: TensorPlan, tier: str, packed: bool, key: tuple, at: str) -> int:

@@ -21,9 +21,9 @@ import torch
 from .config import ModelConfig
 from .cost_model import (PROCESS_BASE_BYTES, Placement, Setup, cache_row_bytes, caps_for, compute_mb, make_setup,
                          memory_terms, pool_copies, predict, preflight, rate, slot_bounds, storage_dtype, thresholds,
-                         weight_elems)
+                         transient_bytes, weight_elems)
 from .hardware import Hardware, load_hardware
-from .placement import Precision
+from .placement import CACHE_READS_IN_FLIGHT, Precision
 from .policy import TIERS, Policy
 from .accounting import MemoryBudgetError, fmt_bytes
 
@@ -213,8 +213,9 @@ def _lower_bound_seconds(st: Setup) -> float:
 def _surely_too_big(st: Setup) -> bool:
     """Placement-independent memory needs that already exceed the caps (a quick filter before the program)."""
     cfg = st.cfg
-    copies = 4 * st.b * st.max_len * cfg.kv_dim * st.itemsize           # the engine's pre-flight reserve
-    transient = st.b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size + st.s) * st.itemsize
+    # the engine's pre-flight reserve for cache reads, were every sequence's keys and values copied
+    copies = CACHE_READS_IN_FLIGHT * 2 * st.b * st.max_len * cfg.kv_dim * st.itemsize
+    transient = transient_bytes(st)
     weights = sum(min(x.stored_bytes(t) for t in TIERS) * st.counts[k]
                   for k, kind in st.kinds.items() for x in kind.tensors if not x.tied)
     row = min(cache_row_bytes(st, "cpu", st.b), cache_row_bytes(st, "gpu", st.b))

@@ -3,20 +3,21 @@
 Within a block, each layer's weights are loaded once and used by every micro-batch. With
 `overlap`, one I/O thread prefetches the next layer's weights while a second loads each
 micro-batch's KV cache and stores its new entries, and the main thread computes; without it the
-same loop runs every transfer inline. Two threads, because with a single FIFO one every layer's
-first cache load queued behind the next layer's weights, so that layer's compute waited for both.
-The cache thread is FIFO, so a cache row stored at step i is always written before the load that
-reads it at step i + 1 is served. On a CPU, weights cross the weights thread as read (4-bit packed,
-fp16 as stored) and are dequantized or widened on the main thread (LayerWeights.finish), so that
-the cores alternate between converting and computing instead of being oversubscribed; with few
-rows a micro-batch, the C kernel multiplies 4-bit weights straight from the packed values instead
-(compression.multiply_packed).
+same loop runs every transfer inline. Two threads, because behind a single FIFO one every layer's
+first cache load would queue behind the next layer's weights, and that layer's compute would wait
+for both. The cache thread is FIFO, so a cache row stored at step i is always written before the
+load that reads it at step i + 1 is served.
+
+On a CPU, weights cross the weights thread as read (4-bit packed, fp16 as stored) and are
+dequantized or widened on the main thread (transfer.WeightLoad.finish), so that the cores alternate
+between converting and computing instead of being oversubscribed; with few rows a micro-batch, the
+C kernel multiplies 4-bit weights straight from the packed values instead
+(compression.multiply_packed). Who owns which buffer, and when it goes back, is in engine/transfer.py.
 
 What overlap can win on a CPU-only virtual machine depends on where the hypervisor emulates the
-disk. benchmarks/disk_contention.py measures it: a read and a computation of equal length gain a
-median 1.6x at once over one after the other on the Xeon VM of 2026-12-05 (a perfect overlap:
-1.8x), and 1.1x on the AMD EPYC VM before it, whose disk emulation took the compute's cores
-(steal time appeared only while they overlapped).
+disk: if its emulation runs on the compute's cores, a read and a computation barely overlap.
+benchmarks/disk_contention.py measures it on the machine at hand (results: docs/benchmarks.md,
+"What a disk read costs the compute").
 """
 from __future__ import annotations
 

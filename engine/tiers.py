@@ -5,8 +5,8 @@ the CPU) and makes the disk tier's files. A `TierArray` is the unit of placement
 logical shape on one tier, held as raw bytes in one `Format` (engine/formats.py); disk rows live
 in O_DIRECT files under the offload directory (engine/disk.py).
 
-The names this module used to define (tracker, formats, pool, disk files) are re-exported, so that
-`from engine.tiers import ...` keeps working for callers of the public surface.
+The tracker, format, pool and disk-file names are re-exported here too, so that callers of
+`engine.tiers` (the hardware probe, flows/params.py, tests) need not know which file holds which.
 """
 from __future__ import annotations
 

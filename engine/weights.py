@@ -36,8 +36,8 @@ class SafetensorsFile:
     """A .safetensors file read one tensor at a time with pread into memory of its own.
 
     Not memory-mapped: the pages of a mapping count in the process's RSS for as long as it lives,
-    which made the checkpoint's file size (OPT-1.3b: 2.5 GiB) part of the engine's peak RSS while
-    it loaded; a read tensor is freed once it is placed. Format: an 8-byte little-endian header
+    which would make the checkpoint's file size (OPT-1.3b: 2.5 GiB) part of the engine's peak RSS
+    while it loads; a read tensor is freed once it is placed. Format: an 8-byte little-endian header
     length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
 
     def __init__(self, path: Path):
@@ -174,8 +174,8 @@ def unmapped_on_free(threshold: int = 1 << 20):
     """Inside: glibc serves allocations of `threshold` bytes or more with mmap, so each goes back to
     the OS when freed. Loading makes a few transient copies of every tensor (read, widened, rounded);
     glibc's default raises that bar to 32 MB after the first large free and keeps the rest in its
-    heap, which held 2 GiB of freed copies in RSS after OPT-1.3b loaded (RSS 7.4 GiB for 5.3 GiB of
-    weights; 5.5 GiB this way). After: a fixed 32 MB, the default's own ceiling, so that generation's
+    heap (loading OPT-1.3b, 5.3 GiB of weights, that leaves 2 GiB of freed copies in RSS: 7.4 GiB
+    against 5.5 GiB with this threshold). After: a fixed 32 MB, the default's own ceiling, so that generation's
     activations reuse heap memory instead of faulting in fresh pages. No-op off glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
