@@ -27,7 +27,7 @@ The lifecycle of one layer load (`schedule.BlockRunner.run_layers`):
 
 Converting on the main thread rather than the I/O thread is deliberate: on a CPU the cores then
 alternate between converting and computing instead of fighting over them (a one-core I/O thread
-dequantizing beside two compute threads made decode steps slower than no overlap at all), and
+dequantizing beside two compute threads makes decode steps slower than no overlap at all), and
 the I/O thread only waits on the disk. Borrowing a `Widen` weight's float buffer at finish, not at
 the read, keeps one float copy of each layer shape in the pool, not two (the prefetched layer
 waits as its stored bytes, half the size in fp16).
