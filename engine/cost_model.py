@@ -1,23 +1,12 @@
 """The cost model of one block of the schedule: seconds per layer slot and bytes per tier.
 
-It mirrors what `schedule.BlockRunner` does, layer slot by layer slot (embed, attn_i, mlp_i, ...,
-head; the weights of the next layer are loaded while this one computes):
-
-  main thread   compute of each micro-batch (matmuls at the measured rate for their row count,
-                attention, elementwise passes, per-op overhead) and activation I/O when on disk;
-  I/O threads   one loads the next layer's weights, one (FIFO) each micro-batch's KV cache and
-                stores its new entries: disk reads/writes, storage -> compute conversion, 4-bit
-                (de)quantization; the disk they share is a bound of its own;
-  CPU cores     on a CPU-only machine every conversion competes with compute for the same cores
-                and memory bus, so only disk waits truly overlap: slot time >= compute + all
-                CPU-side transfer work (measured: the two add up on 2 cores).
-
-A slot takes the max of these (the sum with overlap off). Decode attention layers also wait for
-their first micro-batch's cache load, which starts with the layer. Memory peaks
-mirror the engine's trackers: weights homed per tier in that tier's format, the block's KV cache,
-the hidden states, and on the compute device the buffer pool's working copies (two neighbouring
-layers' weights, two micro-batches' cache); the engine's own pre-flight check
-(`LLM._check_block_memory`) is a term too, so a chosen policy never fails it.
+Its times are in `engine.cost_times`. Its bytes are sums over the engine's own placement plan
+(`engine.placement`): each weight's bytes on its tier and the pool buffers its load borrows, each
+cache part's rows and read buffers, and the engine's pre-flight check (`placement.preflight_need`),
+so that it cannot drift from what the engine does. Memory peaks mirror the engine's trackers:
+weights homed per tier in that tier's format, the block's KV cache, the hidden states, and on the
+compute device the buffer pool's working copies (two neighbouring layers' weights, two
+micro-batches' cache); the pre-flight check is a term too, so a chosen policy never fails it.
 
 Every expression is written once over `Placement` selectors, so it evaluates to a float for a
 concrete policy (`predict`) and to a pulp expression inside the program (`engine.policy_search`).
@@ -28,21 +17,24 @@ import math
 from dataclasses import dataclass, field
 
 import pulp
+import torch
 
-from . import int8 as int8_format
-from .compression import CompressionConfig, compressed_nbytes, multiply_packed, padded_shape, scratch_elems
+from .accounting import parse_bytes
+from .compression import multiply_packed
 from .config import ModelConfig
+from .cost_times import compute_mb, rate, slot_bounds  # noqa: F401  (re-exported for the program)
+from .disk import aligned
 from .hardware import Hardware
-from .kv_cache import split_counts
-from .models import LOOKUP_TABLES, family as model_family
-from .policy import Policy
-from .tiers import aligned
+from .placement import (CACHE_READS_IN_FLIGHT, CachePartPlan, Precision, TensorPlan, plan_kinds, preflight_need,
+                        split_counts)
+from .policy import TIERS, Policy
 
-TIERS = ("gpu", "cpu", "disk")
 PROCESS_BASE_BYTES = 600 << 20       # torch + Python resident before any tensor (RAM check only)
-# torch calls per (layer, micro-batch) on the main thread, including the schedule's own bookkeeping
-MAIN_OPS = {"embed": 14, "attn": 12, "mlp": 12, "decoder": 16, "head": 16}   # (attn/mlp: the schedule's share)
-OPS_PER_TENSOR_LOAD, OPS_PER_CACHE_PART, OPS_PER_CACHE_STORE = 5, 8, 14
+# Untracked temporaries of one prefill micro-batch in a layer, on top of the trackers (RAM check
+# only): about six hidden-sized activations alive at once (the input, its normed copy, q, k, v and
+# the attention output), the MLP's intermediate (ffn-sized), and the attention mask bias (s x s
+# positions a sequence).
+HIDDEN_TEMPORARIES = 6
 
 
 @dataclass(frozen=True)
@@ -59,31 +51,12 @@ class Prediction:
     breakdown: dict = field(default_factory=dict)   # (phase, slot) -> seconds per step
 
 
+
 # ---- the model's shape as the engine places it ------------------------------------------------------
 @dataclass(frozen=True)
-class _Tensor:
-    elems: int
-    mid: float               # midpoint of its bytes within its layer, in percent (choose_tiers' rule)
-    nbytes: tuple            # bytes held on (gpu, cpu, disk) in that tier's format
-    quantized: bool
-    shape: tuple             # its working copy's shape (4-bit: whole groups); the pool reuses copies by shape
-    work_bytes: int          # bytes of that working copy
-    lookup: bool = False     # a quantized table `embed` gathers rows from: loaded still packed
-    tied: bool = False       # the checkpoint tensor of an earlier kind (a tied LM head): held there, not again
-    scratch: tuple = ()      # the buffer borrowed instead when a step multiplies it packed (() = shape)
-    scratch_bytes: int = 0
-    int8: bool = False       # held as int8 rows (Policy.int8_matmul): multiplied as stored, never widened
-    requant: bool = False    # held 4-bit, made int8 rows in its working copy at each load (weights.requantized)
-
-    def borrowed(self, packed: bool) -> tuple[tuple, int]:
-        """(shape, bytes) of the pool buffer LayerWeights.load borrows for it (weights.borrow_shape)."""
-        return (self.scratch, self.scratch_bytes) if packed and self.scratch else (self.shape, self.work_bytes)
-
-
-@dataclass(frozen=True)
-class _Kind:
+class LayerKind:
     name: str                # embed | attn | mlp | decoder | head
-    tensors: tuple
+    tensors: tuple           # the placement plan of one layer of this kind (placement.TensorPlan each)
 
     def at_or_below(self, g: float, what) -> float:
         """Sum of what(tensor) over tensors homed on a tier whose cumulative percentage is g."""
@@ -97,19 +70,21 @@ class Setup:
     hw: Hardware
     s: int                   # prompt length
     gen: int                 # generated tokens
-    b: int                   # gpu_batch_size
-    nb: int                  # num_gpu_batches
-    compress_weight: bool
-    compress_cache: bool
-    cpu_cache_compute: bool
+    b: int                   # gpu_batch_size: sequences per micro-batch
+    nb: int                  # num_gpu_batches: micro-batches per block
+    precision: Precision
     overlap: bool
-    storage_bytes: int
-    kinds: dict              # name -> _Kind
+    kinds: dict              # name -> LayerKind
     plan: tuple              # kind names in schedule order
     caps: dict               # tier -> bytes
-    cache_config: CompressionConfig = Policy().comp_cache_config
-    weight_config: CompressionConfig = Policy().comp_weight_config
-    int8: bool = False       # Policy.int8_matmul
+
+    compress_weight = property(lambda self: self.precision.compress_weight)
+    compress_cache = property(lambda self: self.precision.compress_cache)
+    cpu_cache_compute = property(lambda self: self.precision.cpu_cache_compute)
+    int8 = property(lambda self: self.precision.int8_matmul)
+    weight_config = property(lambda self: self.precision.weight_config)
+    cache_config = property(lambda self: self.precision.cache_config)
+    storage_bytes = property(lambda self: self.precision.storage.itemsize)
 
     @property
     def cuda(self) -> bool:
@@ -117,18 +92,22 @@ class Setup:
 
     @property
     def itemsize(self) -> int:
-        return 2 if self.cuda else 4
+        return self.precision.compute_dtype.itemsize
 
     @property
     def cache_to_device(self) -> bool:
         """Whether CPU and disk cache parts go to a CUDA device to be attended there, rather than
-        being attended on the CPU as stored (kv_cache.attend_device)."""
+        being attended on the CPU as stored (placement.CachePartPlan.attend_on)."""
         return self.cuda and not self.cpu_cache_compute
 
     def packed(self, phase: str) -> bool:
         """Whether steps of `phase` multiply 4-bit weights packed (schedule.run_layers' `defer`)."""
         return multiply_packed(self.b * (self.s if phase == "prefill" else 1), self.nb, self.weight_config,
                                not self.cuda)
+
+    def cache_part(self, tier: str, n: int) -> CachePartPlan:
+        """The plan of n sequences' cache of one layer on `tier`."""
+        return CachePartPlan(tier, n, self.cfg.num_kv_heads, self.cfg.head_dim, self.precision)
 
     @property
     def max_len(self) -> int:
@@ -149,52 +128,19 @@ class Setup:
         return out
 
 
-def _kinds(cfg: ModelConfig, hw: Hardware, compress_weight: bool, storage_bytes: int, sep_layer: bool,
-           wcfg: CompressionConfig, int8_matmul: bool = False) -> tuple[dict, tuple]:
-    """Each layer kind's tensors as the engine places them, and the schedule's sequence of kinds."""
-    fam = model_family(cfg.family)
-    itemsize = 2 if hw.compute_device == "cuda" else 4
+def storage_dtype(storage_bytes: int) -> torch.dtype:
+    """A storage dtype of this size: the cost model only counts bytes, and bfloat16 holds as float16 does."""
+    return {2: torch.float16, 4: torch.float32}[storage_bytes]
 
-    def specs(kind):
-        if kind != "decoder":
-            return fam.layer_weights(cfg, kind)
-        return fam.layer_weights(cfg, "attn") + fam.layer_weights(cfg, "mlp")
 
-    kinds, seen = {}, {}       # seen: (checkpoint name, shape) -> midpoint where it is held
-    for kind in ("embed", "attn", "mlp", "head") if sep_layer else ("embed", "decoder", "head"):
-        named = [(s.name, tuple(s.shape), s.hf_name) for s in specs(kind)]
-        sizes = [math.prod(sh) for _, sh, _ in named]
-        total, done, tensors = max(1, sum(sizes)), 0, []
-        for (name, shape, hf_name), n in zip(named, sizes):
-            mid = (done + n / 2) / total * 100
-            tied = kind == "head" and (hf_name, shape) in seen     # weights.place_layer shares it
-            if kind == "embed":
-                seen[(hf_name, shape)] = mid
-            matmul = kind in ("attn", "mlp", "decoder") and len(shape) == 2
-            if int8_matmul and matmul and not compress_weight:
-                # weights.weight_format: int8 rows on every tier, a copy of the stored bytes off the gpu tier
-                held = int8_format.nbytes(shape)
-                tensors.append(_Tensor(n, mid, (held, held, aligned(held)), False, (held, "uint8"), held,
-                                       int8=True))
-                done += n
-                continue
-            q = compress_weight and len(shape) >= 2
-            stored = compressed_nbytes(shape, wcfg) if q else n * storage_bytes
-            on_gpu = compressed_nbytes(shape, wcfg) if q else n * itemsize
-            lookup = q and kind == "embed" and name in LOOKUP_TABLES
-            # the pool buffer LayerWeights.load borrows: packed bytes for a lookup table, else compute form
-            work = (stored, "uint8") if lookup else padded_shape(shape, wcfg) if q else shape
-            work_bytes = stored if lookup else math.prod(work) * itemsize
-            requant = q and int8_matmul and matmul         # always a whole working copy, never packed
-            # ... and when a step multiplies 2-D 4-bit weights packed, only linear's scratch
-            scratch = (scratch_elems(shape, wcfg),) if q and not lookup and len(shape) == 2 and not requant else ()
-            tensors.append(_Tensor(n, seen[(hf_name, shape)] if tied else mid, (on_gpu, stored, aligned(stored)), q,
-                                   work, work_bytes, lookup, tied, scratch, math.prod(scratch) * itemsize,
-                                   requant=requant))
-            done += n
-        kinds[kind] = _Kind(kind, tuple(tensors))
+def make_setup(cfg: ModelConfig, hw: Hardware, *, prompt_len: int, gen_len: int, gpu_batch_size: int,
+               num_gpu_batches: int, precision: Precision, overlap: bool, sep_layer: bool, caps: dict) -> Setup:
+    """The candidate's Setup: the model's layer kinds as the engine plans them, in schedule order."""
+    kinds = {name: LayerKind(name, tuple(tensors)) for name, tensors in plan_kinds(cfg, precision, sep_layer).items()}
     middle = ("attn", "mlp") if sep_layer else ("decoder",)
-    return kinds, ("embed",) + middle * cfg.num_layers + ("head",)
+    plan = ("embed",) + middle * cfg.num_layers + ("head",)
+    return Setup(cfg, hw, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, precision, overlap, kinds, plan,
+                 caps)
 
 
 def thresholds(kinds: dict) -> list[float]:
@@ -270,197 +216,11 @@ def const_placement(policy: Policy) -> Placement:
                       {t: float(t == policy.act_tier) for t in TIERS})
 
 
-# ---- the cost model ----------------------------------------------------------------------------------
-def cache_row_bytes(st: Setup, tier: str, n: int) -> int:
-    """Bytes of one cache row (one position) of n sequences on a tier, as kv_cache.cache_format holds it."""
-    if n <= 0:
-        return 0
-    shape = (2, n, st.cfg.num_kv_heads, st.cfg.head_dim)
-    if st.compress_cache:
-        raw = compressed_nbytes(shape, st.cache_config)
-    else:
-        raw = math.prod(shape) * (st.itemsize if tier == "gpu" else st.storage_bytes)
-    return aligned(raw) if tier == "disk" else raw
-
-
-def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
-    """Main-thread seconds of one micro-batch through one layer (matmuls, attention, elementwise, overhead)."""
-    cfg, hw, b = st.cfg, st.hw, st.b
-    h, f, kv, e = cfg.hidden_size, cfg.ffn_dim, cfg.kv_dim, cfg.word_embed_proj_dim
-    rows = b * (st.s if phase == "prefill" else 1)
-    mm = lambda flops, m: flops / hw.matmul_rate(m)
-    mm_layer = (lambda flops, m: flops / hw.int8_matmul_rate(m)) if st.int8 else mm    # decoder layers' products
-    ew = lambda elems: elems * st.itemsize * 3 / hw.memcpy_bytes_per_s       # read twice, write once
-    sec = MAIN_OPS[kind] * hw.op_overhead_s
-    sec += hw.attn_layer_overhead_s if kind in ("attn", "decoder") else 0.0    # the layer's own ops, measured
-    sec += hw.mlp_layer_overhead_s if kind in ("mlp", "decoder") else 0.0
-    if kind in ("attn", "decoder"):
-        sec += mm_layer(2 * rows * h * (2 * h + 2 * kv), rows) + ew(rows * 6 * h)
-        if phase == "prefill":
-            sec += 4 * b * st.s * st.s * h / hw.attn_prefill_flops
-        else:   # [past | new] segments read once each, where they lie (ops.attend_any)
-            sec += 2 * b * (t + 1) * kv / hw.attn_decode_elems_per_s
-    if kind in ("mlp", "decoder"):
-        mats = 2 if cfg.family == "opt" else 3
-        sec += mm_layer(2 * rows * h * f * mats, rows) + ew(rows * (4 * h + 2 * f))
-    if kind == "embed":
-        sec += ew(rows * 3 * h) + (mm(2 * rows * h * e, rows) if e != h else 0.0)
-    if kind == "head":      # the last position only, then sampling
-        sec += mm(2 * b * e * cfg.vocab_size, b) + ew(b * cfg.vocab_size) + b * hw.op_overhead_s
-    return sec
-
-
-def rate(st: Setup, name: str) -> float:
-    """A transfer rate as the thread doing it sees it: the I/O thread (one torch thread) with overlap,
-    else the main thread."""
-    return getattr(st.hw, f"io_{name}" if st.overlap else name)
-
-
-def _widen(st: Setup, elems):
-    """Seconds to make stored (not device-resident) plain elements compute-ready."""
-    hw = st.hw
-    if st.cuda:
-        return elems * st.storage_bytes / hw.h2d_bytes_per_s
-    return 0.0 if st.storage_bytes == st.itemsize else elems / rate(st, "convert_elems_per_s")
-
-
-def _plain_elems(p: Placement, kind: _Kind) -> dict:
-    """tier -> elements of the kind's plain (not 4-bit) weights homed there: what gets widened."""
-    return p.weights(kind, "plain_elems", lambda x, tier: 0 if x.quantized or x.int8 else x.elems)
-
-
-def _weight_load(st: Setup, p: Placement, kind: _Kind) -> tuple:
-    """(I/O-thread seconds, of which CPU work) to load one layer's weights (LayerWeights.load)."""
-    hw = st.hw
-    plain = _plain_elems(p, kind)
-    disk = p.weights(kind, "disk_bytes", lambda x, tier: x.nbytes[2])["disk"]
-    n_disk = p.weights(kind, "tensors", lambda x, tier: 1)["disk"]
-    widen = _widen(st, plain["cpu"] + plain["disk"]) if st.cuda else 0.0      # (on a CPU: in finish)
-    copied = p.weights(kind, "int8_bytes", lambda x, tier: x.nbytes[0] if x.int8 and tier != "gpu" else 0)
-    widen += (copied["cpu"] + copied["disk"]) / rate(st, "memcpy_bytes_per_s")
-    cpu_work = widen + len(kind.tensors) * OPS_PER_TENSOR_LOAD * hw.op_overhead_s
-    # a layer's disk-homed tensors share a file read at once: one latency when any is on disk,
-    # counted as the share of its tensors on disk so that the LP's expression stays linear
-    disk_wait = disk / hw.disk_read_bytes_per_s + n_disk / len(kind.tensors) * hw.disk_read_latency_s
-    return cpu_work + disk_wait, cpu_work
-
-
-def _weight_finish(st: Setup, p: Placement, kind: _Kind, phase: str) -> float:
-    """Main-thread seconds to make the layer's weights compute-ready (LayerWeights.finish). On a CPU,
-    plain stored weights off the gpu tier are widened there. 4-bit weights are dequantized once per block,
-    or multiplied straight from the packed values once per micro-batch when
-    the C kernel takes every micro-batch's rows (compression.multiply_packed). The kernel is counted
-    at the probe's dequantize rate plus the multiply that compute_mb counts: since it multiplies four
-    rows per unpacked value in registers, that overstates it (16 rows by a 16M-value weight: 7.4 ms,
-    against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
-    quant = p.weights(kind, "quantized_elems",
-                      lambda x, tier: x.elems if x.quantized and not x.lookup and not x.requant else 0)
-    # requantized weights: dequantized once per block, then made int8 (counted at the same rate)
-    requant = p.weights(kind, "requant_elems", lambda x, tier: 2 * x.elems if x.requant else 0)
-    uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
-    widen = 0.0
-    if not st.cuda and st.storage_bytes != st.itemsize:
-        plain = _plain_elems(p, kind)
-        widen = (plain["cpu"] + plain["disk"]) / st.hw.convert_elems_per_s
-    return widen + (uses * sum(quant.values()) + sum(requant.values())) / st.hw.dequant_elems_per_s
-
-
-def _cache_load(st: Setup, p: Placement, t: float) -> tuple:
-    """(I/O-thread seconds, of which CPU work) to load one micro-batch's past keys/values of one layer."""
-    hw, per_seq = st.hw, 2 * st.cfg.kv_dim * t
-    seqs = p.cache("sequences", lambda tier, n: n)
-    away = seqs["cpu"] + seqs["disk"]
-    if st.compress_cache:
-        cpu_work = st.b * per_seq / rate(st, "cache_dequant_elems_per_s")
-    elif st.cache_to_device:
-        cpu_work = _widen(st, away * per_seq)
-    else:   # attended on the CPU as stored (the decode kernel widens in registers); disk rows are copied
-        cpu_work = 0.0
-    disk_rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))["disk"]
-    disk_reads = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
-    cpu_work += 3 * OPS_PER_CACHE_PART * hw.op_overhead_s
-    disk_wait = disk_rows * t / hw.disk_read_bytes_per_s + disk_reads * hw.disk_read_latency_s
-    return cpu_work + disk_wait, cpu_work
-
-
-def _cache_store(st: Setup, p: Placement, phase: str) -> tuple:
-    """(I/O-thread seconds, of which CPU work) to store one micro-batch's new keys/values of one layer."""
-    hw, q = st.hw, (st.s if phase == "prefill" else 1)
-    elems = 2 * st.b * q * st.cfg.kv_dim
-    on_gpu = p.cache("sequences", lambda tier, n: n)["gpu"] / st.b
-    if st.compress_cache:
-        cpu_work = elems / rate(st, "quant_elems_per_s")
-    else:   # rounded through the storage dtype; on a CPU compute device the gpu tier widens it back
-        cpu_work = (elems / rate(st, "narrow_elems_per_s")
-                    + (0 if st.cuda else elems * on_gpu / rate(st, "convert_elems_per_s")))
-    cpu_work += elems * st.itemsize * 3 / rate(st, "memcpy_bytes_per_s") + OPS_PER_CACHE_STORE * hw.op_overhead_s
-    disk_rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))["disk"]
-    disk_writes = p.cache("parts", lambda tier, n: 1 if n > 0 and tier != "cpu" else 0)["disk"]
-    disk_wait = disk_rows * q / hw.disk_write_bytes_per_s + disk_writes * hw.disk_write_latency_s
-    return cpu_work + disk_wait, cpu_work
-
-
-def _act_io(st: Setup, p: Placement, phase: str):
-    """Main-thread seconds per micro-batch and layer to put and get hidden states on their tier."""
-    hw = st.hw
-    nbytes = st.b * (st.s if phase == "prefill" else 1) * st.cfg.hidden_size * 4   # held as float32 on disk
-    disk = (aligned(nbytes) / hw.disk_write_bytes_per_s + nbytes / hw.disk_read_bytes_per_s
-            + hw.disk_write_latency_s + hw.disk_read_latency_s + 40 * hw.op_overhead_s)
-    cpu = nbytes / hw.d2h_bytes_per_s + nbytes / hw.h2d_bytes_per_s if st.cuda else 0.0
-    return p.act["disk"] * disk + p.act["cpu"] * cpu
-
-
-def slot_bounds(st: Setup, p: Placement, kind: str, nxt: str, phase: str) -> dict:
-    """Named lower bounds on one slot's time: this layer's work plus the next layer's weight load."""
-    t = st.s + max(0, st.gen - 2) / 2                       # mean cache length over the decode steps
-    cache_layer = kind in ("attn", "decoder")
-    compute = compute_mb(st, kind, phase, t)
-    w_all, w_cpu = _weight_load(st, p, st.kinds[nxt])
-    c_all, c_cpu = _cache_load(st, p, t) if cache_layer and phase == "decode" else (0.0, 0.0)
-    s_all, s_cpu = _cache_store(st, p, phase) if cache_layer else (0.0, 0.0)
-    main = _weight_finish(st, p, st.kinds[kind], phase) + st.nb * compute + st.nb * _act_io(st, p, phase)
-    cache_io = st.nb * (c_all + s_all)
-    if not st.overlap:
-        return {"serial": main + w_all + cache_io}
-    # one I/O thread for weights, one for the cache (schedule.py); both read the same disk
-    bounds = {"main_thread": main, "weights_io_thread": w_all, "cache_io_thread": cache_io,
-              "disk": w_all - w_cpu + st.nb * (c_all - c_cpu + s_all - s_cpu)}
-    if cache_layer and phase == "decode":   # a layer's first cache load starts when the layer does
-        bounds["first_cache_load"] = c_all + main
-    if not st.cuda:   # the I/O thread's conversions and compute share the cores and the memory bus:
-        # measured on 2 cores, they add up (compute slows by about what the conversions take)
-        bounds["cpu_cores"] = main + w_cpu + st.nb * (c_cpu + s_cpu)
-    return bounds
-
 
 # ---- memory ----------------------------------------------------------------------------------------
-def _working(st: Setup, p: Placement, kind: _Kind):
-    """Bytes LayerWeights.working_bytes allocates on the compute device for one layer."""
-    on = p.weights(kind, "working", lambda x, tier: x.work_bytes if _borrows(x, tier) else 0)
-    return on["gpu"] + on["cpu"] + on["disk"]
-
-
-def _borrows(x: _Tensor, tier: str) -> bool:
-    """Whether the engine borrows a pool buffer for x homed on `tier` (in LayerWeights.load or finish)."""
-    return tier != "gpu" or (x.quantized and not x.lookup)
-
-
-def _widened(st: Setup, x: _Tensor, tier: str) -> bool:
-    """Whether x homed on `tier` is a `Widen`: read as stored on the I/O thread, then widened into a
-    pool buffer borrowed in LayerWeights.finish, on a CPU compute device only."""
-    return not st.cuda and tier != "gpu" and not x.quantized and not x.int8
-
-
-def _cache_copy_bytes(st: Setup, seqs: dict):
-    """Bytes per cached element of one micro-batch that KVCache.read decodes into pool buffers
-    (kv_cache.needs_copy), summed over its sequences: every sequence when 4-bit (dequantized to the
-    compute dtype); else the disk ones in their stored dtype when the CPU attends them, or all off
-    the device when CUDA does. CPU-resident parts the CPU attends are read in place."""
-    if st.compress_cache:
-        return st.b * st.itemsize
-    if st.cache_to_device:
-        return (st.b - seqs["gpu"]) * st.itemsize
-    return seqs["disk"] * st.storage_bytes
+def cache_row_bytes(st: Setup, tier: str, n: int) -> int:
+    """Bytes of one cache row (one position) of n sequences on a tier, as the engine holds it."""
+    return st.cache_part(tier, n).stored_row_bytes
 
 
 def memory_terms(st: Setup, p: Placement) -> dict:
@@ -468,27 +228,30 @@ def memory_terms(st: Setup, p: Placement) -> dict:
     cfg, b, nb = st.cfg, st.b, st.nb
     weights = {t: 0 for t in TIERS}
     for name, count in st.counts.items():
-        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: 0 if x.tied else x.nbytes[TIERS.index(tier)])
+        on = p.weights(st.kinds[name], "held_bytes", lambda x, tier: x.held_bytes(tier))
         weights = {t: weights[t] + count * on[t] for t in TIERS}
     rows = p.cache("row_bytes", lambda tier, n: cache_row_bytes(st, tier, n))
+    copies = p.cache("copy_bytes", lambda tier, n: st.cache_part(tier, n).copy_bytes(st.max_len))
+    copied = copies["gpu"] + copies["cpu"] + copies["disk"]      # one micro-batch's read buffers, one layer
     hidden = lambda q, tier: b * q * cfg.hidden_size * (4 if tier == "disk" else st.itemsize)
-    working = {name: _working(st, p, st.kinds[name]) for name in st.kinds}
-    copied = _cache_copy_bytes(st, p.cache("sequences", lambda tier, n: n))
-    # phase -> shape -> kind -> (buffers of that shape one layer borrows in load, in finish)
+    working = {}
+    for name, kind in st.kinds.items():    # what one layer's load borrows (the pre-flight check's measure)
+        on = p.weights(kind, "working", lambda x, tier: x.working_bytes(tier))
+        working[name] = on["gpu"] + on["cpu"] + on["disk"]
+    # phase -> buffer key -> kind -> (buffers of that key one layer borrows at load, at finish)
     pooled, pool_bytes = {}, {}
     for phase in ("prefill", "decode"):
         packed = st.packed(phase)
-        shapes = {x.borrowed(packed) for k in st.kinds.values() for x in k.tensors}
-        pool_bytes[phase] = dict(shapes)
-        for shape, _ in shapes:
+        borrows = {x.borrow(t, packed) for k in st.kinds.values() for x in k.tensors for t in TIERS} - {None}
+        pool_bytes[phase] = {bw.key: bw.nbytes for bw in borrows}
+        for key in pool_bytes[phase]:
             for name, kind in st.kinds.items():
                 counts = []
-                for at_finish in (False, True):
-                    on = p.weights(kind, f"borrowed_{shape}_{phase}_{'finish' if at_finish else 'load'}",
-                                   lambda x, tier: 1 if (x.borrowed(packed)[0] == shape and _borrows(x, tier)
-                                                         and _widened(st, x, tier) == at_finish) else 0)
+                for at in ("load", "finish"):
+                    on = p.weights(kind, f"borrowed_{key}_{phase}_{at}",
+                                   lambda x, tier: _borrows(x, tier, packed, key, at))
                     counts.append(on["gpu"] + on["cpu"] + on["disk"])
-                pooled.setdefault(phase, {}).setdefault(shape, {})[name] = tuple(counts)
+                pooled.setdefault(phase, {}).setdefault(key, {})[name] = tuple(counts)
     return {
         "weights": weights,
         "cache": {t: rows[t] * st.max_len * cfg.num_layers * nb for t in TIERS},
@@ -498,11 +261,31 @@ def memory_terms(st: Setup, p: Placement) -> dict:
         "working_each": working,
         "pool_counts": pooled,
         "pool_bytes": pool_bytes,
-        "cache_copies": min(2, nb) * copied * 2 * cfg.kv_dim * st.max_len,   # full-length buffers
+        "cache_copies": min(CACHE_READS_IN_FLIGHT, nb) * copied,
+        "cache_rows": {t: rows[t] * nb for t in TIERS},
+        "cache_copy": copied,
         "preflight_act": {t: p.act[t] * nb * b * st.s * cfg.hidden_size * st.itemsize for t in TIERS},
-        "preflight_cache_copies": 2 * copied * 2 * cfg.kv_dim * st.max_len,
-        "transient": b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size) * st.itemsize + b * st.s * st.s * st.itemsize,
+        "transient": transient_bytes(st),
     }
+
+
+def transient_bytes(st: Setup) -> int:
+    """Untracked temporaries of one prefill micro-batch in a layer (HIDDEN_TEMPORARIES)."""
+    return st.b * st.s * (st.cfg.ffn_dim + HIDDEN_TEMPORARIES * st.cfg.hidden_size + st.s) * st.itemsize
+
+
+def _borrows(x: TensorPlan, tier: str, packed: bool, key: tuple, at: str) -> int:
+    """1 if x homed on `tier` borrows a buffer of `key` at `at` (load or finish), else 0."""
+    bw = x.borrow(tier, packed)
+    return 1 if bw is not None and bw.key == key and bw.at == at else 0
+
+
+def preflight(st: Setup, m: dict, layer_working) -> dict:
+    """tier -> bytes the engine's pre-flight check asks for, the placed weights included;
+    `layer_working`: the most one layer's load borrows (a number, or an LP variable bounding it)."""
+    need = preflight_need(m["cache_rows"], st.max_len, st.cfg.num_layers, m["preflight_act"], layer_working,
+                          m["cache_copy"])
+    return {t: m["weights"][t] + need[t] for t in TIERS}
 
 
 def weight_elems(st: Setup) -> int:
@@ -513,10 +296,11 @@ def weight_elems(st: Setup) -> int:
 def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len: int, gen_len: int, *,
             storage_bytes: int = 2, gpu_mem=None, cpu_mem=None, disk_mem=None) -> Prediction:
     """The cost model's throughput, times and peaks for `policy` on this hardware and workload."""
-    st = make_setup(config, hardware, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches,
-                policy.compress_weight, policy.compress_cache, policy.cpu_cache_compute, policy.overlap,
-                storage_bytes, policy.sep_layer, caps_for(hardware, gpu_mem, cpu_mem, disk_mem),
-                policy.comp_weight_config, policy.comp_cache_config, int8=policy.int8_matmul)
+    st = make_setup(config, hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_size=policy.gpu_batch_size,
+                    num_gpu_batches=policy.num_gpu_batches,
+                    precision=Precision.of(policy, hardware.compute_device, storage_dtype(storage_bytes)),
+                    overlap=policy.overlap, sep_layer=policy.sep_layer,
+                    caps=caps_for(hardware, gpu_mem, cpu_mem, disk_mem))
     p = const_placement(policy)
     breakdown, prefill, step = {}, 0.0, 0.0
     for (kind, nxt), count in st.slots.items():
@@ -530,14 +314,15 @@ def predict(config: ModelConfig, hardware: Hardware, policy: Policy, prompt_len:
     decode = step * max(0, gen_len - 1)
     m = memory_terms(st, p)
     pool = {phase: _pooled(st, m, phase) for phase in ("prefill", "decode")}
-    peaks, preflight = _peaks(st, m, pool, max)
-    fits = all(preflight[t] <= st.caps[t] and m["weights"][t] <= st.caps[t] for t in TIERS)
+    peaks = _peaks(st, m, pool)
+    need = preflight(st, m, max(m["working_each"].values()))
+    fits = all(need[t] <= st.caps[t] and m["weights"][t] <= st.caps[t] for t in TIERS)
     tokens = policy.block_size * gen_len
-    return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, preflight, fits, pool, breakdown)
+    return Prediction(policy, tokens / (prefill + decode), prefill, decode, peaks, need, fits, pool, breakdown)
 
 
-def _peaks(st: Setup, m: dict, pooled: dict, biggest) -> tuple[dict, dict]:
-    """(tracker peaks, pre-flight need including weights) per tier, for a concrete placement.
+def _peaks(st: Setup, m: dict, pooled: dict) -> dict:
+    """Tracker peaks per tier, for a concrete placement.
 
     On the compute device the engine's buffer pool keeps, for every tensor shape, as many working
     copies as two neighbouring layers ever borrow at once (all of them when the next layer loads
@@ -552,9 +337,7 @@ def _peaks(st: Setup, m: dict, pooled: dict, biggest) -> tuple[dict, dict]:
         dec = base + m["act_decode"][t] + (pooled["decode"] + m["cache_copies"] if t == "gpu" else 0)
         peaks[t] = max(pre, dec)
     peaks["gpu"] = min(peaks["gpu"], st.caps["gpu"])
-    preflight = {t: m["weights"][t] + m["cache"][t] + m["preflight_act"][t] for t in TIERS}
-    preflight["gpu"] += 2 * biggest(m["working_each"].values()) + m["preflight_cache_copies"]
-    return peaks, preflight
+    return peaks
 
 
 def _pooled(st: Setup, m: dict, phase: str):
@@ -570,16 +353,8 @@ def pool_copies(counts: dict, a: str, c: str):
 
 
 def caps_for(hw: Hardware, gpu_mem, cpu_mem, disk_mem) -> dict:
-    from .tiers import parse_bytes
     caps = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk_mem}
     for t, v in (("gpu", gpu_mem), ("cpu", cpu_mem), ("disk", disk_mem)):
         if v is not None:
             caps[t] = parse_bytes(v)
     return caps
-
-
-def make_setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, sep_layer, caps,
-           wcfg: CompressionConfig = Policy().comp_weight_config,
-           ccfg: CompressionConfig = Policy().comp_cache_config, int8: bool = False) -> Setup:
-    kinds, plan = _kinds(cfg, hw, cw, storage_bytes, sep_layer, wcfg, int8)
-    return Setup(cfg, hw, s, gen, b, nb, cw, cc, ccc, overlap, storage_bytes, kinds, plan, caps, ccfg, wcfg, int8)

@@ -31,7 +31,7 @@ import psutil
 import torch
 
 if TYPE_CHECKING:
-    from .tiers import MemoryTracker
+    from .accounting import MemoryTracker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DiskFile:
             os.ftruncate(self.fd, nbytes)
 
     def _no_space(self, nbytes: int) -> str:
-        from .tiers import fmt_bytes
+        from .accounting import fmt_bytes
         free = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
         return (f"no space left in the offload folder {self.folder}: the offload file {self.path.name} needs "
                 f"{nbytes} bytes ({fmt_bytes(nbytes)}) and {fmt_bytes(free)} are free there; free space there, "

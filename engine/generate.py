@@ -287,25 +287,20 @@ class LLM:
 
     def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
         """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
+        from .placement import Precision, plan_cache, preflight_need
+        from .policy import TIERS
         cfg, pol = self.config, self.policy
-        from .kv_cache import cache_format, split_counts, working_copy_bytes
         n_seqs = min(n_seqs, pol.block_size)
         sizes = [min(pol.gpu_batch_size, n_seqs - lo) for lo in range(0, n_seqs, pol.gpu_batch_size)]
-        need = {"gpu": 0, "cpu": 0, "disk": 0}
-        for size in sizes:
-            for tier, n in zip(("gpu", "cpu", "disk"), split_counts(size, pol.percents("cache"))):
-                if n:
-                    row = cache_format(self.tiers, pol, tier, self.storage).row_bytes((2, n, cfg.num_kv_heads, cfg.head_dim))
-                    if tier == "disk":
-                        row = aligned(row)
-                    need[tier] += row * max_len * len(self.decoder_indices)
-        itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
-        need[pol.act_tier] += n_seqs * prompt_len * cfg.hidden_size * itemsize
-        # working copies: two layers of weights and two micro-batches of the cache parts read into buffers
-        need["gpu"] += 2 * max(layer.weights.working_bytes(LOOKUP_TABLES if layer.kind == "embed" else ())
-                               for layer in self.layers)
-        need["gpu"] += 2 * working_copy_bytes(self.tiers, pol, sizes[0], cfg.num_kv_heads, cfg.head_dim, max_len,
-                                              self.storage)
+        precision = Precision.of(pol, self.tiers.compute_device.type, self.storage)
+        parts = lambda n: plan_cache(n, cfg.num_kv_heads, cfg.head_dim, pol.percents("cache"), precision)
+        rows, act = dict.fromkeys(TIERS, 0), dict.fromkeys(TIERS, 0)
+        for part in (part for size in sizes for part in parts(size)):
+            rows[part.tier] += part.stored_row_bytes
+        act[pol.act_tier] = n_seqs * prompt_len * cfg.hidden_size * precision.compute_dtype.itemsize
+        need = preflight_need(rows, max_len, len(self.decoder_indices), act,
+                              max(layer.weights.working_bytes() for layer in self.layers),
+                              sum(part.copy_bytes(max_len) for part in parts(sizes[0])))
         for tier, n in need.items():
             tr = self.tiers.trackers[tier]
             held = tr.current - (self.pool.idle_bytes if tier == "gpu" else 0)   # idle buffers can be freed

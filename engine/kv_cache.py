@@ -10,58 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .placement import CachePartPlan, Precision, plan_cache
 from .policy import Policy
-from .tiers import BufferPool, Format, TierArray, Tiers
-
-
-def split_counts(n: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Sequences per tier (gpu, cpu, disk) for a micro-batch of n."""
-    g = round(n * percents[0] / 100)
-    gc = round(n * (percents[0] + percents[1]) / 100)
-    return g, gc - g, n - gc
-
-
-def cache_format(tiers: Tiers, policy: Policy, tier: str, storage: torch.dtype) -> Format:
-    quant = policy.comp_cache_config if policy.compress_cache else None
-    if tier == "gpu":
-        return Format(tiers.compute_dtype, round_to=storage, quant=quant)
-    return Format(storage, quant=quant)
-
-
-def attend_device(tiers: Tiers, policy: Policy, tier: str) -> torch.device:
-    """Where a cache part on `tier` is attended: the CPU for CPU and disk parts with
-    cpu_cache_compute, else the compute device."""
-    if policy.cpu_cache_compute and tier != "gpu":
-        return torch.device("cpu")
-    return tiers.compute_device
-
-
-def read_dtype(tiers: Tiers, fmt: Format, device: torch.device) -> torch.dtype:
-    """The dtype a cache part is attended in: the compute dtype on the compute device; on a CPU
-    that attends, the stored dtype (fp16 is widened in registers by the decode kernel), or float32
-    for a 4-bit cache, which has to be dequantized anyway."""
-    if device.type != "cpu":
-        return tiers.compute_dtype
-    return torch.float32 if fmt.quant is not None else fmt.dtype
-
-
-def needs_copy(tiers: Tiers, tier: str, fmt: Format, device: torch.device) -> bool:
-    """Whether reading a part means decoding it into a working buffer rather than viewing it: yes
-    from disk, when 4-bit, and when it must cross to another device or dtype."""
-    if tier == "disk" or fmt.quant is not None:
-        return True
-    return tiers.device(tier) != device or fmt.dtype != read_dtype(tiers, fmt, device)
-
-
-def working_copy_bytes(tiers: Tiers, policy: Policy, n_seq: int, n_kv: int, head_dim: int, max_len: int,
-                       storage: torch.dtype) -> int:
-    """Bytes of the pool buffers `KVCache.read` fills for one layer of a micro-batch of n_seq."""
-    total = 0
-    for tier, count in zip(("gpu", "cpu", "disk"), split_counts(n_seq, policy.percents("cache"))):
-        fmt, dev = cache_format(tiers, policy, tier, storage), attend_device(tiers, policy, tier)
-        if count and needs_copy(tiers, tier, fmt, dev):
-            total += 2 * count * n_kv * head_dim * max_len * read_dtype(tiers, fmt, dev).itemsize
-    return total
+from .pools import BufferPool
+from .tiers import TierArray, Tiers
+from .transfer import CacheRead
 
 
 @dataclass
@@ -70,6 +23,7 @@ class CachePart:
     lo: int            # first sequence of the micro-batch in this part
     hi: int
     array: TierArray
+    plan: CachePartPlan
     norm: tuple[torch.Tensor, torch.Tensor] | None = None   # a 4-bit part's (mean, scale), channel_norm
 
 
@@ -96,7 +50,6 @@ class LoadedPart:
     hi: int
     k: torch.Tensor    # (n, n_kv, t, d)
     v: torch.Tensor
-    buffer: torch.Tensor | None = None   # the pool buffer k and v view, if any
 
     @property
     def device(self) -> torch.device:
@@ -109,12 +62,11 @@ class KVCache:
         self.tiers = tiers
         self.parts: list[CachePart] = []
         lo = 0
-        for tier, count in zip(("gpu", "cpu", "disk"), split_counts(n_seq, policy.percents("cache"))):
-            if count:
-                fmt = cache_format(tiers, policy, tier, storage)
-                arr = TierArray(tiers, tier, fmt, (2, count, n_kv, head_dim), max_len, f"{label}.{tier}")
-                self.parts.append(CachePart(tier, lo, lo + count, arr))
-                lo += count
+        precision = Precision.of(policy, tiers.compute_device.type, storage)
+        for plan in plan_cache(n_seq, n_kv, head_dim, policy.percents("cache"), precision):
+            arr = TierArray(tiers, plan.tier, plan.format, plan.row_shape, max_len, f"{label}.{plan.tier}")
+            self.parts.append(CachePart(plan.tier, lo, lo + plan.n_seq, arr, plan))
+            lo += plan.n_seq
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values (b, n_kv, s, d) at positions [start, start + s)."""
@@ -128,29 +80,30 @@ class KVCache:
                 part = (part - mean) / scale
             p.array.write(start, part)
 
-    def read(self, length: int, policy: Policy, pool: BufferPool) -> list[LoadedPart]:
-        """The first `length` positions of every part, each on the device that will attend over it
-        (`attend_device`), in the dtype `read_dtype` names.
+    def read(self, length: int, pool: BufferPool) -> CacheRead:
+        """The first `length` positions of every part, each on the device that will attend over it,
+        in the dtype it is attended in (`CachePartPlan`): a `CacheRead` of `LoadedPart`s that owns
+        the pool buffers it filled (close it, or use it in a `with` block, once attended).
 
         Parts held in that form on that device are views (a CPU-tier fp16 cache attended on the
         CPU is read in place by the decode kernel, ops.attend_decode); the others are decoded into
         pool buffers of the full cache length (so one buffer serves every step)."""
-        out = []
+        out, borrowed = [], []
         for p in self.parts:
-            dev = attend_device(self.tiers, policy, p.tier)
-            arr, buf = p.array, None
-            dtype = read_dtype(self.tiers, arr.fmt, dev)
-            if not needs_copy(self.tiers, p.tier, arr.fmt, dev):
+            arr, dtype = p.array, p.plan.read_dtype
+            dev = torch.device("cpu") if p.plan.attend_on == "cpu" else self.tiers.compute_device
+            if not p.plan.copied:
                 rows = arr.read(0, length, dev, dtype)                 # (t, 2, n, n_kv, d), a view
             else:
                 buf = pool.get((arr.rows, *arr.shape), dtype, dev, f"working copy of {arr.what}")
+                borrowed.append(buf)
                 rows = arr.read(0, length, dev, dtype, out=buf[:length])
                 if p.norm is not None:
                     mean, scale = p.norm
                     rows.mul_(scale.to(rows.device)).add_(mean.to(rows.device))
             kv = rows.permute(1, 2, 3, 0, 4)                           # (2, n, n_kv, t, d)
-            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1], buf))
-        return out
+            out.append(LoadedPart(p.tier, p.lo, p.hi, kv[0], kv[1]))
+        return CacheRead(pool, out, borrowed)
 
     def bytes_on(self, tier: str) -> int:
         return sum(p.array.nbytes for p in self.parts if p.tier == tier)

@@ -49,7 +49,7 @@ def by_rows(x: torch.Tensor, fn) -> torch.Tensor:
 
 
 def embedding(table, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of an embedding table, plain or still quantized (LayerWeights.load's `lookup`)."""
+    """Rows `ids` of an embedding table, plain or still quantized (placement.TensorPlan.lookup)."""
     if isinstance(table, QuantizedTensor):
         return gather_rows(table, ids)
     return table[ids]

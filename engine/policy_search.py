@@ -1,8 +1,8 @@
 """Automatic policy: a linear program (pulp, CBC) that places one block, inside a search over batch shapes.
 
 The program is exact about the engine's rounding: weights go to tiers tensor by tensor
-(`weights.choose_tiers`: a tensor's midpoint against the percentages) and the cache by whole
-sequences (`kv_cache.split_counts`), so the placement is chosen among the percentages where a
+(`placement.tier_at`: a tensor's midpoint against the percentages) and the cache by whole
+sequences (`placement.split_counts`), so the placement is chosen among the percentages where a
 tensor or a sequence changes tier (binary selectors), and the fractions `weight_frac[tier]`,
 `cache_frac[tier]` follow from them. Its times and bytes come from `engine.cost_model`. An outer
 search enumerates `gpu_batch_size`, `num_gpu_batches` and compression, pruned by an upper bound
@@ -19,12 +19,13 @@ import pulp
 import torch
 
 from .config import ModelConfig
-from .cost_model import (PROCESS_BASE_BYTES, TIERS, Placement, Setup, cache_row_bytes, caps_for,
-                         compute_mb, make_setup, memory_terms, pool_copies, predict, rate, slot_bounds, thresholds,
-                         weight_elems)
+from .cost_model import (PROCESS_BASE_BYTES, Placement, Setup, cache_row_bytes, caps_for, compute_mb, make_setup,
+                         memory_terms, pool_copies, predict, preflight, rate, slot_bounds, storage_dtype, thresholds,
+                         transient_bytes, weight_elems)
 from .hardware import Hardware, load_hardware
-from .policy import Policy
-from .tiers import MemoryBudgetError, fmt_bytes
+from .placement import CACHE_READS_IN_FLIGHT, Precision
+from .policy import TIERS, Policy
+from .accounting import MemoryBudgetError, fmt_bytes
 
 class PolicySearchError(MemoryBudgetError):
     """No policy fits the memory caps; `shortfall` maps each short tier to the missing bytes."""
@@ -122,15 +123,17 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
     pooled = {}
     for phase, by_shape in m["pool_counts"].items():
         pooled[phase] = 0
-        for shape, counts in by_shape.items():
-            label = f"{phase}_" + "x".join(map(str, shape))
+        for key, counts in by_shape.items():
+            shape, dtype = key
+            label = f"{phase}_" + "x".join(map(str, shape)) + "_" + str(dtype).removeprefix("torch.")
             copies = prob.add_variable(f"gpu_pool_copies_{label}", 0)
             for a, c in st.slots:
                 prob += copies >= pool_copies(counts, a, c), f"gpu_pool_copies_{label}_{a}_then_{c}"
-            pooled[phase] += m["pool_bytes"][phase][shape] * copies
+            pooled[phase] += m["pool_bytes"][phase][key] * copies
     work_max = prob.add_variable("gpu_largest_layer_working_copy", 0)
     for k, expr in m["working_each"].items():
         prob += work_max >= expr, f"gpu_working_copy_{k}"
+    need = preflight(st, m, work_max)
     peak = {}
     for t in TIERS:
         base = m["weights"][t] + m["cache"][t]
@@ -138,8 +141,7 @@ def placement_lp(st: Setup, elastic: bool = False) -> tuple[pulp.LpProblem, Plac
         peak[("decode", t)] = base + m["act_decode"][t] + (pooled["decode"] + m["cache_copies"] if t == "gpu" else 0)
         for phase in ("prefill", "decode"):
             prob += peak[(phase, t)] <= st.caps[t] + short[t], f"{t}_peak_{phase}"
-        pre = base + m["preflight_act"][t] + (2 * work_max + m["preflight_cache_copies"] if t == "gpu" else 0)
-        prob += pre <= st.caps[t] + short[t], f"{t}_engine_preflight"
+        prob += need[t] <= st.caps[t] + short[t], f"{t}_engine_preflight"
     if not st.cuda:   # both tiers live in the same RAM, with the untracked temporaries of compute
         for phase in ("prefill", "decode"):
             prob += (peak[(phase, "gpu")] + peak[(phase, "cpu")] + m["transient"] + PROCESS_BASE_BYTES
@@ -182,7 +184,7 @@ def _lower_bound_seconds(st: Setup) -> float:
     hw, t = st.hw, st.s + max(0, st.gen - 2) / 2
     tensors = [(x, st.counts[k]) for k, kind in st.kinds.items() for x in kind.tensors]
     quant = sum(x.elems * n for x, n in tensors if x.quantized)
-    min_bytes = min(x.nbytes[1] / x.elems for x, _ in tensors)             # cheapest bytes per element
+    min_bytes = min(x.stored_bytes("cpu") / x.elems for x, _ in tensors)             # cheapest bytes per element
     room = st.caps["gpu"] + st.caps["cpu"] if st.cuda else min(st.caps["gpu"] + st.caps["cpu"], st.hw.ram_available)
     held = sum(x.elems * n for x, n in tensors if not x.tied)            # a tied head holds nothing
     disk_read = max(0.0, held - room / min_bytes) * min_bytes / hw.disk_read_bytes_per_s
@@ -211,9 +213,11 @@ def _lower_bound_seconds(st: Setup) -> float:
 def _surely_too_big(st: Setup) -> bool:
     """Placement-independent memory needs that already exceed the caps (a quick filter before the program)."""
     cfg = st.cfg
-    copies = 4 * st.b * st.max_len * cfg.kv_dim * st.itemsize           # the engine's pre-flight reserve
-    transient = st.b * st.s * (cfg.ffn_dim + 6 * cfg.hidden_size + st.s) * st.itemsize
-    weights = sum(min(x.nbytes) * st.counts[k] for k, kind in st.kinds.items() for x in kind.tensors if not x.tied)
+    # the engine's pre-flight reserve for cache reads, were every sequence's keys and values copied
+    copies = CACHE_READS_IN_FLIGHT * 2 * st.b * st.max_len * cfg.kv_dim * st.itemsize
+    transient = transient_bytes(st)
+    weights = sum(min(x.stored_bytes(t) for t in TIERS) * st.counts[k]
+                  for k, kind in st.kinds.items() for x in kind.tensors if not x.tied)
     row = min(cache_row_bytes(st, "cpu", st.b), cache_row_bytes(st, "gpu", st.b))
     cache = row * st.max_len * cfg.num_layers * st.nb
     total = st.caps["gpu"] + st.caps["cpu"] + st.caps["disk"]
@@ -248,8 +252,12 @@ def search_policy(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_
             for ccc in ((False, True) if cuda else (False,)):
                 for i8 in options(int8_matmul) if not cuda else (False,):
                     for b, nb in shapes:
-                        st = make_setup(config, hardware, prompt_len, gen_len, b, nb, cw, cc, ccc, overlap,
-                                        storage_bytes, sep_layer, caps, int8=i8)
+                        precision = Precision(hardware.compute_device, storage_dtype(storage_bytes),
+                                              compress_weight=cw, compress_cache=cc, cpu_cache_compute=ccc,
+                                              int8_matmul=i8)
+                        st = make_setup(config, hardware, prompt_len=prompt_len, gen_len=gen_len,
+                                        gpu_batch_size=b, num_gpu_batches=nb, precision=precision,
+                                        overlap=overlap, sep_layer=sep_layer, caps=caps)
                         candidates.append((b * nb * gen_len / _lower_bound_seconds(st), st))
     candidates.sort(key=lambda c: -c[0])
     state = {"best": None, "rate": 0.0, "solved": 0, "infeasible": [], "tried": set()}
@@ -302,8 +310,10 @@ def _powers(n: int) -> list[int]:
 
 def _shortfall_error(config, hw, s, gen, caps, cw, cc, storage_bytes, overlap, sep_layer) -> PolicySearchError:
     """Solve the smallest policy's program with elastic caps: which tiers are short, by how much."""
-    st = make_setup(config, hw, s, gen, 1, 1, cw is not False, cc is not False, False, overlap,
-                storage_bytes, sep_layer, caps)
+    precision = Precision(hw.compute_device, storage_dtype(storage_bytes), compress_weight=cw is not False,
+                          compress_cache=cc is not False)
+    st = make_setup(config, hw, prompt_len=s, gen_len=gen, gpu_batch_size=1, num_gpu_batches=1,
+                    precision=precision, overlap=overlap, sep_layer=sep_layer, caps=caps)
     prob, _, info = placement_lp(st, elastic=True)
     _solve(prob)
     short = {t: int(math.ceil(v.value() or 0)) for t, v in info["short"].items() if (v.value() or 0) > 0.5}
@@ -332,7 +342,7 @@ def auto_choice(config: ModelConfig, tiers, storage: torch.dtype = torch.float16
         caps["disk"] = 0                              # no offload folder: nothing can live on disk
     prompt_len = max(1, min(prompt_len, config.max_positions - 1))
     gen_len = max(1, min(gen_len, config.max_positions - prompt_len))
-    storage_bytes = torch.empty((), dtype=storage).element_size()
+    storage_bytes = storage.itemsize
     return search_policy(config, hw, prompt_len, gen_len, storage_bytes=storage_bytes,
                          max_block_size=max_block_size, int8_matmul=int8_matmul, compress_weight=compress_weight,
                          compress_cache=compress_cache, **_cap_kwargs(caps))

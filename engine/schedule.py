@@ -3,20 +3,21 @@
 Within a block, each layer's weights are loaded once and used by every micro-batch. With
 `overlap`, one I/O thread prefetches the next layer's weights while a second loads each
 micro-batch's KV cache and stores its new entries, and the main thread computes; without it the
-same loop runs every transfer inline. Two threads, because with a single FIFO one every layer's
-first cache load queued behind the next layer's weights, so that layer's compute waited for both.
-The cache thread is FIFO, so a cache row stored at step i is always written before the load that
-reads it at step i + 1 is served. On a CPU, weights cross the weights thread as read (4-bit packed,
-fp16 as stored) and are dequantized or widened on the main thread (LayerWeights.finish), so that
-the cores alternate between converting and computing instead of being oversubscribed; with few
-rows a micro-batch, the C kernel multiplies 4-bit weights straight from the packed values instead
-(compression.multiply_packed).
+same loop runs every transfer inline. Two threads, because behind a single FIFO one every layer's
+first cache load would queue behind the next layer's weights, and that layer's compute would wait
+for both. The cache thread is FIFO, so a cache row stored at step i is always written before the
+load that reads it at step i + 1 is served.
+
+On a CPU, weights cross the weights thread as read (4-bit packed, fp16 as stored) and are
+dequantized or widened on the main thread (transfer.WeightLoad.finish), so that the cores alternate
+between converting and computing instead of being oversubscribed; with few rows a micro-batch, the
+C kernel multiplies 4-bit weights straight from the packed values instead
+(compression.multiply_packed). Who owns which buffer, and when it goes back, is in engine/transfer.py.
 
 What overlap can win on a CPU-only virtual machine depends on where the hypervisor emulates the
-disk. benchmarks/disk_contention.py measures it: a read and a computation of equal length gain a
-median 1.6x at once over one after the other on the Xeon VM of 2026-12-05 (a perfect overlap:
-1.8x), and 1.1x on the AMD EPYC VM before it, whose disk emulation took the compute's cores
-(steal time appeared only while they overlapped).
+disk: if its emulation runs on the compute's cores, a read and a computation barely overlap.
+benchmarks/disk_contention.py measures it on the machine at hand (results: docs/benchmarks.md,
+"What a disk read costs the compute").
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import torch
 
 from . import compression, ops
 from .kv_cache import KVCache
-from .models import LOOKUP_TABLES
-from .tiers import Format, TierArray, Tiers
+from .formats import Format
+from .tiers import TierArray, Tiers
+from .transfer import CacheRead, WeightLoad
 from .weights import LayerWeights
 
 
@@ -140,8 +142,7 @@ class BlockRunner:
         self.io = _io_thread("flexwrangle-weights") if threads else _Inline()         # weight prefetch
         self.cache_io = _io_thread("flexwrangle-cache") if threads else _Inline()     # cache loads and stores
         self.pool = llm.pool
-        self._w_next: tuple[Future, bool] | None = None   # the next layer's weights loading on the I/O
-        # thread, and whether they were loaded packed (LayerWeights.load)
+        self._w_next: Future | None = None       # weights_next: a WeightLoad being read on the I/O thread
         self._packed: bool | None = None         # whether the last step multiplied 4-bit weights packed
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
 
@@ -151,27 +152,15 @@ class BlockRunner:
         return not (p.w_gpu_percent == p.cache_gpu_percent == p.act_gpu_percent == 100
                     and not p.compress_weight and not p.compress_cache)
 
-    # ---- transfers (run on the I/O thread when overlapping) ----------------------------------------
-    def _load_weights(self, j: int, packed: bool):
-        layer = self.layers[j]
-        lookup = LOOKUP_TABLES if layer.kind == "embed" else ()
-        return layer.weights.load(self.pool, lookup, packed)     # (tensors, borrowed buffers)
+    # ---- transfers (run on the I/O threads when overlapping) ---------------------------------------
+    def _load_weights(self, j: int, packed: bool) -> WeightLoad:
+        return self.layers[j].weights.load(self.pool, packed)
 
-    def _prefetch(self, j: int, packed: bool) -> None:
-        self._w_next = (self.io.submit(self._load_weights, j, packed), packed)
+    def _prefetch(self, j: int, packed: bool) -> Future:
+        return self.io.submit(self._load_weights, j, packed)
 
-    def _release(self, buffers) -> None:
-        for b in buffers:
-            self.pool.put(b)
-
-    def _discard(self, loaded) -> None:
-        """Give back what `_load_weights` returned without using it."""
-        w, borrowed = loaded
-        LayerWeights.discard(w)
-        self._release(borrowed)
-
-    def _load_cache(self, cache: KVCache, length: int):
-        return cache.read(length, self.policy, self.pool)
+    def _load_cache(self, cache: KVCache, length: int) -> CacheRead:
+        return cache.read(length, self.pool)
 
     # ---- the loop nest --------------------------------------------------------------------------
     def run(self, mbs: list[MicroBatch], max_new_tokens: int, act: ActStore) -> None:
@@ -208,22 +197,17 @@ class BlockRunner:
             self.pool.trim()
         self._packed = defer
         if self._w_next is None:
-            self._prefetch(0, defer)
+            self._w_next = self._prefetch(0, defer)
         for j in range(n_layers):
-            future, packed = self._w_next
-            self._w_next = None
-            w_now, borrowed = future.result()
-            if packed and not defer:      # scratch only, loaded for another step: load whole copies
-                self._discard((w_now, borrowed))
-                w_now, borrowed = self._load_weights(j, defer)
+            future, self._w_next = self._w_next, None
+            weights_now = future.result()
+            if weights_now.packed and not defer:   # scratch only, loaded for another step: load whole copies
+                weights_now.close()
+                weights_now = self._load_weights(j, defer)
             if j + 1 < n_layers or more_steps:                   # prefetch the next layer's weights
-                self._prefetch((j + 1) % n_layers, defer if j + 1 < n_layers else defer_next)
-            pending = LayerWeights.finish(w_now, defer)          # dequantize here, between computes
-            self._run_layer(j, w_now, mbs, step, act)
-            del w_now
-            for release in pending:
-                release()
-            self._release(borrowed)
+                self._w_next = self._prefetch((j + 1) % n_layers, defer if j + 1 < n_layers else defer_next)
+            with weights_now:                                    # its buffers go back when the layer is done
+                self._run_layer(j, weights_now.finish(defer), mbs, step, act)   # dequantize here, between computes
         if self.tiers.compute_device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -248,7 +232,7 @@ class BlockRunner:
         self.io.shutdown(wait=True)
         self.cache_io.shutdown(wait=True)
         if self._w_next is not None:
-            self._discard(self._w_next[0].result())
+            self._w_next.result().close()
             self._w_next = None
 
     def _run_layer(self, j: int, w: dict, mbs: list[MicroBatch], step: int, act: ActStore) -> None:
@@ -260,24 +244,20 @@ class BlockRunner:
                        if is_attn and self.prefix else None)
         cache_next = (self.cache_io.submit(self._load_cache, mbs[0].caches[layer.index], own(mbs[0]))
                       if needs_cache else None)
-        prefix = prefix_next.result() if prefix_next else None
-        for idx, mb in enumerate(mbs):
-            past = cache_next.result() if needs_cache else None
-            if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
-                nxt = mbs[idx + 1]
-                cache_next = self.cache_io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
-            key = id(mb)
-            h = act.get(key) if layer.kind != "embed" else None
-            h = self._compute(layer, w, mb, h, past, prefix[0] if prefix else None)
-            if layer.kind == "head":
-                act.drop(key)
-            else:
-                act.put(key, h)
-            if past:
-                self._release([p.buffer for p in past if p.buffer is not None])
-            del past
-        if prefix:
-            self._release([p.buffer for p in prefix if p.buffer is not None])
+        with prefix_next.result() if prefix_next else CacheRead.nothing() as prefix:   # shared by every micro-batch
+            for idx, mb in enumerate(mbs):
+                past = cache_next.result() if needs_cache else CacheRead.nothing()
+                if needs_cache and idx + 1 < len(mbs):           # prefetch the next micro-batch's cache
+                    nxt = mbs[idx + 1]
+                    cache_next = self.cache_io.submit(self._load_cache, nxt.caches[layer.index], own(nxt))
+                key = id(mb)
+                h = act.get(key) if layer.kind != "embed" else None
+                with past:                                        # its buffers go back once attended
+                    h = self._compute(layer, w, mb, h, past.parts, prefix.parts[0] if prefix.parts else None)
+                    if layer.kind == "head":
+                        act.drop(key)
+                    else:
+                        act.put(key, h)
 
     def _compute(self, layer: Layer, w: dict, mb: MicroBatch, h, past, prefix):
         cfg, fam = self.cfg, self.fam

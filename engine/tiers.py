@@ -1,154 +1,28 @@
-"""The three tiers (compute device, CPU, disk): byte accounting, storage formats and disk files.
+"""The three tiers (compute device, CPU, disk) and the arrays placed on them.
 
-Everything a tier holds is raw bytes in rows: a `Format` turns a float tensor of n rows into a
-uint8 tensor (n, row_bytes) and back. On the compute device, plain data is kept compute-ready
-(float32 on CPU, with values rounded through the storage dtype so every tier yields identical
-numbers); on CPU and disk it is kept in the storage dtype (float16 by default) or group-wise
-quantized. Disk rows live in files under the offload directory, read and written with O_DIRECT
-(page cache bypassed) at 4 KiB-aligned offsets (engine/disk.py).
+`Tiers` holds one byte tracker per tier ("gpu" names the compute device: CUDA when present, else
+the CPU) and makes the disk tier's files. A `TierArray` is the unit of placement: rows of one
+logical shape on one tier, held as raw bytes in one `Format` (engine/formats.py); disk rows live
+in O_DIRECT files under the offload directory (engine/disk.py).
+
+The tracker, format, pool and disk-file names are re-exported here too, so that callers of
+`engine.tiers` (the hardware probe, flows/params.py, tests) need not know which file holds which.
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
-import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import psutil
 import torch
 
-from . import int8 as int8_format
-from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, padded_shape, quantize
+from .accounting import MemoryBudgetError, MemoryTracker, fmt_bytes, parse_bytes  # noqa: F401  (re-exported)
 from .disk import ALIGN, STAGING, DiskFile, aligned, process_folder, sweep_stale  # noqa: F401  (re-exported)
+from .formats import Format, compute_dtype  # noqa: F401  (re-exported)
+from .pools import BufferPool  # noqa: F401  (re-exported)
 
 _FILE_NUMBERS = itertools.count(1)     # offload file names, process-wide
-
-
-class MemoryBudgetError(MemoryError):
-    """A tier would exceed its byte budget."""
-
-
-class MemoryTracker:
-    """Bytes held on one tier now and at the peak, against a capacity."""
-
-    def __init__(self, tier: str, capacity: int):
-        self.tier, self.capacity = tier, capacity
-        self.current = self.peak = 0
-        self._lock = threading.Lock()
-
-    def alloc(self, nbytes: int, what: str = "") -> None:
-        with self._lock:
-            if self.current + nbytes > self.capacity:
-                raise MemoryBudgetError(
-                    f"the {self.tier} tier is over its budget by {fmt_bytes(self.current + nbytes - self.capacity)} "
-                    f"while allocating {fmt_bytes(nbytes)} for {what or 'a tensor'} (budget "
-                    f"{fmt_bytes(self.capacity)}): lower this tier's percentages or batch size, or raise "
-                    f"--{self.tier}-mem")
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-
-    def free(self, nbytes: int) -> None:
-        with self._lock:
-            self.current -= nbytes
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-def parse_bytes(text) -> int:
-    """'300MB', '1.5GiB', '4096' -> bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().upper().replace("IB", "B")
-    for suffix, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(float(s))
-
-
-@dataclass(frozen=True)
-class Format:
-    """How float data is held on a tier: an element dtype, optional rounding, optional quantization."""
-
-    dtype: torch.dtype                       # element dtype held (plain formats)
-    round_to: torch.dtype | None = None      # values pass through this dtype first (storage precision)
-    quant: CompressionConfig | None = None   # group-wise quantization instead of plain elements
-    int8: bool = False                       # a 2-D weight as int8 rows with scales (engine/int8.py)
-
-    def row_bytes(self, shape: tuple) -> int:
-        if self.int8:
-            return int8_format.nbytes(shape)
-        if self.quant is not None:
-            return compressed_nbytes(shape, self.quant)
-        n = 1
-        for s in shape:
-            n *= s
-        return n * _itemsize(self.dtype)
-
-    def work_shape(self, shape: tuple) -> tuple:
-        """Shape of the compute-form buffer `decode` fills without a copy (4-bit: whole groups)."""
-        return tuple(shape) if self.quant is None else padded_shape(shape, self.quant)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, *shape) float -> uint8 (n, row_bytes)."""
-        n = x.shape[0]
-        if self.int8:
-            return int8_format.encode(x)
-        if self.quant is None:
-            if self.round_to is not None and self.round_to != self.dtype:
-                x = x.to(self.round_to)
-            return x.to(self.dtype).contiguous().view(torch.uint8).reshape(n, -1)
-        q = quantize(x, self._row_config())
-        return torch.cat([p.reshape(n, -1).view(torch.uint8) for p in q.parts()], dim=1)
-
-    def decode(self, raw: torch.Tensor, shape: tuple, dtype: torch.dtype,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (n, row_bytes) -> (n, *shape) in `dtype`: into `out`'s memory when given (use the
-        return value: a quantized format may hand back a transposed view of it), else a view when no
-        conversion is needed."""
-        n = raw.shape[0]
-        if self.int8:
-            vals = torch.stack([int8_format.dequantize(int8_format.unpack(r, shape), dtype) for r in raw])
-            return out.copy_(vals) if out is not None else vals
-        if self.quant is None:
-            vals = raw.view(self.dtype).view(n, *shape)        # rows may be strided; elements contiguous
-            if out is not None:
-                return out.copy_(vals)
-            return vals if self.dtype == dtype else vals.to(dtype)
-        return dequantize(self.unpack(raw, shape, self._row_config()), dtype, out)
-
-    def unpack(self, raw: torch.Tensor, shape: tuple, config: CompressionConfig | None = None):
-        """uint8 (n, row_bytes) of a quantized format -> its parts (views when `raw` is contiguous);
-        without `config` the rows are one tensor of `shape` (n must be 1). An int8 format gives the
-        Int8Weight its one row holds."""
-        if self.int8:
-            return int8_format.unpack(raw, shape)
-        n = raw.shape[0]
-        groups = compressed_nbytes(shape, self.quant) // (self.quant.group_size * self.quant.num_bits // 8 + 4)
-        packed_w = self.quant.group_size * self.quant.num_bits // 8
-        sizes = [groups * packed_w, groups * 2, groups * 2]
-        packed, step, minimum = torch.split(raw, sizes, dim=1)
-        return QuantizedTensor(packed.contiguous().reshape(n * groups, packed_w),
-                               step.contiguous().view(torch.float16).reshape(n * groups, 1),
-                               minimum.contiguous().view(torch.float16).reshape(n * groups, 1),
-                               (n, *shape) if config is not None else tuple(shape), config or self.quant)
-
-    def _row_config(self) -> CompressionConfig:
-        # the row dimension n comes first, so a group_dim counted from the front moves by one
-        q = self.quant
-        gd = q.group_dim + 1 if q.group_dim >= 0 else q.group_dim
-        return CompressionConfig(q.num_bits, q.group_size, gd, q.symmetric)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _nothing() -> None:
@@ -178,7 +52,7 @@ class Tiers:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float16 if self.compute_device.type == "cuda" else torch.float32
+        return compute_dtype(self.compute_device.type)
 
     def device(self, tier: str) -> torch.device:
         return self.compute_device if tier == "gpu" else torch.device("cpu")
@@ -193,66 +67,6 @@ class Tiers:
 
     def peaks(self) -> dict[str, int]:
         return {name: t.peak for name, t in self.trackers.items()}
-
-
-class BufferPool:
-    """Reusable compute-form buffers keyed by (shape, dtype, device): weights_now / weights_next and
-    loaded caches reuse the same memory every layer and step instead of faulting in new pages. Held
-    buffers count on the compute device's tracker for as long as the pool keeps them."""
-
-    def __init__(self, tracker: MemoryTracker):
-        self.tracker = tracker
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, shape: tuple, dtype: torch.dtype, device: torch.device, what: str = "") -> torch.Tensor:
-        key = (tuple(shape), dtype, str(device))
-        with self._lock:
-            free = self._free.get(key)
-            if free:
-                return free.pop()
-        nbytes = _numel(shape) * _itemsize(dtype)
-        try:
-            self.tracker.alloc(nbytes, what)
-        except MemoryBudgetError:
-            self.trim()                       # drop idle buffers of other shapes, then try once more
-            self.tracker.alloc(nbytes, what)
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def put(self, t: torch.Tensor) -> None:
-        with self._lock:
-            self._free.setdefault((tuple(t.shape), t.dtype, str(t.device)), []).append(t)
-
-    @property
-    def idle_bytes(self) -> int:
-        with self._lock:
-            return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
-
-    def trim(self) -> None:
-        """Drop the idle buffers and hand the memory they held back to the OS."""
-        with self._lock:
-            for free in self._free.values():
-                for t in free:
-                    self.tracker.free(t.numel() * t.element_size())
-            self._free.clear()
-        _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Return free heap pages to the OS. Buffers of 32 MB and more are mmapped and unmapped when freed
-    (weights.unmapped_on_free), but smaller ones (a 2048 x 2048 float32 working copy: 16 MB) come from
-    glibc's heap, which keeps freed pages in RSS until asked. No-op off glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class TierArray:

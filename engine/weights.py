@@ -11,20 +11,20 @@ import ctypes
 import hashlib
 import itertools
 import json
+import math
 import os
-import threading
 import weakref
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 
-from . import int8 as int8_format
-from .compression import QuantizedTensor, QuantizedWeight, dequantize, padded_shape, scratch_elems
 from .config import CheckpointError, ModelConfig
 from .models import WeightSpec, family
+from .placement import Precision, TensorPlan, plan_layer, tier_at
 from .policy import Policy
-from .tiers import STAGING, BufferPool, Format, TierArray, Tiers, aligned
+from .pools import BufferPool
+from .tiers import TierArray, Tiers
+from .transfer import SharedStaging, WeightLoad
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,8 +36,8 @@ class SafetensorsFile:
     """A .safetensors file read one tensor at a time with pread into memory of its own.
 
     Not memory-mapped: the pages of a mapping count in the process's RSS for as long as it lives,
-    which made the checkpoint's file size (OPT-1.3b: 2.5 GiB) part of the engine's peak RSS while
-    it loaded; a read tensor is freed once it is placed. Format: an 8-byte little-endian header
+    which would make the checkpoint's file size (OPT-1.3b: 2.5 GiB) part of the engine's peak RSS
+    while it loads; a read tensor is freed once it is placed. Format: an 8-byte little-endian header
     length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
 
     def __init__(self, path: Path):
@@ -93,7 +93,7 @@ def _check_entry(name: str, m, data_bytes: int) -> None:
     if not 0 <= begin <= end <= data_bytes:
         raise ValueError(f"{name}: data at bytes {begin}-{end} lies past the end of the file "
                          f"({data_bytes} bytes of data)")
-    want = _numel(shape) * torch.empty((), dtype=_SAFETENSORS_DTYPES[m["dtype"]]).element_size()
+    want = math.prod(shape) * _SAFETENSORS_DTYPES[m["dtype"]].itemsize
     if end - begin != want:      # e.g. empty offsets for a non-empty shape: uninitialised weights
         raise ValueError(f"{name}: shape {shape} of {m['dtype']} needs {want} bytes, the header gives {end - begin}")
 
@@ -174,8 +174,8 @@ def unmapped_on_free(threshold: int = 1 << 20):
     """Inside: glibc serves allocations of `threshold` bytes or more with mmap, so each goes back to
     the OS when freed. Loading makes a few transient copies of every tensor (read, widened, rounded);
     glibc's default raises that bar to 32 MB after the first large free and keeps the rest in its
-    heap, which held 2 GiB of freed copies in RSS after OPT-1.3b loaded (RSS 7.4 GiB for 5.3 GiB of
-    weights; 5.5 GiB this way). After: a fixed 32 MB, the default's own ceiling, so that generation's
+    heap (loading OPT-1.3b, 5.3 GiB of weights, that leaves 2 GiB of freed copies in RSS: 7.4 GiB
+    against 5.5 GiB with this threshold). After: a fixed 32 MB, the default's own ceiling, so that generation's
     activations reuse heap memory instead of faulting in fresh pages. No-op off glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -204,118 +204,21 @@ def resolve_names(specs: list[WeightSpec], index: int) -> list[WeightSpec]:
     return [WeightSpec(s.name, s.hf_name.format(i=index), s.shape) for s in specs]
 
 
-def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[str]:
-    """FlexGen's rule: a tensor goes to the tier whose percentage range holds its midpoint."""
-    total = max(1, sum(sizes))
-    bounds = (percents[0], percents[0] + percents[1])
-    out, done = [], 0
-    for size in sizes:
-        mid = (done + size / 2) / total * 100
-        out.append("gpu" if mid < bounds[0] else "cpu" if mid < bounds[1] else "disk")
-        done += size
-    return out
-
-
-class Packed(NamedTuple):
-    """A quantized weight read onto the compute device, waiting for `LayerWeights.finish`."""
-    parts: QuantizedTensor
-    release: Callable[[], None]    # gives back the disk staging buffer `parts` may view
-    out: torch.Tensor              # the working buffer it dequantizes into
-    int8: bool = False             # then made int8 rows in that buffer (int8.quantize_over)
-
-
-class Widen(NamedTuple):
-    """A plain (e.g. fp16) weight's bytes read on the I/O thread, waiting for `LayerWeights.finish`
-    to widen them into a working buffer it borrows from `pool` then. Borrowed there, not at the
-    read, the pool holds one float copy of each layer shape, not two (the next layer's waits as
-    its stored bytes, half the size in fp16)."""
-    arr: TierArray
-    raw: torch.Tensor              # uint8 (1, row_bytes): a disk staging buffer or the CPU tier's bytes
-    release: Callable[[], None]    # gives back the staging buffer `raw` may view
-    pool: BufferPool               # lends the working buffer
-
-
-class _SharedStaging:
-    """A staging buffer several weights view: back to STAGING once every hold is released."""
-
-    def __init__(self, buf):
-        self.buf, self.holds, self._lock = buf, 1, threading.Lock()
-
-    def hold(self) -> Callable[[], None]:
-        with self._lock:
-            self.holds += 1
-        return self.release
-
-    def release(self) -> None:
-        with self._lock:
-            self.holds -= 1
-            last = self.holds == 0
-        if last:
-            STAGING.put(self.buf)
-
-
 class LayerWeights:
-    """One layer's weights, each homed on one tier in that tier's format."""
+    """One layer's weights, each homed on one tier in that tier's format, with the plan it was
+    placed by (engine/placement.py): name -> (array, plan)."""
 
-    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray], requant: frozenset = frozenset()):
-        self.tiers, self.arrays = tiers, arrays
-        self.requant = requant     # 4-bit weights multiplied as int8 rows (Policy.int8_matmul with compress_weight)
+    def __init__(self, tiers: Tiers, arrays: dict[str, TierArray], plans: dict[str, TensorPlan]):
+        self.tiers, self.arrays, self.plans = tiers, arrays, plans
 
-    def load(self, pool: BufferPool, lookup=(), packed: bool = False) -> tuple[dict, list[torch.Tensor]]:
-        """The layer's tensors on the compute device, and the pool buffers borrowed for them (give
-        them back after use). Runs on the I/O thread; pass the dict through `finish` before use.
-        `packed`: `finish` will be told to defer, so 2-D quantized weights borrow only the scratch
-        `compression.linear` uses, not a whole working copy (`borrow_shape`).
+    def load(self, pool: BufferPool, packed: bool = False) -> WeightLoad:
+        """Read the layer for the compute device (on the I/O thread): a `WeightLoad` that owns what
+        the read borrowed; finish it on the computing thread and close it (a `with` block) once the
+        layer is done (engine/transfer.py). `packed`: the steps will multiply 2-D 4-bit weights
+        packed, so those borrow only `compression.linear`'s scratch (TensorPlan.borrow)."""
+        return WeightLoad(self, pool, packed)
 
-        Quantized weights come back packed, as `Packed`: `finish` dequantizes them on the thread that
-        computes, so that the cores convert and compute in turn instead of fighting over them and the
-        I/O thread only waits on the disk (OPT-1.3b, 4-bit weights on disk, batch 16 on 2 cores: an
-        I/O thread dequantizing beside the 2-thread matmuls made a decode step 5.5 s, against 4.3 s
-        with overlap off and 4.4 s dequantizing here). Plain weights a CPU computes with come back as
-        `Widen` for the same reason: widening a layer of OPT-1.3b from fp16 takes 40 ms on the I/O
-        thread's one torch thread, 21 ms on the compute's two, and beside a 100 ms read that made
-        overlap on slower than off (0.92x a decode step, set xeon-overlap-2026-12-05). `lookup` names
-        tables the layer only indexes rows of (embeddings): quantized ones stay packed, as
-        QuantizedTensor, for `ops.embedding`."""
-        dev, dtype = self.tiers.compute_device, self.tiers.compute_dtype
-        out, borrowed = {}, []
-        raws, staging = self._read_shared()
-        try:
-            for name, arr in self.arrays.items():
-                raw = raws.get(name)
-                if self._as_stored(name, arr, lookup):     # a copy of the bytes off the gpu tier
-                    buf = pool.get((arr.row_bytes,), torch.uint8, dev, f"packed copy of {arr.what}") \
-                        if arr.tier != "gpu" else None
-                    out[name] = arr.read_quantized(dev, buf, raw)[0]
-                    borrowed += [buf] if buf is not None else []
-                elif self._ready(arr):
-                    out[name] = arr.read(0, 1, dev, dtype)[0]                   # a view, no copy
-                elif arr.fmt.quant is None and dev.type == "cpu":    # (CUDA: the copy to the device widens)
-                    own, release = arr.read_bytes(raw)
-                    out[name] = Widen(arr, own, staging.hold() if raw is not None else release, pool)
-                else:
-                    whole = name in self.requant                   # requantized whole, never multiplied packed
-                    shape = self.borrow_shape(arr, packed and not whole)
-                    buf = pool.get(shape, dtype, dev, f"{'scratch' if packed and not whole else 'working copy'} of {arr.what}")
-                    if arr.fmt.quant is not None and raw is not None:      # views the shared read
-                        out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, whole)
-                    elif arr.fmt.quant is not None:
-                        out[name] = Packed(*arr.read_quantized(dev), buf, whole)
-                    else:
-                        out[name] = arr.read(0, 1, dev, dtype, out=buf.view(1, *shape), raw=raw)[0]
-                    borrowed.append(buf)
-        finally:
-            if staging is not None:
-                staging.release()                 # this function's hold; Packed weights keep theirs
-        return out, borrowed
-
-    @staticmethod
-    def _as_stored(name: str, arr: TierArray, lookup) -> bool:
-        """Whether `arr` is computed with in its stored bytes: a quantized table `embed` gathers rows
-        from, or int8 rows `ops.linear` multiplies by."""
-        return (name in lookup and arr.fmt.quant is not None) or arr.fmt.int8
-
-    def _read_shared(self) -> tuple[dict[str, torch.Tensor], "_SharedStaging | None"]:
+    def read_shared(self) -> tuple[dict[str, torch.Tensor], SharedStaging | None]:
         """Every disk-homed tensor of the layer in one read of the file they share (place_layer):
         {name: its bytes (1, row_bytes)}, viewing one staging buffer, and that buffer's holds."""
         files = {id(a.file): a.file for a in self.arrays.values() if a.file is not None}
@@ -326,71 +229,11 @@ class LayerWeights:
         whole = raw[0]
         raws = {name: whole[a.base: a.base + a.row_bytes].view(1, -1)
                 for name, a in self.arrays.items() if a.file is f}
-        return raws, _SharedStaging(buf)
+        return raws, SharedStaging(buf)
 
-    @staticmethod
-    def finish(w: dict, defer: bool = False) -> list[Callable[[], None]]:
-        """Make `load`'s dict ready to compute with; returns what to call once the layer is done.
-
-        Every `Packed` weight is dequantized into its working buffer and its staging buffer given
-        back, except, with `defer`, 2-D weights: those become `QuantizedWeight`s that `ops.linear`
-        multiplies by straight from the packed values (compression.linear), with the working buffer
-        as scratch; their staging buffers are given back by the returned calls. Every `Widen`
-        weight is widened into a working buffer it borrows, its staging buffer given back, and the
-        working buffer returned by the returned calls. A `Packed` weight marked `int8` is dequantized
-        and then made int8 rows in the same buffer (int8.quantize_over), whatever `defer` says."""
-        pending = []
-        for name, t in w.items():
-            if isinstance(t, Widen):
-                a = t.arr
-                buf = t.pool.get(LayerWeights.borrow_shape(a), a.tiers.compute_dtype, a.tiers.compute_device,
-                                 f"working copy of {a.what}")
-                w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
-                t.release()
-                pending.append(lambda pool=t.pool, buf=buf: pool.put(buf))
-            elif isinstance(t, Packed):
-                if t.int8 and t.out.dtype == torch.float32:      # (CUDA computes in fp16: multiplied as float)
-                    w[name] = int8_format.quantize_over(dequantize(t.parts, torch.float32, t.out))
-                    t.release()
-                elif defer and len(t.parts.shape) == 2:
-                    w[name] = QuantizedWeight(t.parts, t.out)
-                    pending.append(t.release)
-                elif t.out.numel() < _numel(padded_shape(t.parts.shape, t.parts.config)):
-                    raise RuntimeError(f"{name}: loaded with packed=True (scratch only) but finished without "
-                                       "defer; load and finish must agree")
-                else:
-                    w[name] = dequantize(t.parts, t.out.dtype, t.out)
-                    t.release()
-        return pending
-
-    @staticmethod
-    def discard(w: dict) -> None:
-        """Give back the staging buffers `load`'s dict holds when it will not be finished."""
-        for t in w.values():
-            if isinstance(t, (Packed, Widen)):
-                t.release()
-
-    def _ready(self, arr: TierArray) -> bool:
-        return arr.tier == "gpu" and arr.fmt.quant is None and arr.fmt.dtype == self.tiers.compute_dtype
-
-    @staticmethod
-    def borrow_shape(arr: TierArray, packed: bool = False) -> tuple:
-        """Shape of the float buffer `load` borrows for `arr` (not compute-ready on the device): its
-        whole working copy, or with `packed` for a 2-D quantized weight, `linear`'s scratch."""
-        if packed and arr.fmt.quant is not None and len(arr.shape) == 2:
-            return (scratch_elems(arr.shape, arr.fmt.quant),)
-        return arr.fmt.work_shape(arr.shape)
-
-    def working_bytes(self, lookup=(), packed: bool = False) -> int:
-        """Bytes `load` borrows on the compute device (weights not already compute-ready there)."""
-        itemsize = torch.empty((), dtype=self.tiers.compute_dtype).element_size()
-        total = 0
-        for name, a in self.arrays.items():
-            if self._as_stored(name, a, lookup):
-                total += a.row_bytes if a.tier != "gpu" else 0
-            elif not self._ready(a):
-                total += _numel(self.borrow_shape(a, packed and name not in self.requant)) * itemsize
-        return total
+    def working_bytes(self, packed: bool = False) -> int:
+        """Bytes a load borrows on the compute device (for weights not compute-ready there)."""
+        return sum(self.plans[name].working_bytes(a.tier, packed) for name, a in self.arrays.items())
 
     def bytes_on(self, tier: str) -> int:
         return sum(a.nbytes for a in self.arrays.values() if a.tier == tier)
@@ -400,34 +243,14 @@ class LayerWeights:
             a.close()
 
 
-def weight_format(tiers: Tiers, policy: Policy, tier: str, shape: tuple, storage: torch.dtype,
-                  matmul: bool = False) -> Format:
-    """How a weight of `shape` is held on `tier`. `matmul`: a decoder layer's 2-D weight that only
-    `ops.linear` reads, held as int8 (engine/int8.py) under `policy.int8_matmul`, unless the policy
-    also compresses weights: then it is held 4-bit and made int8 rows as each block loads it
-    (`requantized`)."""
-    if requantized(policy, shape, matmul):
-        return weight_format(tiers, policy, tier, shape, storage)
-    if matmul and policy.int8_matmul and len(shape) == 2:
-        return Format(torch.int8, int8=True)
-    quant = policy.comp_weight_config if policy.compress_weight and len(shape) >= 2 else None
-    if tier == "gpu":
-        return Format(tiers.compute_dtype, round_to=storage, quant=quant)
-    return Format(storage, quant=quant)
-
-
-def requantized(policy: Policy, shape: tuple, matmul: bool) -> bool:
-    """Whether a weight is held 4-bit and multiplied as int8 rows made at each load."""
-    return matmul and policy.int8_matmul and policy.compress_weight and len(shape) == 2
-
-
 def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], label: str,
                 storage: torch.dtype, placed: dict[str, TierArray] | None = None,
                 matmul: bool = False) -> LayerWeights:
-    """Read a layer's tensors from `source` and home each on its tier. The disk-homed ones share one
-    file, each at an aligned offset, so that loading the layer is one read. Small tensors pay a
-    request's latency each: SmolLM2-135M's 4-bit layers are 4-5 tensors of 0.1-0.5 MB, and its 62
-    layers loaded serially took 0.16-0.17 s as one read a tensor, 0.13-0.16 s as one read a layer.
+    """Read a layer's tensors from `source` and home each on the tier and in the format its
+    `TensorPlan` names. The disk-homed ones share one file, each at an aligned offset, so that
+    loading the layer is one read: small tensors pay a request's latency each (SmolLM2-135M's 4-bit
+    layers are 4-5 tensors of 0.1-0.5 MB, and one read a layer loads them measurably faster than
+    one read a tensor).
 
     `placed` maps checkpoint names to arrays placed by earlier layers (and gets this layer's): a
     tensor already there of the same shape is shared, not stored again, wherever it lives. That is
@@ -436,38 +259,30 @@ def place_layer(tiers: Tiers, policy: Policy, source, specs: list[WeightSpec], l
     placed = {} if placed is None else placed
     for spec in specs:                         # before anything is allocated for them
         source.check(spec.hf_name, spec.shape)
-    sizes = [_numel(s.shape) for s in specs]
-    homes = choose_tiers(sizes, policy.percents("w"))
-    tied = [spec.hf_name in placed and placed[spec.hf_name].shape == tuple(spec.shape) for spec in specs]
-    formats = [weight_format(tiers, policy, tier, spec.shape, storage, matmul) for spec, tier in zip(specs, homes)]
-    spans = [aligned(f.row_bytes(s.shape)) if tier == "disk" and not t else 0
-             for s, f, tier, t in zip(specs, formats, homes, tied)]
+    precision = Precision.of(policy, tiers.compute_device.type, storage)
+    # where an earlier layer holds a tensor is its array's business: the plan only needs to know it is tied
+    plans = plan_layer(specs, precision, matmul, {(hf, a.shape): None for hf, a in placed.items()})
+    homes = [tier_at(p.mid, policy.percents("w")) if not p.tied else None for p in plans]
+    spans = [p.stored_bytes("disk") if tier == "disk" else 0 for p, tier in zip(plans, homes)]
     shared = tiers.new_file(f"{label}.weights", sum(spans), 1) if sum(map(bool, spans)) > 1 else None
     arrays = {}
     try:
-        for spec, tier, fmt, base, is_tied in zip(specs, homes, formats, itertools.accumulate([0] + spans), tied):
-            if is_tied:
+        for spec, plan, tier, base in zip(specs, plans, homes, itertools.accumulate([0] + spans)):
+            if plan.tied:
                 arrays[spec.name] = placed[spec.hf_name]
                 continue
             t = source.get(spec.hf_name, spec.shape)
             span = (shared, base) if shared is not None and tier == "disk" else None
-            arr = TierArray(tiers, tier, fmt, spec.shape, 1, f"{label}.{spec.name}", span)
+            arr = TierArray(tiers, tier, plan.format(tier), spec.shape, 1, f"{label}.{spec.name}", span)
             arrays[spec.name] = arr
             arr.write(0, t.to(torch.float32)[None])
             placed[spec.hf_name] = arr
     except BaseException:
-        for spec, is_tied in zip(specs, tied):
-            if spec.name in arrays and not is_tied:
+        for spec, plan in zip(specs, plans):
+            if spec.name in arrays and not plan.tied:
                 arrays[spec.name].close()
         raise
     finally:
         if shared is not None:
             shared.close()                     # the arrays hold it now
-    return LayerWeights(tiers, arrays, frozenset(s.name for s in specs if requantized(policy, s.shape, matmul)))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return LayerWeights(tiers, arrays, {p.name: p for p in plans})

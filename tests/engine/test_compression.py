@@ -209,9 +209,10 @@ def test_a_4_bit_cache_keeps_small_channels_beside_a_large_one():
     cache = KVCache(tiers, policy, 2, 2, 64, 48, torch.float16, "t")
     cache.write(0, k[:, :, :32], v[:, :, :32])                # the prompt: the statistics come from it
     cache.write(32, k[:, :, 32:], v[:, :, 32:])               # later tokens reuse them
-    (part,) = cache.read(40, policy, BufferPool(tiers.trackers["gpu"]))
-    small = [c for c in range(64) if c != 5]
-    err = (part.k[..., small] - k[..., small]).abs().mean() / k[..., small].abs().mean()
-    assert err < 0.1                                         # min-max over a group with 200 in it: ~3
-    assert torch.allclose(part.v, v, atol=0.5)
+    with cache.read(40, BufferPool(tiers.trackers["gpu"])) as read:
+        (part,) = read.parts
+        small = [c for c in range(64) if c != 5]
+        err = (part.k[..., small] - k[..., small]).abs().mean() / k[..., small].abs().mean()
+        assert err < 0.1                                     # min-max over a group with 200 in it: ~3
+        assert torch.allclose(part.v, v, atol=0.5)
     cache.close()

@@ -7,7 +7,6 @@ from enginekit import MIXED_PROMPTS, POLICIES
 
 from engine import LLM, MemoryBudgetError, Policy
 from engine.tiers import STAGING
-from engine.weights import LayerWeights
 
 PROMPTS = MIXED_PROMPTS * 2          # 12 sequences: blocks of 2x3 and 4x1 both leave a remainder
 
@@ -60,12 +59,12 @@ def test_disk_tier_is_real_direct_io(tiny_opt, tmp_path):
     f = next(iter(layer.weights.arrays.values())).file
     original = f.read_rows
     f.read_rows = lambda *a, **k: reads.append(a) or original(*a, **k)
-    w, borrowed = layer.weights.load(llm.pool)
-    assert len(reads) == 1
-    LayerWeights.finish(w)                            # widen fp16 into float32 (deferred to the computing thread)
-    for name, t in w.items():                         # the same values as each tensor read alone
-        alone = layer.weights.arrays[name].read(0, 1, torch.device("cpu"), torch.float32)[0]
-        assert torch.equal(t, alone)
+    with layer.weights.load(llm.pool) as load:
+        assert len(reads) == 1
+        w = load.finish()                             # widen fp16 into float32 (deferred to the computing thread)
+        for name, t in w.items():                     # the same values as each tensor read alone
+            alone = layer.weights.arrays[name].read(0, 1, torch.device("cpu"), torch.float32)[0]
+            assert torch.equal(t, alone)
     llm.close()
     assert os.listdir(tmp_path) == []
 

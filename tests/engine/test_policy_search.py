@@ -12,6 +12,7 @@ from engine import LLM, MemoryBudgetError, Policy
 from engine import compression, cost_model
 from engine import policy_search as ps
 from engine.config import opt_config, read_hf_config
+from engine.placement import Precision
 from engine.hardware import Hardware
 from engine.policy_search import PolicySearchError, predict, search_policy
 
@@ -206,8 +207,9 @@ def test_impossible_caps_without_disk_name_every_short_tier(hw):
 
 
 def test_program_names_variables_and_constraints_by_meaning(hw):
-    st = cost_model.make_setup(opt_config("opt-125m"), hw, 64, 8, 4, 2, False, False, False, True, 2, True,
-                   {"gpu": GiB, "cpu": GiB, "disk": 10 * GiB})
+    st = cost_model.make_setup(opt_config("opt-125m"), hw, prompt_len=64, gen_len=8, gpu_batch_size=4,
+                               num_gpu_batches=2, precision=Precision(hw.compute_device, torch.float16),
+                               overlap=True, sep_layer=True, caps={"gpu": GiB, "cpu": GiB, "disk": 10 * GiB})
     prob, _, _ = ps.placement_lp(st)
     variables = {v.name for v in prob.variables()}
     constraints = {c.name for c in prob.constraints()}
