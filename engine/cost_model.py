@@ -186,7 +186,7 @@ class Placement:
     act: dict                # tier -> coef
     memo: dict = field(default_factory=dict)
 
-    def weights(self, kind: _Kind, key: str, what) -> dict:
+    def weights(self, kind: LayerKind, key: str, what) -> dict:
         """tier -> sum of what(tensor, tier) over the kind's tensors homed on that tier (memoized by key)."""
         if (kind.name, key) not in self.memo:
             self.memo[(kind.name, key)] = self._weights(kind, what)
@@ -201,7 +201,7 @@ class Placement:
                 "disk": _dot(self.c_gpu_cpu, lambda n: fn("disk", self.b - n))}
         return self.memo[key]
 
-    def _weights(self, kind: _Kind, what) -> dict:
+    def _weights(self, kind: LayerKind, what) -> dict:
         below = lambda tier: (lambda g: kind.at_or_below(g, lambda x: what(x, tier)))
         every = lambda tier: sum(what(x, tier) for x in kind.tensors)
         return {"gpu": _dot(self.w_gpu, below("gpu")),

@@ -14,12 +14,13 @@ from . import int8
 from .blocks import Decoding, Workload, run_workload
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .models import LOOKUP_TABLES, family as model_family
+from .models import family as model_family
+from .placement import layer_specs
 from .policy import Policy
 from .prompts import check_prompts, cut_at_stop, cut_text, encode_text, stop_sets
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
-from .tiers import BufferPool, MemoryBudgetError, Tiers, aligned, fmt_bytes
+from .tiers import BufferPool, MemoryBudgetError, Tiers, fmt_bytes
 from .weights import place_layer, resolve_names, unmapped_on_free
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
@@ -101,14 +102,7 @@ class LLM:
         return layers
 
     def _place_layer(self, source, kind: str, i: int, placed: dict) -> Layer:
-        if kind == "decoder":
-            specs = [s.__class__("attn." + s.name, s.hf_name, s.shape)
-                     for s in self.family.layer_weights(self.config, "attn")]
-            specs += [s.__class__("mlp." + s.name, s.hf_name, s.shape)
-                      for s in self.family.layer_weights(self.config, "mlp")]
-        else:
-            specs = self.family.layer_weights(self.config, kind)
-        specs = resolve_names(specs, i)
+        specs = resolve_names(layer_specs(self.config, kind), i)
         label = f"{kind}{i if i >= 0 else ''}"
         return Layer(kind, i, place_layer(self.tiers, self.policy, source, specs, label, self.storage, placed,
                                           matmul=i >= 0))
