@@ -84,7 +84,7 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     try:
         if len(todo):    # nothing to do (an earlier attempt answered it all): no model to load
             llm = load_model(p.model, p.policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
-        summary = _answer_share(p, prompts, todo, extracted.spec.target, llm, partition, partitions, run_key,
+        summary = _answer_share(p, prompts, todo, extracted.spec, llm, partition, partitions, run_key,
                                 run_id, output_dir)
     finally:
         budget.release(llm)
@@ -94,11 +94,11 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     return summary
 
 
-def _answer_share(p: WrangleParams, prompts: steps.Prompts, todo: Any, target: str | None, llm: Any, partition: int,
+def _answer_share(p: WrangleParams, prompts: steps.Prompts, todo: Any, spec: Any, llm: Any, partition: int,
                   partitions: int, run_key: str, run_id: str, output_dir: str) -> dict[str, Any]:
     """This partition's pending rows answered into Parquet files; its summary (manifest)."""
     ctx = steps.RunContext(task=p.task, run_key=run_key, run_id=run_id, model=p.model,
-                           policy=llms.policy_json(p.policy), target=target)
+                           policy=llms.policy_json(p.policy), spec=spec)
     directory = str(parts.partition_dir(output_dir, run_key, partition, partitions))
     written, infer_s, tokens = 0, 0.0, 0
     for chunk in steps.chunks(todo, p.chunk_size):
@@ -186,7 +186,7 @@ def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[st
     log = get_run_logger()
     task, database = params.task, params.database
     ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
-                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
+                           policy=llms.policy_json(params.policy), spec=extracted.spec)
     begun = start_run(database, {
         "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
         "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database,

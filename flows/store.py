@@ -29,34 +29,23 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+import wrangling_tasks as wt
 from wrangling_tasks import tables
 
-RESULT_TABLES: dict[str, str] = {
-    "entity-matching": "wrangle_entity_matching",
-    "imputation": "wrangle_imputation",
-    "error-detection": "wrangle_error_detection",
-}
+RESULT_TABLES: dict[str, str] = {name: "wrangle_" + name.replace("-", "_") for name in wt.TASKS}
 RUNS_TABLE = "wrangle_runs"
 QUARANTINE_TABLE = "wrangle_quarantine"
 SCORES_VIEW = "wrangle_scores"
 
 # Key columns each results table can hold (stored as text: ids of any type fit, and keys of
 # different input layouts share one table; unused ones are NULL).
-KEY_COLUMNS: dict[str, tuple[str, ...]] = {
-    "entity-matching": ("ltable_id", "rtable_id", "pair_id"),
-    "imputation": ("row_id",),
-    "error-detection": ("row_id", "col_name"),
-}
-ANSWER_TYPES: dict[str, str] = {
-    "entity-matching": "BOOLEAN",   # True = same entity
-    "imputation": "VARCHAR",        # the filled-in value
-    "error-detection": "BOOLEAN",   # True = the cell is an error
-}
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {name: mod.RESULT_KEY_COLUMNS for name, mod in wt.TASKS.items()}
+# Yes/No tasks store booleans (entity matching: True = same entity; error detection: True = the cell
+# is wrong), free-text tasks the text (imputation: the filled-in value).
+ANSWER_TYPES: dict[str, str] = {name: "BOOLEAN" if mod.allowed_answers else "VARCHAR"
+                                for name, mod in wt.TASKS.items()}
 EXTRA_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
-    "entity-matching": (),
-    "imputation": (("target", "VARCHAR"),),
-    "error-detection": (),
-}
+    name: tuple((field, "VARCHAR") for field in mod.RESULT_SPEC_FIELDS) for name, mod in wt.TASKS.items()}
 
 _RESULT_TAIL = (
     ("prompt_hash", "VARCHAR"),

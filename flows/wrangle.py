@@ -191,7 +191,7 @@ def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.E
     log = get_run_logger()
     task, database = params.task, params.database
     ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
-                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
+                           policy=llms.policy_json(params.policy), spec=extracted.spec)
     items = prompts.items
     engine = llms.engine_report(llm)
     begun = start_run(database, {
