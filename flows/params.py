@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -93,6 +94,15 @@ class WrangleParams:
         for name in BUDGET_FIELDS[:3]:
             if getattr(self, name) is not None:
                 _check_size(name, getattr(self, name))
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> "WrangleParams":
+        """From a flow's keyword arguments (its ``locals()`` on entry; other names are ignored), with
+        ``columns`` as a tuple: flows take a list, which JSON parameters can carry."""
+        fields = {f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments}
+        if "columns" in fields:
+            fields["columns"] = tuple(fields["columns"]) if fields["columns"] else None
+        return cls(**fields)
 
     def identity(self) -> dict[str, Any]:
         """Everything that can change an answer (not: database, limit, batch and chunk sizes, the

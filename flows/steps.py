@@ -1,4 +1,5 @@
-"""The steps of the ``wrangle`` flow as plain functions (no Prefect): the flow decorates them.
+"""The steps of a wrangle run as plain functions (no Prefect): :func:`flows.runner.run_wrangle`
+calls them, and the flows decorate them as Prefect tasks.
 
 extract (DuckDB, read-only) -> prompt -> infer -> parse -> validate (Great Expectations)
 -> load (DuckDB, one transaction per chunk) -> finish (whole-run check, metrics, run record).
@@ -24,6 +25,7 @@ from wrangling_tasks import tables
 from wrangling_tasks.base import InputError, TaskSpec, is_missing
 
 from flows import resume, store
+from flows.llms import policy_json
 from flows.params import TASK_TABLES, WrangleParams, resolve_spec
 from flows.resume import key_text, pending, row_identity  # noqa: F401  (part of this module's API)
 
@@ -227,6 +229,12 @@ class RunContext:
     model: str
     policy: str  # JSON text
     spec: TaskSpec | None = None  # the run's spec: some tasks record fields of it in each row (the target)
+
+    @classmethod
+    def of(cls, params: WrangleParams, run_key: str, run_id: str, spec: TaskSpec) -> "RunContext":
+        """The context of attempt ``run_id`` of run ``run_key`` over ``params``."""
+        return cls(task=params.task, run_key=run_key, run_id=run_id, model=params.model,
+                   policy=policy_json(params.policy), spec=spec)
 
 
 def identity_rows(ctx: RunContext, items: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
