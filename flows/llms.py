@@ -164,6 +164,12 @@ def engine_report(llm: Any) -> dict[str, Any]:
             "peak_bytes": mem["peak"], "peak_rss_bytes": mem["peak_rss_bytes"]}
 
 
+def measured(report: Mapping[str, Any]) -> dict[str, Any]:
+    """An engine report without its policy: what a run record gains when the run ends (it names the
+    placed policy from the start)."""
+    return {k: v for k, v in report.items() if k != "policy"}
+
+
 def policy_json(policy: Mapping[str, Any] | str | None) -> str:
     """The policy parameter as canonical JSON text (for run keys and result rows)."""
     return json.dumps(policy, sort_keys=True, separators=(",", ":"), default=str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -14,18 +15,15 @@ from wrangling_tasks.base import InputError, TaskSpec
 
 from flows.llms import policy_json
 
-TASK_NAMES = ("entity-matching", "imputation", "error-detection")
+TASK_NAMES = tuple(wt.TASKS)
 BUDGET_FIELDS = ("gpu_mem", "cpu_mem", "disk_mem", "offload_dir")    # the engine's caps and disk folder
 RUN_KEY_VERSION = 1
 
 # Which table parameters each task reads (any other given table parameter is an error).
-TASK_TABLES: dict[str, tuple[str, ...]] = {
-    "entity-matching": ("table", "left_table", "right_table", "demos_table"),
-    "imputation": ("table", "labels_table", "demos_table"),
-    "error-detection": ("table", "cells_table", "labels_table", "clean_table"),
-}
+TASK_TABLES: dict[str, tuple[str, ...]] = {name: mod.TABLES for name, mod in wt.TASKS.items()}
 TABLE_PARAMS = ("table", "left_table", "right_table", "demos_table", "labels_table",
                 "cells_table", "clean_table")
+OPTION_PARAMS = ("target", "columns")   # parameters only some tasks take (each task's OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -70,12 +68,14 @@ class WrangleParams:
         for p in used:
             if getattr(self, p) is not None:
                 tables.quote_ident(getattr(self, p))  # empty / NUL names fail here
-        if self.task == "imputation" and not (self.target or _spec_field(self.spec, "target")):
-            raise InputError("imputation needs `target` (the column to fill)")
-        if self.task != "imputation" and self.target:
-            raise InputError(f"`target` is for imputation, not {self.task}")
-        if self.task != "error-detection" and self.columns:
-            raise InputError(f"`columns` is for error detection, not {self.task}")
+        mod = wt.get_task(self.task)
+        for name, what in mod.REQUIRED_OPTIONS.items():
+            if not (getattr(self, name) or _spec_field(self.spec, name)):
+                raise InputError(f"{self.task} needs `{name}` ({what})")
+        for name in OPTION_PARAMS:
+            if getattr(self, name) and name not in mod.OPTIONS:
+                takers = " / ".join(n.replace("-", " ") for n, m in wt.TASKS.items() if name in m.OPTIONS)
+                raise InputError(f"`{name}` is for {takers}, not {self.task}")
         if self.k < 0:
             raise InputError(f"k must be >= 0, got {self.k}")
         if self.limit is not None and self.limit < 1:
@@ -94,6 +94,15 @@ class WrangleParams:
         for name in BUDGET_FIELDS[:3]:
             if getattr(self, name) is not None:
                 _check_size(name, getattr(self, name))
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> "WrangleParams":
+        """From a flow's keyword arguments (its ``locals()`` on entry; other names are ignored), with
+        ``columns`` as a tuple: flows take a list, which JSON parameters can carry."""
+        fields = {f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments}
+        if "columns" in fields:
+            fields["columns"] = tuple(fields["columns"]) if fields["columns"] else None
+        return cls(**fields)
 
     def identity(self) -> dict[str, Any]:
         """Everything that can change an answer (not: database, limit, batch and chunk sizes, the

@@ -26,16 +26,7 @@ import pandas as pd
 
 from wrangling_tasks.base import is_missing
 
-__all__ = ["keyed_by_content", "identities", "row_identity", "key_text", "pending", "replaced"]
-
-
-def keyed_by_content(task: str, inputs: Any) -> bool:
-    """Whether the task's (coerced) inputs number their items by position: no key column."""
-    if task == "entity-matching":
-        from wrangling_tasks.entity_matching import layout
-
-        return layout(inputs.pairs) == "pairs" and "pair_id" not in inputs.pairs.columns
-    return "row_id" not in inputs.table.columns
+__all__ = ["identities", "row_identity", "key_text", "pending", "replaced"]
 
 
 def identities(items: pd.DataFrame, keys: Sequence[str], by_content: bool) -> pd.DataFrame:

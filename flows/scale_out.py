@@ -21,11 +21,9 @@ one after another in this process (subflows), which needs no worker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import socket
 import time
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import prefect
@@ -33,21 +31,20 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import llms, runlock, steps, store
+from flows import runlock, steps, store
 from flows import partitions as parts
 from flows.params import WrangleParams
-from flows.wrangle import (TaskName, extract, finish, infer, load_model, model_shape, parse, prompt, start_run,
-                           validate)
-from wrangling_tasks import tables
+from flows.runner import local_run_id, run_record, run_wrangle
+from flows.wrangle import STEPS, TaskName, extract, finish, flow_run_id, prompt, start_run
+from flows.writers import DuckDBWriter, ParquetWriter, Writer
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 @prefect.task(name="write-parquet", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def write_parquet(directory: str, task: str, results: Any, quarantine: Any) -> int:
+def write_parquet(writer: Writer, ctx: steps.RunContext, results: Any, quarantine: Any) -> int:
     """One chunk of a partition as Parquet files (whole files only: safe to retry)."""
-    parts.write_chunk(Path(directory), task, results, quarantine)
-    return len(results)
+    return writer.write(ctx, results, quarantine)
 
 
 @prefect.task(name="merge", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -62,57 +59,16 @@ def wrangle_partition(params: dict[str, Any], partition: int, partitions: int, r
     """Answer partition ``partition`` of ``partitions`` of a wrangle run into Parquet files.
 
     ``params`` are the ``wrangle`` flow's parameters; ``run_key`` must be the one they give here
-    (the parent's), or the worker has other code or data than the parent and the run stops.
+    (the parent's), or the worker has other code or data than the parent and the run stops. This
+    worker's prompts are the exact ones (fitted to its model's context): it decides what is left to do.
     """
-    started = time.perf_counter()
-    p = WrangleParams(**{**params, "columns": tuple(params["columns"]) if params.get("columns") else None})
+    p = WrangleParams.from_arguments(params)
     if p.run_key() != run_key:
         raise RuntimeError(f"run key {p.run_key()} here but {run_key} in the parent: this worker has "
                            "other code or input tables than the parent")
-    extracted = extract(p)
-    shape = model_shape(p.model, p.policy)
-    prompts = prompt(p, extracted, shape)
-    # this worker's prompts are the exact ones (fitted to the model's context): it decides what is left to do
-    mine = parts.share(prompts.items, partition, partitions)
-    with tables.connect(p.database, read_only=True) as con:
-        answered = store.answered_rows(con, p.task, run_key)
-    todo = steps.pending(steps.pending(mine, answered), parts.written_keys(output_dir, run_key))
-    get_run_logger().info("partition %d/%d: %d of %d item(s), %d to do", partition, partitions, len(mine),
-                          len(prompts.items), len(todo))
-    budget = steps.budget(p, f"{run_id}-partition-{partition}")
-    llm = None
-    try:
-        if len(todo):    # nothing to do (an earlier attempt answered it all): no model to load
-            llm = load_model(p.model, p.policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
-        summary = _answer_share(p, prompts, todo, extracted.spec.target, llm, partition, partitions, run_key,
-                                run_id, output_dir)
-    finally:
-        budget.release(llm)
-    summary |= {"items": len(mine), "skipped": len(mine) - len(todo), "seconds": time.perf_counter() - started,
-                "engine": llms.engine_report(llm)}
-    parts.write_manifest(Path(summary.pop("directory")), summary)
-    return summary
-
-
-def _answer_share(p: WrangleParams, prompts: steps.Prompts, todo: Any, target: str | None, llm: Any, partition: int,
-                  partitions: int, run_key: str, run_id: str, output_dir: str) -> dict[str, Any]:
-    """This partition's pending rows answered into Parquet files; its summary (manifest)."""
-    ctx = steps.RunContext(task=p.task, run_key=run_key, run_id=run_id, model=p.model,
-                           policy=llms.policy_json(p.policy), target=target)
-    directory = str(parts.partition_dir(output_dir, run_key, partition, partitions))
-    written, infer_s, tokens = 0, 0.0, 0
-    for chunk in steps.chunks(todo, p.chunk_size):
-        inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, p.batch_size, p.chat)
-        preds = steps.predictions(chunk, inference.raw, parse(p.task, inference.raw), p.task)
-        check = validate(p.task, preds, prompts.key_columns, len(chunk))
-        written += write_parquet(directory, p.task, steps.result_rows(ctx, preds, prompts.key_columns, check),
-                                 steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
-        infer_s += inference.seconds
-        tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
-    return {"partition": partition, "partitions": partitions, "written": written,
-            "infer_s": infer_s, "tokens": tokens, "directory": directory,
-            "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
-            "flow_run_id": str(flow_run.id) if flow_run.id else None}
+    writer = ParquetWriter(p.database, output_dir, partition, partitions, flow_run_id=flow_run_id())
+    return run_wrangle(p, writer, run_id=run_id, run_name=flow_run.name,
+                       run_steps=dataclasses.replace(STEPS, write=write_parquet))
 
 
 @flow(name="wrangle-scale-out", flow_run_name="wrangle-scale-out-{task}-{table}")
@@ -157,43 +113,34 @@ def wrangle_scale_out(
     started = time.perf_counter()
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
-    params = WrangleParams(
-        task=task, table=table, left_table=left_table, right_table=right_table, demos_table=demos_table,
-        labels_table=labels_table, cells_table=cells_table, clean_table=clean_table, target=target,
-        columns=tuple(columns) if columns else None, spec=spec, database=database, model=model,
-        policy=policy, gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, offload_dir=offload_dir, k=k,
-        seed=seed, chat=chat, limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag)
+    params = WrangleParams.from_arguments(locals())
     if params.precision_left_to_search():
         raise ValueError("a scaled-out run cannot leave the precision to the policy search (each worker would "
                          "choose its own): name it in the policy, e.g. {\"auto\": true, \"compress_weight\": true}")
     run_key = params.run_key()
     # Before the first write: the inputs, the rows (identities only: no model here), the deployment.
     extracted = extract(params)
-    run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
+    run_id = flow_run_id() or local_run_id(run_key)
     holder = runlock.holder_info(run_id, flow_run.name, store.utcnow())
-    with runlock.hold(database, run_key, holder):      # the partitions belong to this attempt
+    writer = DuckDBWriter(database, get_run_logger())
+    with writer.hold(run_key, holder):      # the partitions belong to this attempt
         items = prompt(params, extracted, None)
         if deployment is not None:
             _check_deployment(deployment)
-        return _scale_out(params, run_key, run_id, holder, extracted, items, partitions, deployment,
+        ctx = steps.RunContext.of(params, run_key, run_id, extracted.spec)
+        return _scale_out(params, writer, ctx, holder, extracted, items, partitions, deployment,
                           os.path.abspath(output_dir), poll_seconds, started)
 
 
-def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[str, Any], extracted: steps.Extracted,
-               items: steps.Prompts, partitions: int, deployment: str | None, output_dir: str, poll_seconds: float,
-               started: float) -> dict[str, Any]:
+def _scale_out(params: WrangleParams, writer: DuckDBWriter, ctx: steps.RunContext, holder: dict[str, Any],
+               extracted: steps.Extracted, items: steps.Prompts, partitions: int, deployment: str | None,
+               output_dir: str, poll_seconds: float, started: float) -> dict[str, Any]:
     """The scaled-out run from its record on, under the run's lock."""
     log = get_run_logger()
-    task, database = params.task, params.database
-    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
-                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
-    begun = start_run(database, {
-        "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
-        "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database,
-                                                            "partitions": partitions}),
-        "model": params.model, "policy": ctx.policy, "input_rows": len(items.items),
-        "host": holder["host"], "pid": holder["pid"],
-    }, ctx, items.items, items.key_columns, extracted.present)
+    task, database, run_key, run_id = params.task, params.database, ctx.run_key, ctx.run_id
+    begun = start_run(writer, ctx, run_record(params, ctx, holder, len(items.items), flow_run.name,
+                                              {"partitions": partitions}),
+                      items.items, items.key_columns, extracted.present)
     # The parent's prompts are built without the model; where the model's context window makes a worker fit
     # them otherwise, a partition may be started that finds nothing to do (it then loads no model).
     fresh = steps.pending(items.items, begun.answered)                 # not in DuckDB under this prompt
@@ -204,7 +151,7 @@ def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[st
 
     parts.clear_manifests(output_dir, run_key)
     # paths as this process sees them: a worker resolves relative paths in its own directory
-    child = {**asdict(params), "columns": list(params.columns) if params.columns else None,
+    child = {**dataclasses.asdict(params), "columns": list(params.columns) if params.columns else None,
              "database": os.path.abspath(database)}
     failed: list[str] = []
     phase = time.perf_counter()
@@ -217,20 +164,20 @@ def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[st
             failed = _run_partitions(deployment, launch, child, partitions, run_key, run_id,
                                      output_dir, poll_seconds)
     except BaseException as exc:
-        _record_failure(database, run_id, exc, started, _salvage(database, task, output_dir, run_key, log))
+        writer.fail(ctx, exc, started, written_rows=_salvage(database, task, output_dir, run_key, log))
         raise
     phase = time.perf_counter() - phase
     merged = merge(database, task, output_dir, run_key)        # what the partitions wrote, even if some failed
     if failed:
         exc = RuntimeError(f"partition run(s) did not complete: {'; '.join(failed)} (rows they wrote are "
                            "merged; run again with the same parameters to finish)")
-        _record_failure(database, run_id, exc, started, merged["results"])
+        writer.fail(ctx, exc, started, written_rows=merged["results"])
         raise exc
     reports = parts.read_manifests(output_dir, run_key)
-    summary = finish(database, ctx, items.items, items.key_columns)
+    summary = finish(writer, ctx, items.items, items.key_columns)
     if summary["table_failures"]:
         exc = RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
-        _record_failure(database, run_id, exc, started, merged["results"])
+        writer.fail(ctx, exc, started, written_rows=merged["results"])
         raise exc
     tokens = [r.get("tokens") for r in reports]
     written = merged["results"]
@@ -243,9 +190,7 @@ def _scale_out(params: WrangleParams, run_key: str, run_id: str, holder: dict[st
         "tokens_per_s": sum(tokens) / phase if tokens and None not in tokens and phase > 0 else None,
         "seconds": time.perf_counter() - started, "metrics": summary["metrics"],
     }
-    with tables.connect(database) as con:
-        store.finish_run(con, run_id, finished_at=store.utcnow(),
-                         **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")})
+    writer.complete(ctx, result)
     parts.clear_manifests(output_dir, run_key)
     log.info("run %s completed over %d partition(s): %d written, %d valid, metrics %s", run_key,
              partitions, written, result["valid_rows"], result["metrics"])
@@ -298,14 +243,3 @@ def _salvage(database: str, task: str, output_dir: str, run_key: str, log) -> in
     except Exception as exc:  # the files stay; the next run with the same parameters merges them
         log.warning("could not merge the partitions' files now (they are kept): %s", exc)
         return 0
-
-
-def _record_failure(database: str, run_id: str, exc: BaseException, started: float, written: int) -> None:
-    status = "failed" if isinstance(exc, Exception) else "cancelled"
-    try:
-        with tables.connect(database, lock_timeout_s=5) as con:
-            store.finish_run(con, run_id, status=status, error=f"{type(exc).__name__}: {exc}",
-                             finished_at=store.utcnow(), seconds=time.perf_counter() - started,
-                             written_rows=written)
-    except Exception as record_exc:
-        get_run_logger().warning("could not record the failure of run %s: %s", run_id, record_exc)

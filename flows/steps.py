@@ -1,4 +1,5 @@
-"""The steps of the ``wrangle`` flow as plain functions (no Prefect): the flow decorates them.
+"""The steps of a wrangle run as plain functions (no Prefect): :func:`flows.runner.run_wrangle`
+calls them, and the flows decorate them as Prefect tasks.
 
 extract (DuckDB, read-only) -> prompt -> infer -> parse -> validate (Great Expectations)
 -> load (DuckDB, one transaction per chunk) -> finish (whole-run check, metrics, run record).
@@ -24,6 +25,7 @@ from wrangling_tasks import tables
 from wrangling_tasks.base import InputError, TaskSpec, is_missing
 
 from flows import resume, store
+from flows.llms import policy_json
 from flows.params import TASK_TABLES, WrangleParams, resolve_spec
 from flows.resume import key_text, pending, row_identity  # noqa: F401  (part of this module's API)
 
@@ -50,54 +52,16 @@ def extract(params: WrangleParams) -> Extracted:
     with tables.connect(params.database, read_only=True) as con:
         frames = {p: _read(con, getattr(params, p), p, params, spec)
                   for p in TASK_TABLES[params.task] if getattr(params, p)}
-    inputs = _to_inputs(params, spec, frames)
+    inputs = mod.inputs_from_tables(frames, spec)
     coerced = mod.coerce_inputs(inputs, spec)
     items = mod.make_items(coerced, spec)  # layout, ids, labels: fail before writes
-    by_content = resume.keyed_by_content(params.task, coerced)
     return Extracted(inputs, spec, {getattr(params, p): len(f) for p, f in frames.items()},
-                     resume.identities(items, mod.keys_for(coerced), by_content))
-
-
-def _required_columns(param: str, params: WrangleParams, spec: TaskSpec) -> list[str]:
-    if params.task == "imputation" and param == "table":
-        return [spec.target]  # type: ignore[list-item]
-    if params.task == "imputation" and param == "labels_table":
-        return ["row_id"]
-    if params.task == "entity-matching" and param in ("left_table", "right_table"):
-        return ["id"]
-    if params.task == "error-detection" and param in ("cells_table", "labels_table"):
-        return ["row_id", "col_name"]
-    if params.task == "error-detection" and param == "table" and params.columns:
-        return list(params.columns)
-    return []
+                     resume.identities(items, mod.keys_for(coerced), mod.keyed_by_content(coerced)))
 
 
 def _read(con: Any, name: str, param: str, params: WrangleParams, spec: TaskSpec) -> pd.DataFrame:
-    tables.require_table(con, name, _required_columns(param, params, spec))
+    tables.require_table(con, name, wt.get_task(params.task).required_columns(param, spec, params.columns))
     return tables.read_table(con, name)
-
-
-def _to_inputs(params: WrangleParams, spec: TaskSpec, f: dict[str, pd.DataFrame]) -> Any:
-    if params.task == "entity-matching":
-        return wt.MatchingInputs(pairs=f["table"], left=f.get("left_table"),
-                                 right=f.get("right_table"), demos=f.get("demos_table"), spec=spec)
-    if params.task == "imputation":
-        table, target = f["table"], spec.target
-        labels = None
-        if "labels_table" in f:
-            if "row_id" not in table.columns:
-                raise InputError("a labels_table is matched by row_id: the table needs a row_id column")
-            lab = f["labels_table"]
-            col = target if target in lab.columns else "label"
-            if col not in lab.columns:
-                raise InputError(f"labels_table needs a {target!r} or 'label' column")
-            by_id = dict(zip(lab["row_id"].astype(str), lab[col]))
-            labels = pd.Series([by_id.get(str(r)) for r in table["row_id"]], index=table.index,
-                               dtype="object")
-        return wt.ImputationInputs(table=table, target=target, labels=labels,
-                                   demos=f.get("demos_table"), spec=spec)
-    return wt.DetectionInputs(table=f["table"], columns=spec.columns, cells=f.get("cells_table"),
-                              labels=f.get("labels_table"), clean=f.get("clean_table"), spec=spec)
 
 
 # --- prompt ----------------------------------------------------------------------------------
@@ -264,7 +228,13 @@ class RunContext:
     run_id: str
     model: str
     policy: str  # JSON text
-    target: str | None = None
+    spec: TaskSpec | None = None  # the run's spec: some tasks record fields of it in each row (the target)
+
+    @classmethod
+    def of(cls, params: WrangleParams, run_key: str, run_id: str, spec: TaskSpec) -> "RunContext":
+        """The context of attempt ``run_id`` of run ``run_key`` over ``params``."""
+        return cls(task=params.task, run_key=run_key, run_id=run_id, model=params.model,
+                   policy=policy_json(params.policy), spec=spec)
 
 
 def identity_rows(ctx: RunContext, items: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -284,8 +254,8 @@ def result_rows(ctx: RunContext, preds: pd.DataFrame, keys: Sequence[str], check
     """Rows for the task's results table (keys as text, valid flag from the check)."""
     n = len(preds)
     out = identity_rows(ctx, preds, keys).drop(columns="label")
-    if ctx.task == "imputation":
-        out["target"] = ctx.target
+    for name in wt.get_task(ctx.task).RESULT_SPEC_FIELDS:
+        out[name] = getattr(ctx.spec, name)
     out["prompt_hash"] = preds["prompt_hash"].tolist()
     out["raw_output"] = preds["raw_output"].to_numpy()
     out["answer"] = preds["answer"].to_numpy()

@@ -29,34 +29,23 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+import wrangling_tasks as wt
 from wrangling_tasks import tables
 
-RESULT_TABLES: dict[str, str] = {
-    "entity-matching": "wrangle_entity_matching",
-    "imputation": "wrangle_imputation",
-    "error-detection": "wrangle_error_detection",
-}
+RESULT_TABLES: dict[str, str] = {name: "wrangle_" + name.replace("-", "_") for name in wt.TASKS}
 RUNS_TABLE = "wrangle_runs"
 QUARANTINE_TABLE = "wrangle_quarantine"
 SCORES_VIEW = "wrangle_scores"
 
 # Key columns each results table can hold (stored as text: ids of any type fit, and keys of
 # different input layouts share one table; unused ones are NULL).
-KEY_COLUMNS: dict[str, tuple[str, ...]] = {
-    "entity-matching": ("ltable_id", "rtable_id", "pair_id"),
-    "imputation": ("row_id",),
-    "error-detection": ("row_id", "col_name"),
-}
-ANSWER_TYPES: dict[str, str] = {
-    "entity-matching": "BOOLEAN",   # True = same entity
-    "imputation": "VARCHAR",        # the filled-in value
-    "error-detection": "BOOLEAN",   # True = the cell is an error
-}
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {name: mod.RESULT_KEY_COLUMNS for name, mod in wt.TASKS.items()}
+# Yes/No tasks store booleans (entity matching: True = same entity; error detection: True = the cell
+# is wrong), free-text tasks the text (imputation: the filled-in value).
+ANSWER_TYPES: dict[str, str] = {name: "BOOLEAN" if mod.allowed_answers else "VARCHAR"
+                                for name, mod in wt.TASKS.items()}
 EXTRA_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
-    "entity-matching": (),
-    "imputation": (("target", "VARCHAR"),),
-    "error-detection": (),
-}
+    name: tuple((field, "VARCHAR") for field in mod.RESULT_SPEC_FIELDS) for name, mod in wt.TASKS.items()}
 
 _RESULT_TAIL = (
     ("prompt_hash", "VARCHAR"),
@@ -159,18 +148,25 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(SCORES_SQL)
 
 
+def _current_rows(answer_type: str) -> str:
+    """SQL for the rows not stale of every results table whose answers are ``answer_type``, tagged
+    with their task (a query that returns no row when no task has that type)."""
+    selects = [f"SELECT '{task}' AS task, run_key, model, answer, label FROM {tables.quote_ident(name)} "
+               "WHERE stale_since IS NULL" for task, name in RESULT_TABLES.items() if ANSWER_TYPES[task] == answer_type]
+    return "\n    UNION ALL\n    ".join(selects) or (
+        f"SELECT NULL::VARCHAR AS task, NULL::VARCHAR AS run_key, NULL::VARCHAR AS model, "
+        f"NULL::{answer_type} AS answer, NULL::{answer_type} AS label WHERE false")
+
+
 # Scores in SQL, with the same rules as wrangling_tasks.scoring: only labelled rows count; an
 # unanswered row (answer NULL) counts as wrong; F1 is the true harmonic mean (0 when P+R = 0);
-# imputation compares case- and whitespace-normalised text. Stale rows (gone from the input) are
-# kept in the tables but not scored.
-SCORES_SQL = """
+# Yes/No tasks get precision, recall, F1 and accuracy, free-text tasks (imputation) the accuracy of
+# case- and whitespace-normalised text. Stale rows (gone from the input) are kept in the tables but
+# not scored. Every results table is in the view by its answer type.
+SCORES_SQL = f"""
 CREATE OR REPLACE VIEW wrangle_scores AS
 WITH yes_no AS (
-    SELECT 'entity-matching' AS task, run_key, model, answer, label FROM wrangle_entity_matching
-    WHERE stale_since IS NULL
-    UNION ALL
-    SELECT 'error-detection', run_key, model, answer, label FROM wrangle_error_detection
-    WHERE stale_since IS NULL
+    {_current_rows("BOOLEAN")}
 ), yes_no_counts AS (
     SELECT task, run_key, any_value(model) AS model, count(*) AS rows,
            count(label) AS labelled,
@@ -185,13 +181,15 @@ WITH yes_no AS (
            coalesce(tp / nullif(tp + fp, 0), 0.0) AS precision,
            coalesce(tp / nullif(tp + fn, 0), 0.0) AS recall
     FROM yes_no_counts
-), imputation AS (
-    SELECT 'imputation' AS task, run_key, any_value(model) AS model, count(*) AS rows,
+), free_text AS (
+    {_current_rows("VARCHAR")}
+), free_text_scores AS (
+    SELECT task, run_key, any_value(model) AS model, count(*) AS rows,
            count(label) AS labelled,
            count(*) FILTER (WHERE label IS NOT NULL AND answer IS NULL) AS unanswered,
            count(*) FILTER (WHERE lower(regexp_replace(trim(answer), '\\s+', ' ', 'g'))
                                 = lower(regexp_replace(trim(label), '\\s+', ' ', 'g'))) AS correct
-    FROM wrangle_imputation WHERE stale_since IS NULL GROUP BY run_key
+    FROM free_text GROUP BY task, run_key
 )
 SELECT task, run_key, model, rows, labelled, unanswered,
        tp, fp, fn, tn, precision, recall,
@@ -202,7 +200,7 @@ UNION ALL
 SELECT task, run_key, model, rows, labelled, unanswered,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        coalesce(correct / nullif(labelled, 0), 0.0)
-FROM imputation
+FROM free_text_scores
 """
 
 

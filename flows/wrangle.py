@@ -2,12 +2,13 @@
 
     extract -> prompt -> load model -> [per chunk: infer -> parse -> validate -> load] -> finish
 
-Prompts are built with the model's tokenizer before its weights are placed, so that an automatic
-policy (``policy="auto"``) is searched for this run's prompt lengths inside the engine's budget
-(``gpu_mem``, ``cpu_mem``, ``disk_mem``, ``offload_dir``); the run record keeps the placed policy
-and the measured peaks.
+The flow is a shell over :func:`flows.runner.run_wrangle` with a :class:`flows.writers.DuckDBWriter`;
+each Prefect task below is a decorator around one of its steps, so the steps show as task runs and
+the writes are retried. Prompts are built with the model's tokenizer before its weights are placed,
+so that an automatic policy (``policy="auto"``) is searched for this run's prompt lengths inside the
+engine's budget (``gpu_mem``, ``cpu_mem``, ``disk_mem``, ``offload_dir``); the run record keeps the
+placed policy and the measured peaks.
 
-Each Prefect task below is a decorator around a plain function in :mod:`flows.steps`.
 Results are written chunk by chunk (one transaction each) under a deterministic ``run_key``,
 so a run killed midway and started again with the same parameters skips what it wrote (and
 answers again the rows whose prompt changed). One attempt of a run is live at a time: a second
@@ -18,8 +19,6 @@ Run ``prefect deployment run wrangle/entity-matching`` against ``make serve``, o
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any, Literal
 
 import prefect
@@ -27,11 +26,12 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import llms, resume, runlock, steps, store
-from flows.params import WrangleParams
-from wrangling_tasks import tables
+from flows import llms, steps
+from flows.params import TASK_NAMES, WrangleParams
+from flows.runner import RunSteps, run_wrangle
+from flows.writers import DuckDBWriter, Writer
 
-TaskName = Literal["entity-matching", "imputation", "error-detection"]
+TaskName = Literal[TASK_NAMES]
 
 
 @prefect.task(name="extract", cache_policy=NO_CACHE)
@@ -64,11 +64,11 @@ def prompt(params: WrangleParams, extracted: steps.Extracted, llm: Any) -> steps
 
 
 @prefect.task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def start_run(database: str, record: dict[str, Any], ctx: steps.RunContext, items: Any, keys: tuple[str, ...],
+def start_run(writer: Writer, ctx: steps.RunContext, record: dict[str, Any], items: Any, keys: tuple[str, ...],
               present: Any) -> steps.Started:
     """Create the output tables if needed, record the run, mark rows gone from the input stale,
     return the rows already answered."""
-    return steps.start(database, record, ctx, items, keys, present)
+    return writer.start(ctx, record, items, keys, present)
 
 
 @prefect.task(name="infer", cache_policy=NO_CACHE)
@@ -91,15 +91,25 @@ def validate(task_name: str, preds: Any, keys: tuple[str, ...], expected_rows: i
 
 
 @prefect.task(name="load", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def load(database: str, ctx: steps.RunContext, results: Any, quarantine: Any) -> int:
+def load(writer: Writer, ctx: steps.RunContext, results: Any, quarantine: Any) -> int:
     """Write one chunk in one transaction (idempotent: safe to retry); the rows inserted."""
-    return steps.load(database, ctx, results, quarantine)
+    return writer.write(ctx, results, quarantine)
 
 
 @prefect.task(name="finish", cache_policy=NO_CACHE)
-def finish(database: str, ctx: steps.RunContext, items: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+def finish(writer: Writer, ctx: steps.RunContext, items: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """Validate the whole run's output, quarantine failures, score it."""
-    return steps.check_whole_run(database, ctx, items, keys)
+    return writer.finish(ctx, items, keys)
+
+
+# The steps of a run as this module's Prefect tasks (the scale-out flows reuse them).
+STEPS = RunSteps(extract=extract, model_shape=model_shape, prompt=prompt, load_model=load_model, start=start_run,
+                 infer=infer, parse=parse, validate=validate, write=load, finish=finish, log=get_run_logger)
+
+
+def flow_run_id() -> str | None:
+    """The id of the Prefect flow run this code runs in, if any."""
+    return str(flow_run.id) if flow_run.id else None
 
 
 @flow(name="wrangle", flow_run_name="wrangle-{task}-{table}")
@@ -149,116 +159,9 @@ def wrangle(
     instruct model at k = 0). ``limit``: first N items only. ``chunk_size``: rows per committed
     chunk. ``tag``: any text; a different tag starts a fresh run instead of resuming.
     """
-    log = get_run_logger()
-    started = time.perf_counter()
-    params = WrangleParams(
-        task=task, table=table, left_table=left_table, right_table=right_table,
-        demos_table=demos_table, labels_table=labels_table, cells_table=cells_table,
-        clean_table=clean_table, target=target, columns=tuple(columns) if columns else None,
-        spec=spec, database=database, model=model, policy=policy, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
-        disk_mem=disk_mem, offload_dir=offload_dir, k=k, seed=seed, chat=chat,
-        limit=limit, batch_size=batch_size, chunk_size=chunk_size, tag=tag,
-    )
-    run_key = params.run_key()
-    run_id = str(flow_run.id) if flow_run.id else f"local-{run_key}-{time.time_ns()}"
-
-    # Everything that can fail on the caller's input happens before the first write.
-    extracted = extract(params)
-    holder = runlock.holder_info(run_id, flow_run.name, store.utcnow())
-    with contextlib.ExitStack() as held:
-        # before the model loads, so that a second attempt fails at once
-        held.enter_context(runlock.hold(database, run_key, holder))
-        shape = model_shape(model, policy)
-        prompts = prompt(params, extracted, shape)
-        for w in prompts.warnings:
-            log.warning(w)
-        budget = steps.budget(params, run_id)
-        llm = None
-        try:
-            llm = load_model(model, policy, budget.caps, steps.workload(prompts, getattr(shape, "tokenizer", None)))
-            if params.precision_left_to_search():     # the search chose a precision: the key names it
-                run_key = params.run_key(llms.precision(llm))
-                held.enter_context(runlock.hold(database, run_key, holder))   # and a run naming it excludes this one
-            return _answer(params, run_key, run_id, extracted, prompts, llm, budget, started, holder)
-        finally:
-            budget.release(llm)
-
-
-def _answer(params: WrangleParams, run_key: str, run_id: str, extracted: steps.Extracted,
-            prompts: steps.Prompts, llm: Any, budget: steps.Budget, started: float,
-            holder: dict[str, Any]) -> dict[str, Any]:
-    """The run from its record on: every pending chunk answered, checked and written."""
-    log = get_run_logger()
-    task, database = params.task, params.database
-    ctx = steps.RunContext(task=task, run_key=run_key, run_id=run_id, model=params.model,
-                           policy=llms.policy_json(params.policy), target=extracted.spec.target)
-    items = prompts.items
-    engine = llms.engine_report(llm)
-    begun = start_run(database, {
-        "run_id": run_id, "run_key": run_key, "flow_run_name": flow_run.name, "task": task,
-        "parameters": llms.policy_json(params.identity() | {"limit": params.limit, "database": database}),
-        "model": params.model, "policy": engine.get("policy", ctx.policy), "input_rows": len(items),
-        "budget": llms.policy_json(budget.caps), "host": holder["host"], "pid": holder["pid"],
-    }, ctx, items, prompts.key_columns, extracted.present)
-    todo = steps.pending(items, begun.answered)
-    replaced = resume.replaced(todo, begun.answered)
-    log.info("run %s: %d item(s), %d already answered, %d to do (%d whose prompt changed); %d stored row(s) no "
-             "longer in the input", run_key, len(items), len(items) - len(todo), len(todo), replaced, begun.stale_rows)
-
-    infer_s, tokens = 0.0, 0
-    try:
-        parts = steps.chunks(todo, params.chunk_size)
-        for n, chunk in enumerate(parts, 1):
-            inference = infer(llm, chunk["prompt"].tolist(), prompts.max_new_tokens, params.batch_size, params.chat)
-            answers = parse(task, inference.raw)
-            preds = steps.predictions(chunk, inference.raw, answers, task)
-            check = validate(task, preds, prompts.key_columns, len(chunk))
-            inserted = load(database, ctx, steps.result_rows(ctx, preds, prompts.key_columns, check),
-                            steps.quarantine_rows(ctx, preds, prompts.key_columns, check))
-            infer_s += inference.seconds
-            tokens = None if inference.tokens is None or tokens is None else tokens + inference.tokens
-            log.info("chunk %d/%d: %d row(s) written, %d quarantined", n, len(parts), inserted,
-                     len(check.failed_rows))
-        summary = finish(database, ctx, items, prompts.key_columns)
-        if summary["table_failures"]:
-            raise RuntimeError("output check failed: " + "; ".join(summary["table_failures"]))
-    except BaseException as exc:
-        _record_failure(database, ctx, exc, started, len(items) - len(todo), llms.engine_report(llm))
-        raise
-
-    seconds = time.perf_counter() - started
-    written = summary["written_rows"]
-    result = {
-        "run_id": run_id, "run_key": run_key, "task": task, "status": "completed",
-        "input_rows": len(items), "skipped_rows": len(items) - len(todo), "written_rows": written,
-        "replaced_rows": replaced, "stale_rows": begun.stale_rows,
-        "valid_rows": summary["valid_rows"], "quarantined_rows": summary["quarantined_rows"],
-        "rows_per_s": written / infer_s if infer_s > 0 else None,
-        "tokens_per_s": tokens / infer_s if tokens and infer_s > 0 else None,
-        "seconds": seconds, "metrics": summary["metrics"],
-    }
-    engine = llms.engine_report(llm)
-    with tables.connect(database) as con:
-        store.finish_run(con, run_id, finished_at=store.utcnow(),
-                         **{k: v for k, v in result.items() if k not in ("run_id", "run_key", "task")},
-                         **{k: v for k, v in engine.items() if k != "policy"})
-    result |= engine
-    log.info("run %s completed: %d valid, %d quarantined, metrics %s", run_key,
-             result["valid_rows"], result["quarantined_rows"], result["metrics"])
-    return result
-
-
-def _record_failure(database: str, ctx: steps.RunContext, exc: BaseException, started: float,
-                    skipped: int, engine: dict[str, Any]) -> None:
-    status = "failed" if isinstance(exc, Exception) else "cancelled"
-    try:
-        with tables.connect(database, lock_timeout_s=5) as con:
-            store.finish_run(con, ctx.run_id, status=status, error=f"{type(exc).__name__}: {exc}",
-                             finished_at=store.utcnow(), seconds=time.perf_counter() - started,
-                             written_rows=store.written_by(con, ctx.task, ctx.run_key, ctx.run_id),
-                             skipped_rows=skipped, **{k: v for k, v in engine.items() if k != "policy"})
-    except Exception as record_exc:  # the original error matters more; keep it
-        get_run_logger().warning("could not record the failure of run %s: %s", ctx.run_id, record_exc)
+    params = WrangleParams.from_arguments(locals())
+    return run_wrangle(params, DuckDBWriter(params.database, get_run_logger()), run_id=flow_run_id(),
+                       run_name=flow_run.name, run_steps=STEPS)
 
 
 if __name__ == "__main__":  # python flows/wrangle.py: the Beer benchmark with defaults

@@ -111,8 +111,24 @@ class Task(Protocol):
     allowed_answers: tuple[Any, ...] | None  # (True, False) for Yes/No tasks, None for free text
     choices: tuple[str, ...] | None  # answer texts for choice scoring, e.g. ("Yes", "No")
     default_max_new_tokens: int
+    # How a run reads the task from database tables and stores its answers (flows/ builds on these,
+    # so a new task needs no change there):
+    TABLES: tuple[str, ...]  # the table parameters it reads (`table` first); any other is an error
+    OPTIONS: tuple[str, ...]  # the task-specific parameters it takes ("target", "columns")
+    REQUIRED_OPTIONS: Mapping[str, str]  # option -> what it is, for options a run cannot do without
+    RESULT_KEY_COLUMNS: tuple[str, ...]  # key columns of its results table: every layout's keys
+    RESULT_SPEC_FIELDS: tuple[str, ...]  # spec fields each results row records ("target")
 
     def default_spec(self) -> TaskSpec: ...
+
+    def required_columns(self, table: str, spec: TaskSpec, columns: Sequence[str] | None = None) -> list[str]:
+        """Columns the table named by parameter ``table`` must have, checked before it is read."""
+
+    def inputs_from_tables(self, frames: Mapping[str, pd.DataFrame], spec: TaskSpec) -> Any:
+        """The task's inputs from the tables read, keyed by the parameter that named each one."""
+
+    def keyed_by_content(self, inputs: Any) -> bool:
+        """Whether the inputs have no key column (items have positions only): flows key them by content."""
 
     def coerce_inputs(self, inputs: Any, spec: TaskSpec) -> Any: ...
 

@@ -6,7 +6,7 @@ Prompt (paper): ``Product A is {row A}. Product B is {row B}. Are Product A and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -114,6 +114,31 @@ def score(answers: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
 def expectations(spec: TaskSpec | None = None) -> Expectations:
     """Checks a predictions table must pass (Magellan keys; ``pair_id`` for left_/right_ pairs)."""
     return Expectations(key_columns, allowed_answers, PREDICTION_COLUMNS)
+
+
+# --- inputs from database tables -------------------------------------------------------------
+
+TABLES: tuple[str, ...] = ("table", "left_table", "right_table", "demos_table")  # `table`: the pairs
+OPTIONS: tuple[str, ...] = ()
+REQUIRED_OPTIONS: Mapping[str, str] = {}
+RESULT_KEY_COLUMNS: tuple[str, ...] = ("ltable_id", "rtable_id", "pair_id")  # both layouts share one table
+RESULT_SPEC_FIELDS: tuple[str, ...] = ()
+
+
+def required_columns(table: str, spec: TaskSpec, columns: Sequence[str] | None = None) -> list[str]:
+    """Columns the table named by parameter ``table`` must have: entity tables are keyed by ``id``."""
+    return ["id"] if table in ("left_table", "right_table") else []
+
+
+def inputs_from_tables(frames: Mapping[str, pd.DataFrame], spec: TaskSpec) -> MatchingInputs:
+    """The inputs from the tables read, keyed by the parameter that named each one."""
+    return MatchingInputs(pairs=frames["table"], left=frames.get("left_table"), right=frames.get("right_table"),
+                          demos=frames.get("demos_table"), spec=spec)
+
+
+def keyed_by_content(inputs: MatchingInputs) -> bool:
+    """Whether the pairs have no key column (left_/right_ pairs without ``pair_id``): positions only."""
+    return layout(inputs.pairs) == "pairs" and "pair_id" not in inputs.pairs.columns
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Prompt (paper, Hospital): ``Is there a x spelling error in {col}: {value}?``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -128,6 +128,34 @@ def cell_labels_from_clean(dirty: pd.DataFrame, clean: pd.DataFrame, columns: Se
         for rid, d, c in zip(dirty.index, dirty[col], clean[col]):
             rows.append((rid, col, format_value(d) != format_value(c)))
     return pd.DataFrame(rows, columns=["row_id", "col_name", "is_error"])
+
+
+# --- inputs from database tables -------------------------------------------------------------
+
+TABLES: tuple[str, ...] = ("table", "cells_table", "labels_table", "clean_table")
+OPTIONS: tuple[str, ...] = ("columns",)
+REQUIRED_OPTIONS: Mapping[str, str] = {}
+RESULT_KEY_COLUMNS: tuple[str, ...] = key_columns
+RESULT_SPEC_FIELDS: tuple[str, ...] = ()
+
+
+def required_columns(table: str, spec: TaskSpec, columns: Sequence[str] | None = None) -> list[str]:
+    """Columns the table named by parameter ``table`` must have: the cell keys, and the ``columns``
+    the caller asked to check."""
+    if table in ("cells_table", "labels_table"):
+        return list(key_columns)
+    return list(columns) if table == "table" and columns else []
+
+
+def inputs_from_tables(frames: Mapping[str, pd.DataFrame], spec: TaskSpec) -> DetectionInputs:
+    """The inputs from the tables read, keyed by the parameter that named each one."""
+    return DetectionInputs(table=frames["table"], columns=spec.columns, cells=frames.get("cells_table"),
+                           labels=frames.get("labels_table"), clean=frames.get("clean_table"), spec=spec)
+
+
+def keyed_by_content(inputs: DetectionInputs) -> bool:
+    """Whether the table has no ``row_id`` column: its rows have positions only."""
+    return "row_id" not in inputs.table.columns
 
 
 # --- helpers ---------------------------------------------------------------------------------

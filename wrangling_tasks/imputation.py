@@ -6,7 +6,7 @@ Prompt (paper): ``{row without the target}. What is the city?`` (Buy: ``Who is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -145,6 +145,42 @@ def holdout(table: pd.DataFrame, target: str, frac: float = 0.1, seed: int = 0,
     masked[target] = masked[target].astype(object)
     masked.iloc[hide, masked.columns.get_loc(target)] = None
     return ImputationInputs(table=masked, target=target, labels=labels, spec=spec)
+
+
+# --- inputs from database tables -------------------------------------------------------------
+
+TABLES: tuple[str, ...] = ("table", "labels_table", "demos_table")
+OPTIONS: tuple[str, ...] = ("target",)
+REQUIRED_OPTIONS: Mapping[str, str] = {"target": "the column to fill"}
+RESULT_KEY_COLUMNS: tuple[str, ...] = key_columns
+RESULT_SPEC_FIELDS: tuple[str, ...] = ("target",)  # one results table holds runs over different columns
+
+
+def required_columns(table: str, spec: TaskSpec, columns: Sequence[str] | None = None) -> list[str]:
+    """Columns the table named by parameter ``table`` must have: the target, and ``row_id`` in the labels."""
+    return {"table": [spec.target], "labels_table": ["row_id"]}.get(table, [])  # type: ignore[list-item]
+
+
+def inputs_from_tables(frames: Mapping[str, pd.DataFrame], spec: TaskSpec) -> ImputationInputs:
+    """The inputs from the tables read, keyed by the parameter that named each one. The labels table
+    (``row_id`` and the target, or ``label``) is matched to the rows by ``row_id``."""
+    table, target = frames["table"], spec.target
+    labels = None
+    if "labels_table" in frames:
+        if "row_id" not in table.columns:
+            raise InputError("a labels_table is matched by row_id: the table needs a row_id column")
+        lab = frames["labels_table"]
+        col = target if target in lab.columns else "label"
+        if col not in lab.columns:
+            raise InputError(f"labels_table needs a {target!r} or 'label' column")
+        by_id = dict(zip(lab["row_id"].astype(str), lab[col]))
+        labels = pd.Series([by_id.get(str(r)) for r in table["row_id"]], index=table.index, dtype="object")
+    return ImputationInputs(table=table, target=target, labels=labels, demos=frames.get("demos_table"), spec=spec)
+
+
+def keyed_by_content(inputs: ImputationInputs) -> bool:
+    """Whether the table has no ``row_id`` column: its rows have positions only."""
+    return "row_id" not in inputs.table.columns
 
 
 # --- rendering -------------------------------------------------------------------------------

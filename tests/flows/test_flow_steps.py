@@ -119,11 +119,12 @@ def test_an_item_is_pending_when_its_stored_prompt_differs_and_keyless_tables_ar
     assert todo["row_key"].tolist() == ["b", "c"] and resume.replaced(todo, stored) == 1
     import wrangling_tasks as wt
     pairs = pd.DataFrame({"left_name": ["x"], "right_name": ["y"]})
-    assert resume.keyed_by_content("entity-matching", wt.MatchingInputs(pairs=pairs))
-    assert not resume.keyed_by_content("entity-matching", wt.MatchingInputs(pairs=pairs.assign(pair_id=[7])))
+    em, di, ed = (wt.get_task(t) for t in ("entity-matching", "imputation", "error-detection"))
+    assert em.keyed_by_content(wt.MatchingInputs(pairs=pairs))
+    assert not em.keyed_by_content(wt.MatchingInputs(pairs=pairs.assign(pair_id=[7])))
     table = pd.DataFrame({"city": [None], "name": ["a"]})
-    assert resume.keyed_by_content("imputation", wt.ImputationInputs(table=table, target="city"))
-    assert not resume.keyed_by_content("error-detection", wt.DetectionInputs(table=table.assign(row_id=[3])))
+    assert di.keyed_by_content(wt.ImputationInputs(table=table, target="city"))
+    assert not ed.keyed_by_content(wt.DetectionInputs(table=table.assign(row_id=[3])))
     rendered = pd.DataFrame({"body": ["same", "same", "other"], "question": ["q"] * 3})
     ids = resume.identities(rendered, ("pair_id",), by_content=True)
     assert ids["row_key"][0] == ids["row_key"][1] != ids["row_key"][2] and ids["occurrence"].tolist() == [0, 1, 0]
