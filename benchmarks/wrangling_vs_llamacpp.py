@@ -118,9 +118,10 @@ def main(args) -> int:
             f"### The engine's stored precisions on entity matching with `{args.model}`", "",
             f"`{model.file}`; the engine converts it once to float32 safetensors. `engine`: weights and KV cache "
             "stored in float16, computed in float32 (Policy " + args.policy + "); `engine 4-bit`: weights and KV "
-            "cache stored 4-bit group-wise (`compress_weight`, `compress_cache`), dequantized per layer per block "
-            "and computed in float32; `int8`: the decoder layers' products in int8 (`int8_matmul`; with 4-bit "
-            "weights each block makes the layer's int8 rows from the 4-bit ones as it loads them). llama.cpp "
+            "cache stored 4-bit group-wise (`compress_weight`, `compress_cache`), computed in float32: a prefill "
+            "dequantizes each layer, decode steps of few rows multiply the 4-bit values directly; `int8`: the "
+            "decoder layers' products in int8 (`int8_matmul`; with 4-bit weights a prefill makes each layer's int8 "
+            "rows from the 4-bit ones as it loads them, and decode steps multiply the 4-bit values). llama.cpp "
             f"Q4_0 {('(llama-cpp-python ' + version + ') ') if version else ''}is the reference. The project's "
             f"own k = {args.k} prompts, greedy, newline stop, at most 3 new tokens; model load excluded; a "
             "fresh process per system and round, rounds alternating the order. "

@@ -41,7 +41,10 @@ def compute_mb(st: Setup, kind: str, phase: str, t: float) -> float:
     h, f, kv, e = cfg.hidden_size, cfg.ffn_dim, cfg.kv_dim, cfg.word_embed_proj_dim
     rows = b * (st.s if phase == "prefill" else 1)
     mm = lambda flops, m: flops / hw.matmul_rate(m)
-    mm_layer = (lambda flops, m: flops / hw.int8_matmul_rate(m)) if st.int8 else mm    # decoder layers' products
+    # decoder layers' products: int8 under int8_matmul, except where steps multiply 4-bit weights
+    # packed (requantized ones included: transfer.WeightLoad.finish)
+    int8_products = st.int8 and not (st.compress_weight and st.packed(phase))
+    mm_layer = (lambda flops, m: flops / hw.int8_matmul_rate(m)) if int8_products else mm
     ew = lambda elems: elems * st.itemsize * 3 / hw.memcpy_bytes_per_s       # read twice, write once
     sec = MAIN_OPS[kind] * hw.op_overhead_s
     sec += hw.attn_layer_overhead_s if kind in ("attn", "decoder") else 0.0    # the layer's own ops, measured
@@ -107,14 +110,18 @@ def _weight_finish(st: Setup, p: Placement, kind: LayerKind, phase: str) -> floa
     against 13.6 ms to dequantize alone), so the model leans away from packed multiplies."""
     quant = p.weights(kind, "quantized_elems",
                       lambda x, tier: x.elems if x.quantized and not x.lookup and not x.requant else 0)
-    # requantized weights: dequantized once per block, then made int8 (counted at the same rate)
-    requant = p.weights(kind, "requant_elems", lambda x, tier: 2 * x.elems if x.requant else 0)
-    uses = st.nb if st.nb > 1 and not st.cuda and st.packed(phase) else 1
+    requant = p.weights(kind, "requant_elems", lambda x, tier: x.elems if x.requant else 0)
+    packed = not st.cuda and st.packed(phase)
+    uses = st.nb if st.nb > 1 and packed else 1
+    # requantized weights multiply packed like the others where steps do; else they are
+    # dequantized once per block and made int8 (counted at the same rate)
+    elems = uses * (sum(quant.values()) + sum(requant.values())) if packed else \
+        uses * sum(quant.values()) + 2 * sum(requant.values())
     widen = 0.0
     if not st.cuda and st.storage_bytes != st.itemsize:
         plain = _plain_elems(p, kind)
         widen = (plain["cpu"] + plain["disk"]) / st.hw.convert_elems_per_s
-    return widen + (uses * sum(quant.values()) + sum(requant.values())) / st.hw.dequant_elems_per_s
+    return widen + elems / st.hw.dequant_elems_per_s
 
 
 def _cache_load(st: Setup, p: Placement, t: float) -> tuple:

@@ -86,7 +86,8 @@ class TensorPlan:
     #                          tied tensor, the midpoint of the one it shares (that tensor's tier is its)
     tied: bool               # shares a tensor an earlier layer holds (a tied LM head): stored there only
     lookup: bool             # a table `embed` only gathers rows of: a quantized one is used packed
-    requant: bool            # held 4-bit, made int8 rows in a whole working copy at each load
+    requant: bool            # held 4-bit; a load for steps that multiply packed uses it as 4-bit,
+    #                          any other load makes it int8 rows in a whole working copy
     matmul: bool             # a decoder layer's 2-D weight only `ops.linear` reads
     precision: Precision
 
@@ -152,7 +153,7 @@ class TensorPlan:
     def borrow(self, tier: str, packed: bool = False) -> Borrow | None:
         """The pool buffer a load borrows for it homed on `tier`, or None. `packed`: the step
         multiplies 2-D 4-bit weights straight from the packed values, so those borrow only
-        `compression.linear`'s scratch (never a requantized one, made int8 in a whole copy)."""
+        `compression.linear`'s scratch (requantized ones too: such steps multiply them as 4-bit)."""
         how, fmt, dtype = self.how(tier), self.format(tier), self.precision.compute_dtype
         if how == "view" or how == "stored" and tier == "gpu":
             return None
@@ -160,7 +161,7 @@ class TensorPlan:
             return Borrow((fmt.row_bytes(self.shape),), torch.uint8, "load")
         if how == "widen":
             return Borrow(fmt.work_shape(self.shape), dtype, "finish")
-        if packed and not self.requant and fmt.quant is not None and len(self.shape) == 2:
+        if packed and fmt.quant is not None and len(self.shape) == 2:
             return Borrow((scratch_elems(self.shape, fmt.quant),), dtype, "load")
         return Borrow(fmt.work_shape(self.shape), dtype, "load")
 

@@ -31,7 +31,9 @@ class Policy:
     comp_weight_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=0))
     int8_matmul: bool = False          # decoder weights as int8 rows, multiplied by int8 activations
-    #                                    (engine/int8.py): faster prefill on CPUs, changes logits slightly
+    #                                    (engine/int8.py): faster prefill on CPUs, changes logits slightly;
+    #                                    with compress_weight, 4-bit weights are made int8 rows for
+    #                                    prefill, and steps of few rows multiply them as 4-bit
     compress_cache: bool = False       # group-wise quantization of the KV cache
     comp_cache_config: CompressionConfig = field(
         default_factory=lambda: CompressionConfig(num_bits=4, group_size=64, group_dim=-1))

@@ -138,8 +138,7 @@ class WeightLoad:
                     own, release = arr.read_bytes(raw)
                     out[name] = Widen(arr, own, staging.hold() if raw is not None else release, need)
                 else:
-                    scratch = self.packed and not plan.requant
-                    buf = self._borrow(need, f"{'scratch' if scratch else 'working copy'} of {arr.what}")
+                    buf = self._borrow(need, f"{'scratch' if self.packed else 'working copy'} of {arr.what}")
                     if how == "dequantize" and raw is not None:      # views the shared read
                         out[name] = Packed(arr.read_quantized(dev, None, raw)[0], staging.hold(), buf, plan.requant)
                     elif how == "dequantize":
@@ -155,8 +154,9 @@ class WeightLoad:
 
         With `defer`, 2-D `Packed` weights become `QuantizedWeight`s that `ops.linear` multiplies
         straight from the packed values, their borrowed buffer as scratch, and keep their staging
-        view until close. A `Packed` weight marked `int8` is dequantized and made int8 rows in its
-        buffer (int8.quantize_over), whatever `defer` says."""
+        view until close; so do those marked `int8`: few rows multiply fastest straight from 4-bit
+        values, and the weight is not requantized for them. Without `defer`, a `Packed` weight
+        marked `int8` is dequantized and made int8 rows in its buffer (int8.quantize_over)."""
         w = self.tensors
         for name, t in w.items():
             if isinstance(t, Widen):
@@ -165,7 +165,7 @@ class WeightLoad:
                 w[name] = a.read(0, 1, buf.device, buf.dtype, out=buf.view(1, *a.shape), raw=t.raw)[0]
                 t.release()
             elif isinstance(t, Packed):
-                if t.int8 and t.out.dtype == torch.float32:      # (CUDA computes in fp16: multiplied as float)
+                if t.int8 and not defer and t.out.dtype == torch.float32:   # (CUDA computes in fp16: as float)
                     w[name] = int8_format.quantize_over(dequantize(t.parts, torch.float32, t.out))
                     t.release()
                 elif defer and len(t.parts.shape) == 2:

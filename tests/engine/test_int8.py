@@ -79,3 +79,20 @@ def test_logits_stay_close_to_float32(fixture, request):
                               policy=Policy(int8_matmul=True)).logits(MIXED_PROMPTS)
     assert (got - want).norm() / want.norm() < 0.05
     assert not torch.equal(got, want)                      # (it is the int8 path)
+
+
+def test_held_4_bit_weights_become_int8_rows_for_prefill_and_stay_packed_for_few_rows(tiny_qwen2):
+    """A prefill-sized load requantizes; a load for steps that multiply packed keeps 4-bit values,
+    which the C kernel (or the torch path) multiplies with float activations."""
+    from engine.compression import QuantizedWeight
+    from engine.int8 import Int8Weight
+    llm = LLM.from_pretrained(tiny_qwen2[0], progress=False, policy=Policy(int8_matmul=True, compress_weight=True))
+    try:
+        layer = next(lay for lay in llm.layers if lay.index >= 0)
+        for packed, kind in ((False, Int8Weight), (True, QuantizedWeight)):
+            with layer.weights.load(llm.pool, packed) as load:
+                w = load.finish(defer=packed)
+                matrices = [t for t in w.values() if not isinstance(t, torch.Tensor) or t.dim() == 2]
+                assert matrices and all(isinstance(t, kind) for t in matrices)
+    finally:
+        llm.close()
