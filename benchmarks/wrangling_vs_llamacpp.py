@@ -60,6 +60,15 @@ def build_prompts(dataset: str, k: int, limit: int | None) -> tuple[list[str], l
     return list(prep.items["prompt"]), labels, len(prep.prefix)
 
 
+def _command(args) -> str:
+    """The command line that reproduces this run (the options that change what it measures)."""
+    datasets = "" if args.datasets == ["Beer", "Fodors-Zagats"] else " --datasets " + " ".join(args.datasets)
+    return (".venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp"
+            f"{' --quantized' if args.quantized else ''} --model {args.model}{datasets} --rounds {args.rounds}"
+            f"{' --limit ' + str(args.limit) if args.limit else ''}"
+            f"{' --policy ' + repr(args.policy) if args.policy != '{}' else ''}")
+
+
 def main(args) -> int:
     from engine.registry import DEFAULT_MODEL, embedded_model, models_dir, resolve_model
     from wrangling_tasks import get_task
@@ -126,9 +135,7 @@ def main(args) -> int:
             f"own k = {args.k} prompts, greedy, newline stop, at most 3 new tokens; model load excluded; a "
             "fresh process per system and round, rounds alternating the order. "
             f"Run {started}, engine at commit {commit}; load average at the end: {load_now()}. Command: "
-            f"`.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --quantized --model {args.model} "
-            f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}"
-            f"{' --policy ' + repr(args.policy) if args.policy != '{}' else ''}`." + note, "", *sections])
+            f"`{_command(args)}`." + note, "", *sections])
         # one section per model and policy: the default model's at the default policy keeps the plain name
         name = QUANTIZED_SECTION if args.model == DEFAULT_MODEL else f"{QUANTIZED_SECTION}_{args.model}"
         publish(name + ("" if args.policy == "{}" else "_" + re.sub(r"\W+", "", args.policy)[:40]), md, args.write_doc)
@@ -143,8 +150,7 @@ def main(args) -> int:
         f"quantizer. The project's own k = {args.k} prompts, greedy, newline stop, at most 3 new tokens; "
         "model load excluded. Each system runs in a fresh process per round; rounds alternate the order. "
         f"Run {started}, engine at commit {commit}; load average at the end: {load_now()}. "
-        f"Command: `.venv/bin/python benchmarks/wrangling_throughput.py --vs-llamacpp --model {args.model} "
-        f"--rounds {args.rounds}{' --limit ' + str(args.limit) if args.limit else ''}`." + note, "",
+        f"Command: `{_command(args)}`." + note, "",
         *sections])
     # one section per model: the default model's keeps the plain name
     publish(SECTION if args.model == DEFAULT_MODEL else f"{SECTION}_{args.model}", md, args.write_doc)
