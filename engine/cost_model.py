@@ -22,7 +22,7 @@ import torch
 from .accounting import parse_bytes
 from .compression import multiply_packed
 from .config import ModelConfig
-from .cost_times import compute_mb, rate, slot_bounds  # noqa: F401  (re-exported for the program)
+from .cost_times import slot_bounds
 from .disk import aligned
 from .hardware import Hardware
 from .placement import (CACHE_READS_IN_FLIGHT, CachePartPlan, Precision, TensorPlan, plan_kinds, preflight_need,

@@ -15,8 +15,8 @@ from .blocks import Decoding, Workload, run_workload
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .models import family as model_family
-from .placement import layer_specs
-from .policy import Policy
+from .placement import Precision, layer_specs, plan_cache, preflight_need
+from .policy import TIERS, Policy
 from .prompts import check_prompts, cut_at_stop, cut_text, encode_text, stop_sets
 from .registry import open_model
 from .schedule import ActStore, BlockRunner, Layer, MicroBatch
@@ -276,15 +276,11 @@ class LLM:
             raise
 
     def check_memory(self, work: Workload) -> None:
-        """Raise MemoryBudgetError before any work when the largest block of `work` cannot fit a tier."""
-        self._check_block_memory(len(work.prompts), work.longest, work.longest + work.max_new)
-
-    def _check_block_memory(self, n_seqs: int, prompt_len: int, max_len: int) -> None:
-        """Fail before work starts when the largest block's KV cache and buffers cannot fit a tier."""
-        from .placement import Precision, plan_cache, preflight_need
-        from .policy import TIERS
+        """Raise MemoryBudgetError before any work when the largest block of `work`, its KV cache and
+        buffers, cannot fit a tier."""
         cfg, pol = self.config, self.policy
-        n_seqs = min(n_seqs, pol.block_size)
+        prompt_len, max_len = work.longest, work.longest + work.max_new
+        n_seqs = min(len(work.prompts), pol.block_size)
         sizes = [min(pol.gpu_batch_size, n_seqs - lo) for lo in range(0, n_seqs, pol.gpu_batch_size)]
         precision = Precision.of(pol, self.tiers.compute_device.type, self.storage)
         parts = lambda n: plan_cache(n, cfg.num_kv_heads, cfg.head_dim, pol.percents("cache"), precision)

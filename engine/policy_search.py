@@ -19,9 +19,9 @@ import pulp
 import torch
 
 from .config import ModelConfig
-from .cost_model import (PROCESS_BASE_BYTES, Placement, Setup, cache_row_bytes, caps_for, compute_mb, make_setup,
-                         memory_terms, pool_copies, predict, preflight, rate, slot_bounds, storage_dtype, thresholds,
-                         transient_bytes, weight_elems)
+from .cost_model import (PROCESS_BASE_BYTES, Placement, Setup, cache_row_bytes, caps_for, make_setup, memory_terms,
+                         pool_copies, predict, preflight, storage_dtype, thresholds, transient_bytes, weight_elems)
+from .cost_times import compute_mb, rate, slot_bounds
 from .hardware import Hardware, load_hardware
 from .placement import CACHE_READS_IN_FLIGHT, Precision
 from .policy import TIERS, Policy
