@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import kernels
+
 
 class Int8Weight(NamedTuple):
     values: torch.Tensor     # int8 (out, in)
@@ -107,9 +109,35 @@ _last = threading.local()
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, in) float -> (int8 values, float32 scales (rows, 1)), symmetric absmax per row."""
+    """x (rows, in) float32 -> (int8 values, float32 scales (rows, 1)), symmetric absmax per row.
+
+    The C kernel (kernels/int8.c) does it in one pass with the same arithmetic, so the same bits."""
+    fn = kernels.int8_quantize() if x.device.type == "cpu" else None
+    if fn is not None:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, cols = x.shape
+        values = torch.empty(rows, cols, dtype=torch.int8)
+        scale = torch.empty(rows, 1, dtype=torch.float32)
+        fn(x.data_ptr(), rows, cols, x.stride(0), values.data_ptr(), scale.data_ptr())
+        return values, scale
     scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(127.0)
     return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def scale_sums(sums: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """int32 sums (rows, out) of an int8 product -> float32 (sums * w_scale) * a_scale (+ bias),
+    written over the sums' own memory by the C kernel (one pass), or in torch's passes without it."""
+    fn = kernels.int8_scale()
+    if (fn is not None and sums.is_contiguous() and w_scale.is_contiguous() and a_scale.is_contiguous()
+            and (bias is None or bias.dtype == torch.float32)):
+        bias = None if bias is None else bias.contiguous()
+        fn(sums.data_ptr(), sums.shape[0], sums.shape[1], w_scale.data_ptr(), a_scale.data_ptr(),
+           None if bias is None else bias.data_ptr())
+        return sums.view(torch.float32)
+    y = sums.to(torch.float32).mul_(w_scale).mul_(a_scale)
+    return y.add_(bias) if bias is not None else y
 
 
 def linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,9 +151,7 @@ def linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> 
     else:
         xq, a_scale = quantize_rows(x.reshape(rows, x.shape[-1]).float())
         _last.key, _last.value = (x, x._version), (xq, a_scale)
-    y = torch._int_mm(xq, w.values.t()).to(torch.float32).mul_(w.scale).mul_(a_scale)
-    if bias is not None:
-        y.add_(bias)
+    y = scale_sums(torch._int_mm(xq, w.values.t()), w.scale, a_scale, bias)
     return y.view(*x.shape[:-1], w.values.shape[0]).to(x.dtype)
 
 

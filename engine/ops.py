@@ -166,7 +166,15 @@ def _rotary_tables(positions, head_dim, theta, scaling, dtype):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, heads, s, d) rotated by position."""
+    """x (b, heads, s, d) rotated by position; cos, sin (b or 1, 1, s, d) from `rotary_tables`.
+    On CPU in float32 the C kernel (kernels/rotary.c) does it in one pass, to the same bits."""
+    fn = kernels.rotary() if x.device.type == "cpu" and x.dtype == torch.float32 == cos.dtype else None
+    if fn is not None and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous():
+        b, h, s, d = x.shape
+        out = torch.empty(b, h, s, d, dtype=x.dtype)
+        fn(x.data_ptr(), b, h, s, d, x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+           0 if cos.shape[0] == 1 else s * d, out.data_ptr())
+        return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -6,9 +6,12 @@
   many rows; docs/benchmarks.md has the figures).
 - `attention.c`: decode attention over keys and values read where they lie, fp16 included, so a
   CPU-tier cache is never copied to float32 (ops.attend_decode).
+- `rotary.c`: rotary position embedding in one pass (ops.apply_rotary), bit for bit as torch.
+- `int8.c`: the two ends of an int8 product (int8.linear), quantizing activations per row and scaling
+  the int32 sums back to float, each in one pass and bit for bit as torch computes them.
 
-Everything works without them: when gcc is missing or a build fails, `qlinear()` and
-`attention()` return None once with a warning and callers take the torch path.
+Everything works without them: when gcc is missing or a build fails, `qlinear()`, `attention()`
+and the others return None once with a warning and callers take the torch path.
 
 The library is built for this CPU (-march=native) into $XDG_CACHE_HOME/flexwrangle/kernels (or
 ~/.cache/...), named by a hash of the source, the flags, the compiler and the CPU's feature flags, so
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, object] = {}      # kernel name -> C function or None; "<source>.c" -> its library
 # descriptors of loaded libraries, never closed: the loader knows a library by the path it was opened
 # with (/proc/self/fd/<n>), so a reused number would hand back the library already loaded under it
 _held: list[int] = []
@@ -60,13 +63,18 @@ class Segment(ctypes.Structure):
                 ("dtype", ctypes.c_int32)]
 
 
-# name -> (C function, argument types, what callers do without it)
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+# name -> (source file, C function, argument types, what callers do without it)
 _KERNELS = {
-    "qlinear": ("qlinear_out_groups", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6,
+    "qlinear": ("qlinear.c", "qlinear_out_groups", [_p] * 5 + [ctypes.c_int] * 6,
                 "the slower torch path for 4-bit weights"),
-    "attention": ("decode_attention", [ctypes.c_void_p, ctypes.POINTER(Segment), ctypes.c_int, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float],
-                  "torch attention over a float32 copy of the cache"),
+    "attention": ("attention.c", "decode_attention", [_p, ctypes.POINTER(Segment), ctypes.c_int, _p, _i64, _p]
+                  + [ctypes.c_int] * 4 + [ctypes.c_float], "torch attention over a float32 copy of the cache"),
+    "rotary": ("rotary.c", "rotary", [_p] + [_i64] * 7 + [_p, _p, _i64, _p], "torch's passes for rotary embeddings"),
+    "int8_quantize": ("int8.c", "quantize_rows", [_p, _i64, _i64, _i64, _p, _p],
+                      "torch's passes to quantize int8 products' inputs"),
+    "int8_scale": ("int8.c", "scale_sums", [_p, _i64, _i64, _p, _p, _p],
+                   "torch's passes to scale int8 products' sums"),
 }
 
 
@@ -78,6 +86,21 @@ def qlinear():
 def attention():
     """The C function `decode_attention` (see attention.c), or None when kernels are off or unbuildable."""
     return _kernel("attention")
+
+
+def rotary():
+    """The C function `rotary` (see rotary.c), or None when kernels are off or unbuildable."""
+    return _kernel("rotary")
+
+
+def int8_quantize():
+    """The C function `quantize_rows` (see int8.c), or None when kernels are off or unbuildable."""
+    return _kernel("int8_quantize")
+
+
+def int8_scale():
+    """The C function `scale_sums` (see int8.c), or None when kernels are off or unbuildable."""
+    return _kernel("int8_scale")
 
 
 def _kernel(name: str):
@@ -92,12 +115,13 @@ def _kernel(name: str):
 
 
 def _build_and_load(name: str):
-    symbol, argtypes, fallback = _KERNELS[name]
+    source, symbol, argtypes, fallback = _KERNELS[name]
     try:
-        lib = _load(HERE / f"{name}.c")
+        lib = _loaded.get(source) or _load(HERE / source)     # one library per source file, loaded once
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("flexwrangle: C kernel %s unavailable (%s); using %s", name, e, fallback)
         return None
+    _loaded[source] = lib
     fn = getattr(lib, symbol)
     fn.argtypes = argtypes
     fn.restype = ctypes.c_int

@@ -1,0 +1,75 @@
+/* The two ends of an int8 product (engine/int8.py), each fused into one pass:
+ *
+ * - quantize_rows: activations (rows, cols) float32 -> int8 values and one scale per row,
+ *   scale = max(absmax, 1e-30) / 127, q = round-half-even(x / scale);
+ * - scale_sums: torch._int_mm's int32 sums -> float32, y = (float(sum) * w_scale[col]) * a_scale[row]
+ *   (+ bias[col]), written over the sums themselves (an int32 and a float32 are both 4 bytes).
+ *
+ * In torch these are 5 and 3-4 passes over the tensor (abs, amax, divide, round, convert; convert,
+ * multiply, multiply, add), each reading and writing it whole. Here each element is read once per
+ * use and written once. The arithmetic is torch's, operation for operation and in the same order:
+ * true division (not a multiply by the reciprocal), rounding half to even, and no fused multiply-add
+ * (the pragma below: -march=native would otherwise contract the bias add), so the results are bit for
+ * bit those of the torch path that runs when there is no compiler. Built by engine/kernels/__init__.py
+ * with gcc -O3 -march=native -fopenmp; the loops are written for GCC to vectorize. */
+#include <math.h>
+#include <stdint.h>
+
+#pragma GCC optimize("fp-contract=off")
+
+/* The float32 results overwrite the int32 sums they come from: an alias type tells the compiler the two
+ * pointers may meet (each element is read before it is written, so any order of the loop is right). */
+typedef float float_alias __attribute__((may_alias));
+typedef int32_t int32_alias __attribute__((may_alias));
+
+/* Below this many elements a thread team costs more than it saves (a decode step's few rows). */
+#define PARALLEL_MIN 32768
+
+/* finite-math-only lets GCC turn the comparison into vector max instructions (it then need not keep a
+ * NaN's place in the order of comparisons); a NaN input gives a meaningless row either way. */
+__attribute__((optimize("finite-math-only", "no-signed-zeros")))
+static float absmax(const float *x, int64_t n) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        m = a > m ? a : m;    /* max is exact in any order: vectorized, the result is the same */
+    }
+    return m;
+}
+
+int quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, int8_t *q, float *scale) {
+#pragma omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        int8_t *qr = q + r * cols;
+        float m = absmax(xr, cols);
+        float s = (m > 1e-30f ? m : 1e-30f) / 127.0f;
+        scale[r] = s;
+        for (int64_t c = 0; c < cols; c++)
+            qr[c] = (int8_t)(int32_t)nearbyintf(xr[c] / s);   /* |x / s| <= 127: no clamp needed */
+    }
+    return 0;
+}
+
+int scale_sums(int32_alias *acc, int64_t rows, int64_t cols, const float *w_scale, const float *a_scale,
+               const float *bias) {
+#pragma omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        int32_alias *in = acc + r * cols;
+        float_alias *out = (float_alias *)in;
+        float as = a_scale[r];
+        if (bias) {
+            for (int64_t c = 0; c < cols; c++) {
+                float v = (float)in[c] * w_scale[c];
+                v = v * as;
+                out[c] = v + bias[c];
+            }
+        } else {
+            for (int64_t c = 0; c < cols; c++) {
+                float v = (float)in[c] * w_scale[c];
+                out[c] = v * as;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,64 @@
+"""The one-pass C kernels for int8 products' ends (int8.c) and rotary embeddings (rotary.c) give
+torch's bits, so answers never depend on whether a compiler was there."""
+import pytest
+import torch
+from enginekit import MIXED_PROMPTS
+
+from engine import LLM, Policy, int8, kernels, ops
+
+TORCH_ONLY = {"int8_quantize": None, "int8_scale": None, "rotary": None}
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Call to switch the three kernels off (the rest stay as they are)."""
+    def off():
+        monkeypatch.setattr(kernels, "_loaded", {**kernels._loaded, **TORCH_ONLY})
+    return off
+
+
+def test_the_kernels_build_here():
+    assert kernels.int8_quantize() is not None and kernels.int8_scale() is not None and kernels.rotary() is not None, \
+        "gcc is on every machine of this project: the kernels must build"
+
+
+# one row; rows with a zero row among them; a decode step's few rows; a prefill's many (threaded)
+@pytest.mark.parametrize("rows, k, n", [(1, 7, 3), (5, 33, 65), (8, 576, 1536), (472, 1536, 192)])
+def test_int8_ends_give_torch_s_bits(rows, k, n, torch_path):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 30
+    x[rows // 2] = 0                                                  # a zero row: scale clamps, values 0
+    w = int8.quantize(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    sums = torch.randint(-2 ** 22, 2 ** 22, (rows, n), dtype=torch.int32, generator=g)
+    strided = torch.randn(rows, 2 * k, generator=g)[:, ::2]          # rows apart, values apart: copied first
+    got = [int8.quantize_rows(x), int8.quantize_rows(strided),
+           int8.scale_sums(sums.clone(), w.scale, int8.quantize_rows(x)[1], None),
+           int8.scale_sums(sums.clone(), w.scale, int8.quantize_rows(x)[1], bias)]
+    torch_path()
+    want = [int8.quantize_rows(x), int8.quantize_rows(strided),
+            int8.scale_sums(sums.clone(), w.scale, int8.quantize_rows(x)[1], None),
+            int8.scale_sums(sums.clone(), w.scale, int8.quantize_rows(x)[1], bias)]
+    for a, b in zip(got, want):
+        assert all(torch.equal(p, q) for p, q in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("b, h, s, d, table_rows", [(8, 9, 48, 64, 8), (3, 2, 1, 64, 3), (4, 14, 7, 128, 1),
+                                                    (2, 3, 33, 16, 2)])
+def test_rotary_gives_torch_s_bits_for_strided_heads(b, h, s, d, table_rows, torch_path):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, s, h, d, generator=g).transpose(1, 2)          # as q and k come from a projection
+    cos, sin = ops._rotary_tables(torch.randint(0, 4000, (table_rows, s), generator=g), d, 10000.0, None,
+                                  torch.float32)
+    got = ops.apply_rotary(x, cos, sin)
+    torch_path()
+    assert torch.equal(got, ops.apply_rotary(x, cos, sin))
+
+
+def test_int8_tokens_and_logits_are_the_same_without_the_kernels(tiny_qwen2, torch_path):
+    """Qwen2: a bias on q, k and v (the kernel adds it), rotary embeddings, int8 products."""
+    llm = LLM.from_pretrained(tiny_qwen2[0], progress=False, policy=Policy(int8_matmul=True))
+    tokens, logits = llm.generate(MIXED_PROMPTS, max_new_tokens=6, ignore_eos=True), llm.logits(MIXED_PROMPTS)
+    torch_path()
+    assert llm.generate(MIXED_PROMPTS, max_new_tokens=6, ignore_eos=True) == tokens
+    assert torch.equal(llm.logits(MIXED_PROMPTS), logits)
