@@ -16,7 +16,8 @@ and the others return None once with a warning and callers take the torch path.
 The library is built for this CPU (-march=native) into $XDG_CACHE_HOME/flexwrangle/kernels (or
 ~/.cache/...), named by a hash of the source, the flags, the compiler and the CPU's feature flags, so
 a cache shared between machines never hands one machine another's instructions. Set
-FLEXWRANGLE_KERNELS=0 to use the torch path only.
+FLEXWRANGLE_KERNELS=0 to use the torch path only, or FLEXWRANGLE_KERNELS_OFF to name the kernels to leave
+out (comma-separated: qlinear, attention, rotary, int8_quantize, int8_scale), e.g. to measure one.
 
 Loading a library runs its code in this process, so the cache is trusted only as far as it can be:
 - the folder must be this user's and writable by nobody else (it is created with mode 0700, and
@@ -106,12 +107,20 @@ def int8_scale():
 def _kernel(name: str):
     if name in _loaded:                          # every linear asks: no lock once it is settled
         return _loaded[name]
-    if os.environ.get("FLEXWRANGLE_KERNELS", "1") == "0" or platform.system() != "Linux":
+    if os.environ.get("FLEXWRANGLE_KERNELS", "1") == "0" or platform.system() != "Linux" or name in _switched_off():
         return None
     with _lock:
         if name not in _loaded:
             _loaded[name] = _build_and_load(name)
     return _loaded[name]
+
+
+def _switched_off() -> set[str]:
+    names = {n.strip() for n in os.environ.get("FLEXWRANGLE_KERNELS_OFF", "").split(",") if n.strip()}
+    if names - set(_KERNELS):
+        raise ValueError(f"FLEXWRANGLE_KERNELS_OFF names {', '.join(sorted(names - set(_KERNELS)))}: "
+                         f"the kernels are {', '.join(_KERNELS)}")
+    return names
 
 
 def _build_and_load(name: str):

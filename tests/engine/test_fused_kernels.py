@@ -62,3 +62,14 @@ def test_int8_tokens_and_logits_are_the_same_without_the_kernels(tiny_qwen2, tor
     torch_path()
     assert llm.generate(MIXED_PROMPTS, max_new_tokens=6, ignore_eos=True) == tokens
     assert torch.equal(llm.logits(MIXED_PROMPTS), logits)
+
+
+def test_kernels_can_be_left_out_by_name_and_a_wrong_name_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("FLEXWRANGLE_KERNELS_OFF", "rotary, int8_scale")
+    assert kernels.rotary() is None and kernels.int8_scale() is None
+    assert kernels.int8_quantize() is not None
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("FLEXWRANGLE_KERNELS_OFF", "rotery")
+    with pytest.raises(ValueError, match="rotery: the kernels are qlinear, attention, rotary"):
+        kernels.rotary()
