@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import kernels
 from .disk import aligned
 
 if TYPE_CHECKING:
@@ -113,10 +114,12 @@ def _weight_finish(st: Setup, p: Placement, kind: LayerKind, phase: str) -> floa
     requant = p.weights(kind, "requant_elems", lambda x, tier: x.elems if x.requant else 0)
     packed = not st.cuda and st.packed(phase)
     uses = st.nb if st.nb > 1 and packed else 1
-    # requantized weights multiply packed like the others where steps do; else they are
-    # dequantized once per block and made int8 (counted at the same rate)
+    # requantized weights multiply packed like the others where steps do; else they are made int8 rows
+    # once per block: dequantized, then quantized (two passes at the dequantize rate), or straight from
+    # the packed values by the C kernel (int8.from_4bit: 1.0-1.07 dequantizes for 1.5B-sized matrices)
+    passes = 1 if kernels.int8_rows_from_4bit() is not None else 2
     elems = uses * (sum(quant.values()) + sum(requant.values())) if packed else \
-        uses * sum(quant.values()) + 2 * sum(requant.values())
+        uses * sum(quant.values()) + passes * sum(requant.values())
     widen = 0.0
     if not st.cuda and st.storage_bytes != st.itemsize:
         plain = _plain_elems(p, kind)

@@ -81,6 +81,28 @@ def quantize_over(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q if rows_major else q.t(), scale)
 
 
+def from_4bit(parts, buf: torch.Tensor) -> Int8Weight | None:
+    """A 4-bit weight (compression.QuantizedTensor, 2-D, groups along the output dim) made int8 rows in
+    `buf`'s memory by the C kernel (kernels/int8.c), reading the packed values without writing a float32
+    copy: the numbers of `quantize_over(compression.dequantize(parts, torch.float32, buf))`.
+    None when the kernel cannot take it (no compiler, another layout, not on the CPU): use that then."""
+    out_f, in_f = parts.shape if len(parts.shape) == 2 else (0, 0)
+    config = parts.config
+    fn = kernels.int8_rows_from_4bit()
+    if (fn is None or not out_f or config.num_bits != 4 or config.group_dim % 2 != 0 or config.group_size > 512
+            or buf.device.type != "cpu" or parts.packed.device.type != "cpu" or not buf.is_contiguous()
+            or buf.numel() * buf.element_size() < out_f * in_f or not parts.packed.is_contiguous()):
+        return None
+    width = -(-out_f // config.group_size) * config.group_size
+    q = torch.empty(0, dtype=torch.int8).set_(buf.untyped_storage(), buf.storage_offset() * buf.element_size(),
+                                              (in_f, out_f), (out_f, 1))
+    scale = torch.empty(out_f, dtype=torch.float32)
+    step, minimum = parts.step.float().contiguous(), parts.minimum.float().contiguous()
+    fn(parts.packed.data_ptr(), step.data_ptr(), minimum.data_ptr(), in_f, width, out_f, config.group_size,
+       q.data_ptr(), scale.data_ptr())
+    return Int8Weight(q.t(), scale)
+
+
 def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (w.values.to(dtype) * w.scale[..., None].to(dtype))
 

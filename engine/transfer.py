@@ -62,7 +62,7 @@ class Packed(NamedTuple):
     parts: QuantizedTensor
     release: Callable[[], None]    # gives back the disk staging buffer `parts` may view
     out: torch.Tensor              # the borrowed buffer it dequantizes into
-    int8: bool = False             # then made int8 rows in that buffer (int8.quantize_over)
+    int8: bool = False             # then made int8 rows in that buffer (int8.from_4bit or quantize_over)
 
 
 class Widen(NamedTuple):
@@ -156,7 +156,7 @@ class WeightLoad:
         straight from the packed values, their borrowed buffer as scratch, and keep their staging
         view until close; so do those marked `int8`: few rows multiply fastest straight from 4-bit
         values, and the weight is not requantized for them. Without `defer`, a `Packed` weight
-        marked `int8` is dequantized and made int8 rows in its buffer (int8.quantize_over)."""
+        marked `int8` is made int8 rows in its buffer (int8.from_4bit, or int8.quantize_over of it dequantized)."""
         w = self.tensors
         for name, t in w.items():
             if isinstance(t, Widen):
@@ -166,7 +166,9 @@ class WeightLoad:
                 t.release()
             elif isinstance(t, Packed):
                 if t.int8 and not defer and t.out.dtype == torch.float32:   # (CUDA computes in fp16: as float)
-                    w[name] = int8_format.quantize_over(dequantize(t.parts, torch.float32, t.out))
+                    rows = int8_format.from_4bit(t.parts, t.out)       # None without the C kernel
+                    w[name] = rows if rows is not None else int8_format.quantize_over(
+                        dequantize(t.parts, torch.float32, t.out))
                     t.release()
                 elif defer and len(t.parts.shape) == 2:
                     w[name] = QuantizedWeight(t.parts, t.out)

@@ -8,7 +8,8 @@
   CPU-tier cache is never copied to float32 (ops.attend_decode).
 - `rotary.c`: rotary position embedding in one pass (ops.apply_rotary), bit for bit as torch.
 - `int8.c`: the two ends of an int8 product (int8.linear), quantizing activations per row and scaling
-  the int32 sums back to float, each in one pass and bit for bit as torch computes them.
+  the int32 sums back to float, each in one pass and bit for bit as torch computes them; and int8 rows
+  made straight from 4-bit weights (int8.from_4bit), without the float32 copy in between.
 
 Everything works without them: when gcc is missing or a build fails, `qlinear()`, `attention()`
 and the others return None once with a warning and callers take the torch path.
@@ -17,7 +18,8 @@ The library is built for this CPU (-march=native) into $XDG_CACHE_HOME/flexwrang
 ~/.cache/...), named by a hash of the source, the flags, the compiler and the CPU's feature flags, so
 a cache shared between machines never hands one machine another's instructions. Set
 FLEXWRANGLE_KERNELS=0 to use the torch path only, or FLEXWRANGLE_KERNELS_OFF to name the kernels to leave
-out (comma-separated: qlinear, attention, rotary, int8_quantize, int8_scale), e.g. to measure one.
+out (comma-separated: qlinear, attention, rotary, int8_quantize, int8_scale, int8_rows_from_4bit), e.g. to
+measure one.
 
 Loading a library runs its code in this process, so the cache is trusted only as far as it can be:
 - the folder must be this user's and writable by nobody else (it is created with mode 0700, and
@@ -76,6 +78,8 @@ _KERNELS = {
                       "torch's passes to quantize int8 products' inputs"),
     "int8_scale": ("int8.c", "scale_sums", [_p, _i64, _i64, _p, _p, _p],
                    "torch's passes to scale int8 products' sums"),
+    "int8_rows_from_4bit": ("int8.c", "rows_from_4bit", [_p, _p, _p, _i64, _i64, _i64, _i64, _p, _p],
+                            "dequantizing 4-bit weights to float32, then making int8 rows of them"),
 }
 
 
@@ -102,6 +106,11 @@ def int8_quantize():
 def int8_scale():
     """The C function `scale_sums` (see int8.c), or None when kernels are off or unbuildable."""
     return _kernel("int8_scale")
+
+
+def int8_rows_from_4bit():
+    """The C function `rows_from_4bit` (see int8.c), or None when kernels are off or unbuildable."""
+    return _kernel("int8_rows_from_4bit")
 
 
 def _kernel(name: str):

@@ -1,12 +1,15 @@
-"""The one-pass C kernels for int8 products' ends (int8.c) and rotary embeddings (rotary.c) give
-torch's bits, so answers never depend on whether a compiler was there."""
+"""The one-pass C kernels for int8 products' ends and int8 rows from 4-bit weights (int8.c) and for
+rotary embeddings (rotary.c) give torch's bits, so answers never depend on whether a compiler was there."""
+import math
+
 import pytest
 import torch
 from enginekit import MIXED_PROMPTS
 
 from engine import LLM, Policy, int8, kernels, ops
+from engine.compression import CompressionConfig, dequantize, padded_shape, quantize
 
-TORCH_ONLY = {"int8_quantize": None, "int8_scale": None, "rotary": None}
+TORCH_ONLY = {"int8_quantize": None, "int8_scale": None, "rotary": None, "int8_rows_from_4bit": None}
 
 
 @pytest.fixture
@@ -18,7 +21,8 @@ def torch_path(monkeypatch):
 
 
 def test_the_kernels_build_here():
-    assert kernels.int8_quantize() is not None and kernels.int8_scale() is not None and kernels.rotary() is not None, \
+    assert all(fn() is not None for fn in (kernels.int8_quantize, kernels.int8_scale, kernels.rotary,
+                                           kernels.int8_rows_from_4bit)), \
         "gcc is on every machine of this project: the kernels must build"
 
 
@@ -55,10 +59,39 @@ def test_rotary_gives_torch_s_bits_for_strided_heads(b, h, s, d, table_rows, tor
     assert torch.equal(got, ops.apply_rotary(x, cos, sin))
 
 
-def test_int8_tokens_and_logits_are_the_same_without_the_kernels(tiny_qwen2, torch_path):
-    """Qwen2: a bias on q, k and v (the kernel adds it), rotary embeddings, int8 products."""
-    llm = LLM.from_pretrained(tiny_qwen2[0], progress=False, policy=Policy(int8_matmul=True))
+# whole groups; the last group part padding; groups of 2 (one byte); a weight with fewer rows than a group
+@pytest.mark.parametrize("shape, group", [((192, 96), 64), ((130, 9), 64), ((100, 20), 24), ((5, 3), 2),
+                                          ((40, 300), 64)])
+def test_int8_rows_from_4bit_are_those_of_the_float32_copy(shape, group):
+    g = torch.Generator().manual_seed(shape[0])
+    q = quantize(torch.randn(*shape, generator=g) * 0.05, CompressionConfig(4, group, 0))
+    n = math.prod(padded_shape(shape, q.config))
+    got = int8.from_4bit(q, torch.empty(n))
+    want = int8.quantize_over(dequantize(q, torch.float32, torch.empty(n)))
+    assert torch.equal(got.values, want.values) and torch.equal(got.scale, want.scale)
+    assert got.values.stride() == want.values.stride()            # the layout _int_mm takes at full speed
+
+
+def test_int8_rows_from_4bit_decline_what_they_do_not_take():
+    q = quantize(torch.randn(64, 32), CompressionConfig(4, 32, 1))   # groups along the input dim
+    assert int8.from_4bit(q, torch.empty(64 * 32)) is None
+    q = quantize(torch.randn(64, 32), CompressionConfig(4, 32, 0))
+    assert int8.from_4bit(q, torch.empty(10)) is None                 # a buffer too small
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["int8 held", "4-bit held"])
+def test_int8_tokens_and_logits_are_the_same_without_the_kernels(tiny_qwen2, torch_path, compress, monkeypatch):
+    """Qwen2: a bias on q, k and v (the kernel adds it), rotary embeddings, int8 products; held 4-bit,
+    each prefill makes the int8 rows from the 4-bit values."""
+    from engine import compression
+    for limit in ("KERNEL_MAX_ROWS", "SHARED_MAX_ROWS"):     # tiny prompts: make even these prefills int8 rows
+        monkeypatch.setattr(compression, limit, 0)
+    made = []
+    from_4bit = int8.from_4bit
+    monkeypatch.setattr(int8, "from_4bit", lambda *a: made.append(from_4bit(*a)) or made[-1])
+    llm = LLM.from_pretrained(tiny_qwen2[0], progress=False, policy=Policy(int8_matmul=True, compress_weight=compress))
     tokens, logits = llm.generate(MIXED_PROMPTS, max_new_tokens=6, ignore_eos=True), llm.logits(MIXED_PROMPTS)
+    assert all(m is not None for m in made) and (len(made) > 0) == compress     # the kernel made the rows
     torch_path()
     assert llm.generate(MIXED_PROMPTS, max_new_tokens=6, ignore_eos=True) == tokens
     assert torch.equal(llm.logits(MIXED_PROMPTS), logits)
