@@ -52,6 +52,7 @@ def extract(params: WrangleParams) -> Extracted:
     with tables.connect(params.database, read_only=True) as con:
         frames = {p: _read(con, getattr(params, p), p, params, spec)
                   for p in TASK_TABLES[params.task] if getattr(params, p)}
+        store.check_output_names(con)          # the run would write there: refuse before any write
     inputs = mod.inputs_from_tables(frames, spec)
     coerced = mod.coerce_inputs(inputs, spec)
     items = mod.make_items(coerced, spec)  # layout, ids, labels: fail before writes

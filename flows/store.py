@@ -130,8 +130,32 @@ def _create(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[tuple[s
     con.execute(f"CREATE TABLE IF NOT EXISTS {tables.quote_ident(name)} ({', '.join(body)})")
 
 
+# Columns every version of each output table has had (its keys): a table under an output name without
+# them is somebody else's
+_OWN_COLUMNS: dict[str, tuple[str, ...]] = {
+    **{name: ("run_key", "row_key", "occurrence") for name in RESULT_TABLES.values()},
+    QUARANTINE_TABLE: ("run_key", "row_key", "occurrence", "reason"),
+    RUNS_TABLE: ("run_id", "run_key", "task", "status"),
+}
+
+
+def check_output_names(con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse, before any write, a database holding a table of its own under one of the output tables'
+    names: `CREATE TABLE IF NOT EXISTS` would take it for the output table, and the run would fail later
+    with a bare DuckDB error (or, for the quarantine, at the first quarantined row)."""
+    for name, own in _OWN_COLUMNS.items():
+        have = tables.table_columns(con, name)
+        missing = [c for c in own if c not in have]
+        if have and missing:
+            raise tables.TableError(
+                f"the database has a table {name!r} that FlexWrangle did not make (it lacks the column(s) "
+                f"{', '.join(missing)}), but FlexWrangle writes its {name!r} output table under that name: "
+                "rename that table, or write the run to another database")
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the output tables and the scores view if missing (idempotent, one transaction)."""
+    check_output_names(con)
     with tables.transaction(con):
         for task, name in RESULT_TABLES.items():
             _create(con, name, result_columns(task), ("run_key", "row_key", "occurrence"))

@@ -155,9 +155,6 @@ def test_a_registered_frame_never_hides_a_table_of_the_same_name(tmp_path):
             assert tables.read_table(con, name)["x"].tolist() == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="flows/store.ensure_schema takes a caller's table under an output name "
-                                       "for its own: a bare DuckDB error when the run starts (for the quarantine, "
-                                       "at the first chunk write with a quarantined row)")
 @pytest.mark.parametrize("name", ["wrangle_entity_matching", "wrangle_quarantine", "wrangle_runs"])
 def test_an_input_table_named_like_an_output_table_fails_clearly_before_any_write(name, em_fault_db, prefect_api):
     db, params = em_fault_db()
