@@ -130,11 +130,14 @@ def _create(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[tuple[s
     con.execute(f"CREATE TABLE IF NOT EXISTS {tables.quote_ident(name)} ({', '.join(body)})")
 
 
+# Primary keys of the results tables and the quarantine
+RESULT_KEY = ("run_key", "row_key", "occurrence")
+QUARANTINE_KEY = (*RESULT_KEY, "reason")
 # Columns every version of each output table has had (its keys): a table under an output name without
 # them is somebody else's
 _OWN_COLUMNS: dict[str, tuple[str, ...]] = {
-    **{name: ("run_key", "row_key", "occurrence") for name in RESULT_TABLES.values()},
-    QUARANTINE_TABLE: ("run_key", "row_key", "occurrence", "reason"),
+    **{name: RESULT_KEY for name in RESULT_TABLES.values()},
+    QUARANTINE_TABLE: QUARANTINE_KEY,
     RUNS_TABLE: ("run_id", "run_key", "task", "status"),
 }
 
@@ -158,9 +161,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     check_output_names(con)
     with tables.transaction(con):
         for task, name in RESULT_TABLES.items():
-            _create(con, name, result_columns(task), ("run_key", "row_key", "occurrence"))
-        _create(con, QUARANTINE_TABLE, QUARANTINE_COLUMNS,
-                ("run_key", "row_key", "occurrence", "reason"))
+            _create(con, name, result_columns(task), RESULT_KEY)
+        _create(con, QUARANTINE_TABLE, QUARANTINE_COLUMNS, QUARANTINE_KEY)
         _create(con, RUNS_TABLE, RUN_COLUMNS)
         # a database written by an older version gains the new columns
         for name, columns in [*((n, result_columns(t)) for t, n in RESULT_TABLES.items()), (RUNS_TABLE, RUN_COLUMNS)]:

@@ -41,16 +41,20 @@ static float absmax(const float *x, int64_t n) {
     return m;
 }
 
+/* A row's int8 scale from its absmax, and a value in steps of it: torch's clamp_min(1e-30) / 127 and
+ * round-half-even of a true division (|x / scale| <= 127 by construction: no clamp needed). */
+static inline float row_scale(float absmax) { return (absmax > 1e-30f ? absmax : 1e-30f) / 127.0f; }
+static inline int8_t to_int8(float x, float scale) { return (int8_t)(int32_t)nearbyintf(x / scale); }
+
 int quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, int8_t *q, float *scale) {
 #pragma omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ld;
         int8_t *qr = q + r * cols;
-        float m = absmax(xr, cols);
-        float s = (m > 1e-30f ? m : 1e-30f) / 127.0f;
+        float s = row_scale(absmax(xr, cols));
         scale[r] = s;
         for (int64_t c = 0; c < cols; c++)
-            qr[c] = (int8_t)(int32_t)nearbyintf(xr[c] / s);   /* |x / s| <= 127: no clamp needed */
+            qr[c] = to_int8(xr[c], s);
     }
     return 0;
 }
@@ -108,7 +112,7 @@ int rows_from_4bit(const uint8_t *packed, const float *step, const float *minimu
         }
         float s[512];
         for (int64_t j = 0; j < group; j++) {
-            s[j] = (m[j] > 1e-30f ? m[j] : 1e-30f) / 127.0f;
+            s[j] = row_scale(m[j]);
             if (c0 + j < cols) scale[c0 + j] = s[j];
         }
         int64_t n = cols - c0 < group ? cols - c0 : group;  /* the last group may be padding in part */
@@ -117,9 +121,9 @@ int rows_from_4bit(const uint8_t *packed, const float *step, const float *minimu
             float st = step[i * groups + g], mn = minimum[i * groups + g];
             int8_t *out = q + i * cols + c0;
             for (int64_t j = 0; j < half && j < n; j++)
-                out[j] = (int8_t)(int32_t)nearbyintf(value4(b[j], 0, st, mn) / s[j]);
+                out[j] = to_int8(value4(b[j], 0, st, mn), s[j]);
             for (int64_t j = half; j < n; j++)
-                out[j] = (int8_t)(int32_t)nearbyintf(value4(b[j - half], 1, st, mn) / s[j]);
+                out[j] = to_int8(value4(b[j - half], 1, st, mn), s[j]);
         }
     }
     return 0;
